@@ -1,0 +1,233 @@
+"""FlexPrefill block selection for all sequences and query heads at once (ALGORITHM.md sections 1-5).
+
+Pure PyTorch, fixed shapes, no host synchronisation, no Python loop over batch or heads: the only
+loop is over chunks of KV heads, sized from the shapes so that the representative block's scores
+(``r x n`` per query head, fp32) never exist for all heads at once. Computes in float32 (float64 for
+float64 inputs, so that tests can compare with ``reference.select_blocks`` by exact equality).
+The grid is the end-aligned one of ``grid.py``; the output layout is ``block_structure.py``'s.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from ..config import FlexPrefillConfig
+from .block_structure import BlockStructure, block_mask_to_structure
+from .grid import BlockGrid
+
+# Upper bound on the bytes of one chunk of representative scores (and its skewed copy).
+_SCORE_CHUNK_BYTES = 1 << 29
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSelection:
+    """Result of :func:`select_blocks`.
+
+    structure: the selected key blocks (``BlockStructure``).
+    query_aware: bool [B, Hq] -- pattern chosen per head.
+    js_distance: [B, Hq] in the compute dtype -- sqrt(JSD); NaN for sequences short enough to run dense.
+    causal_blocks: int32 [B] -- blocks of the causal block triangle of each sequence (for fractions).
+    """
+
+    structure: BlockStructure
+    query_aware: torch.Tensor
+    js_distance: torch.Tensor
+    causal_blocks: torch.Tensor
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def representative_scores(
+    q: torch.Tensor, k: torch.Tensor, grid: BlockGrid, softmax_scale: float, key_valid: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Vertical and slash scores of the representative queries (sections 1 and 3).
+
+    q [B, q_len, Hq, D], k [B, n, Hkv, D], key_valid bool [B, n].
+    Returns a_v, a_s: [B, Hq, n] in the compute dtype; a_v[j] is the mean attention of key j, a_s[o]
+    the mean attention along diagonal offset o (query position minus key position).
+    """
+    batch, _, q_heads, head_dim = q.shape
+    n, kv_heads = k.shape[1], k.shape[2]
+    groups = q_heads // kv_heads
+    r = grid.num_representative
+    dtype = compute_dtype(q.dtype)
+    positions = torch.arange(n - r, n, device=q.device)  # [r]
+    allowed = (torch.arange(n, device=q.device)[None, :] <= positions[:, None])[None] & key_valid[:, None, :]
+    real_rows = (positions[None, :] >= (~key_valid).sum(-1, keepdim=True)).sum(-1).clamp_min(1)  # [B]
+
+    bytes_per_kv_head = 2 * batch * groups * r * (n + r) * torch.finfo(dtype).bits // 8
+    chunk = max(1, min(kv_heads, _SCORE_CHUNK_BYTES // max(bytes_per_kv_head, 1)))
+    a_v = torch.empty(batch, q_heads, n, dtype=dtype, device=q.device)
+    a_s = torch.empty(batch, q_heads, n, dtype=dtype, device=q.device)
+    q_rep = q[:, n - r - grid.cache_len :].unflatten(2, (kv_heads, groups))  # [B, r, Hkv, G, D]
+    for h0 in range(0, kv_heads, chunk):
+        h1 = min(h0 + chunk, kv_heads)
+        qh = q_rep[:, :, h0:h1].permute(0, 2, 3, 1, 4).to(dtype).flatten(2, 3)  # [B, hc, G*r, D]
+        kh = k[:, :, h0:h1].transpose(1, 2).to(dtype)  # [B, hc, n, D]
+        scores = (qh @ kh.transpose(-1, -2)).unflatten(2, (groups, r)) * softmax_scale  # [B, hc, G, r, n]
+        scores = scores.masked_fill(~allowed[:, None, None], -math.inf)
+        attn = torch.nan_to_num(torch.softmax(scores, dim=-1), nan=0.0)
+        denom = real_rows.to(dtype)[:, None, None, None]
+        a_v[:, h0 * groups : h1 * groups] = (attn.sum(dim=-2) / denom).flatten(1, 2)
+        a_s[:, h0 * groups : h1 * groups] = (_diagonal_sums(attn) / denom).flatten(1, 2)
+    return a_v, a_s
+
+
+def _diagonal_sums(attn: torch.Tensor) -> torch.Tensor:
+    """attn [..., r, n] whose row i is query position n - r + i -> [..., n] sums over offsets o = pos - key."""
+    r, n = attn.shape[-2:]
+    # Row i reversed and shifted left by r-1-i puts offset o at column o; a strided view does the shift.
+    padded = attn.new_zeros(attn.shape[:-1] + (n + r,))
+    padded[..., :n] = attn.flip(-1)
+    lead = padded.shape[:-2]
+    lead_strides = padded.stride()[:-2]
+    skewed = padded.as_strided(lead + (r, n), lead_strides + (n + r - 1, 1), padded.storage_offset() + r - 1)
+    return skewed.sum(dim=-2)
+
+
+def pool_key_blocks(x: torch.Tensor, grid: BlockGrid, dim: int = -1, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """Sum ``x`` over the key blocks of the end-aligned grid along ``dim`` (length n -> nb)."""
+    dim = dim % x.dim()
+    bs, first = grid.block_size, grid.block_size - grid.pad  # block 0 holds the first `first` tokens
+    head = x.narrow(dim, 0, first).sum(dim, keepdim=True, dtype=dtype)
+    rest = x.narrow(dim, first, x.shape[dim] - first).unflatten(dim, (grid.num_blocks - 1, bs)).sum(dim + 1, dtype=dtype)
+    return torch.cat([head, rest], dim=dim)
+
+
+def pool_offset_blocks(x: torch.Tensor, grid: BlockGrid) -> torch.Tensor:
+    """Sum slash scores [..., n] over offset blocks o // B -> [..., nb]."""
+    padded = F.pad(x, (0, grid.num_blocks * grid.block_size - x.shape[-1]))
+    return padded.unflatten(-1, (grid.num_blocks, grid.block_size)).sum(-1)
+
+
+def coverage_counts(scores: torch.Tensor, gamma: float) -> torch.Tensor:
+    """int64 [...]: fewest largest entries of scores [..., L] that sum to >= gamma (L if they never do)."""
+    ordered = torch.sort(scores, dim=-1, descending=True, stable=True).values
+    before = torch.cumsum(ordered, dim=-1) - ordered
+    return (before < gamma).sum(-1)
+
+
+def top_blocks(scores: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """bool [..., nb]: the ``counts[...]`` highest scores of each row (ties go to the lower index)."""
+    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
+    rank = torch.arange(scores.shape[-1], device=scores.device)
+    return torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, order, rank < counts[..., None])
+
+
+def budget_blocks(tokens: torch.Tensor, grid: BlockGrid, config: FlexPrefillConfig) -> torch.Tensor:
+    """Token budget -> blocks: floor(tokens / B) + 1 clamped to [min blocks, nb], then to max blocks."""
+    blocks = (tokens // grid.block_size + 1).clamp(min=config.min_budget_blocks).clamp(max=grid.num_blocks)
+    if config.max_budget_blocks is not None:
+        blocks = blocks.clamp(max=config.max_budget_blocks)
+    return blocks
+
+
+def js_distance(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """sqrt(JSD(p, q)) over the last dim, natural log, 0·log 0 = 0."""
+    m = (p + q) / 2
+    zero = torch.zeros((), dtype=p.dtype, device=p.device)
+    kl_p = torch.where(p > 0, p * (torch.log(p) - torch.log(m)), zero).sum(-1)
+    kl_q = torch.where(q > 0, q * (torch.log(q) - torch.log(m)), zero).sum(-1)
+    return torch.sqrt((0.5 * kl_p + 0.5 * kl_q).clamp_min(0))
+
+
+def _masked_means(x: torch.Tensor, valid: Optional[torch.Tensor], grid: BlockGrid, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block means of x [B, L, H, D] laid on the grid from its end (L <= n). Returns (means, counts [B, blocks])."""
+    if valid is not None:
+        x = x * valid[:, :, None, None]
+        counts = valid.to(dtype)
+    else:
+        counts = torch.ones(x.shape[:2], dtype=dtype, device=x.device)
+    # Lay the L rows on the last blocks of the grid: pad the front up to the block boundary.
+    front = (-x.shape[1]) % grid.block_size
+    sub = BlockGrid(x.shape[1], x.shape[1], grid.block_size)
+    assert sub.pad == front
+    sums = pool_key_blocks(x, sub, dim=1, dtype=dtype)  # [B, blocks, H, D]
+    counts = pool_key_blocks(counts, sub, dim=1)  # [B, blocks]
+    return sums / counts.clamp_min(1)[:, :, None, None], counts
+
+
+def select_blocks(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    config: FlexPrefillConfig,
+    softmax_scale: float,
+    key_start: Optional[torch.Tensor] = None,
+) -> BlockSelection:
+    """Choose, per sequence and query head, the key blocks each query block computes.
+
+    Args:
+        q: [B, q_len, Hq, D]; k: [B, n, Hkv, D] (n >= q_len, queries are the last positions); any strides.
+        config: hyper-parameters; softmax_scale: the attention scale.
+        key_start: optional int [B], first real key of each sequence (left padding).
+    Returns:
+        BlockSelection with the structure int32 [B, Hq, nqb, nb] / counts [B, Hq, nqb].
+    """
+    batch, q_len, q_heads, head_dim = q.shape
+    n, kv_heads = k.shape[1], k.shape[2]
+    groups = q_heads // kv_heads
+    grid = BlockGrid(q_len, n, config.block_size)
+    nb, nqb, bs = grid.num_blocks, grid.num_query_blocks, grid.block_size
+    dtype = compute_dtype(q.dtype)
+    device = q.device
+
+    positions = torch.arange(n, device=device)
+    starts = torch.zeros(batch, dtype=torch.long, device=device) if key_start is None else key_start.to(device, torch.long)
+    key_valid = positions[None, :] >= starts[:, None]  # [B, n]
+    sink = (starts.clamp(max=n - 1) + grid.pad) // bs  # [B]
+    j = torch.arange(nb, device=device)
+    i = torch.arange(grid.first_query_block, nb, device=device)
+    causal = (j[None, :] <= i[:, None])[None] & (j[None, None, :] >= sink[:, None, None])  # [B, nqb, nb]
+    allowed = causal[:, None]  # [B, 1, nqb, nb]
+    always = allowed & ((j[None, :] == i[:, None])[None, None] | (j == sink[:, None])[:, None, None, :])
+
+    # Sections 1 and 3: scores of the representative queries.
+    a_v, a_s = representative_scores(q, k, grid, softmax_scale, key_valid)
+
+    # Section 2: the pattern, from the true and the estimated block distributions.
+    true_dist = pool_key_blocks(a_v, grid)  # [B, Hq, nb]
+    k_means, _ = _masked_means(k, key_valid if key_start is not None else None, grid, dtype)  # [B, nb, Hkv, D]
+    k_means = k_means.permute(0, 2, 1, 3)  # [B, Hkv, nb, D]
+    r = grid.num_representative
+    rep_valid = (positions[n - r :][None, :] >= starts[:, None]).to(dtype)  # [B, r]
+    q_rep = q[:, q_len - r :].to(dtype) * rep_valid[:, :, None, None]
+    q_rep_mean = q_rep.sum(1) / rep_valid.sum(1).clamp_min(1)[:, None, None]  # [B, Hq, D]
+    est_logits = (q_rep_mean.unflatten(1, (kv_heads, groups)) @ k_means.transpose(-1, -2)).flatten(1, 2)
+    real_block = (j[None, :] >= sink[:, None])[:, None, :]  # [B, 1, nb]
+    est_dist = torch.softmax((est_logits * softmax_scale).masked_fill(~real_block, -math.inf), dim=-1)
+    distance = js_distance(est_dist, true_dist)  # [B, Hq]
+    query_aware = distance < config.tau
+
+    # Section 3: vertical-slash budgets (query-aware heads keep the minimum) and blocks.
+    min_blocks = min(config.min_budget_blocks, nb)
+    kb_v = torch.where(query_aware, min_blocks, budget_blocks(coverage_counts(a_v, config.gamma), grid, config))
+    kb_s = torch.where(query_aware, min_blocks, budget_blocks(coverage_counts(a_s, config.gamma), grid, config))
+    vertical = top_blocks(true_dist.masked_fill(~real_block, -1.0), kb_v)  # [B, Hq, nb]
+    slash = top_blocks(pool_offset_blocks(a_s, grid), kb_s)
+    offset = (i[:, None] - j[None, :]).clamp_min(0)  # [nqb, nb]
+    mask = vertical[:, :, None, :] | slash[:, :, offset]  # [B, Hq, nqb, nb]
+
+    # Section 4: global coverage of the block estimate, kept where the head is query-aware.
+    q_means, _ = _masked_means(q, (positions[n - q_len :][None, :] >= starts[:, None]) if key_start is not None else None, grid, dtype)
+    q_means = q_means.permute(0, 2, 1, 3)[:, :, -nqb:]  # [B, Hq, nqb, D]
+    block_logits = (q_means.unflatten(1, (kv_heads, groups)) @ k_means[:, :, None].transpose(-1, -2)).flatten(1, 2)
+    block_probs = torch.softmax((block_logits * softmax_scale).masked_fill(~allowed, -math.inf), dim=-1)
+    flat = torch.nan_to_num(block_probs, nan=0.0).flatten(2)  # [B, Hq, nqb * nb]
+    flat = flat / flat.sum(-1, keepdim=True).clamp_min(torch.finfo(dtype).tiny)
+    estimate = top_blocks(flat, coverage_counts(flat, config.gamma)).view_as(mask)
+    mask = mask | (estimate & query_aware[:, :, None, None])
+
+    # Section 5: diagonal and sink always, block-causal, and dense for sequences that are short alone.
+    short = (n - starts) <= config.effective_dense_threshold  # [B]
+    mask = torch.where(short[:, None, None, None], allowed, (mask | always) & allowed)
+    query_aware = query_aware & ~short[:, None]
+    distance = distance.masked_fill(short[:, None], math.nan)
+    causal_blocks = causal.sum((-1, -2), dtype=torch.int32)
+    return BlockSelection(block_mask_to_structure(mask, grid), query_aware, distance, causal_blocks)
