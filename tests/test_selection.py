@@ -1,0 +1,146 @@
+"""The vectorised selection equals the per-head reference selection exactly."""
+
+import math
+
+import pytest
+import torch
+
+from flexprefill_hf import FlexPrefillConfig
+from flexprefill_hf.ops import reference, selection
+from flexprefill_hf.ops.block_structure import block_mask_to_structure, structure_to_block_mask
+from flexprefill_hf.ops.grid import BlockGrid
+from flexprefill_hf.testing import structured_qkv
+
+from helpers import random_qkv, seeded
+
+CASES = [
+    # batch, q_len, k_len, q_heads, kv_heads, head_dim, block, key_start, gamma, tau, min_budget, max_budget
+    (1, 333, 333, 4, 4, 16, 64, None, 0.9, 0.1, 64, None),
+    (2, 200, 200, 3, 1, 32, 64, [0, 37], 0.95, 0.2, 64, None),
+    (2, 77, 333, 8, 2, 16, 64, [5, 130], 0.9, 0.15, 128, None),
+    (1, 1000, 1000, 7, 1, 16, 128, None, 0.8, 0.1, 128, 256),
+    (2, 1, 700, 4, 1, 16, 64, [0, 300], 0.9, 0.2, 64, None),
+    (1, 520, 1100, 4, 4, 64, 128, None, 0.95, 0.0, 256, None),
+    (2, 640, 640, 4, 2, 16, 64, [0, 100], 0.7, 1.0, 64, 128),
+]
+
+
+def _check_equal(q, k, config, key_start, dtype):
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    want_mask, want_qa, want_js = reference.select_blocks(q, k, config, scale, key_start, dtype=dtype)
+    got = selection.select_blocks(q.to(dtype), k.to(dtype), config, scale, key_start)
+    got_mask = structure_to_block_mask(got.structure)
+    assert torch.equal(got_mask, want_mask)
+    assert torch.equal(got.query_aware, want_qa)
+    torch.testing.assert_close(got.js_distance, want_js.to(got.js_distance.dtype), equal_nan=True)
+    # The structure is ascending, -1 padded, and its counts match the mask.
+    indices, counts = got.structure.indices, got.structure.counts
+    assert torch.equal(counts, want_mask.sum(-1, dtype=torch.int32))
+    valid = torch.arange(indices.shape[-1]) < counts[..., None]
+    assert torch.equal(indices >= 0, valid)
+    assert (indices[..., 1:][valid[..., 1:]] > indices[..., :-1][valid[..., 1:]]).all()
+    return got_mask, got
+
+
+@pytest.mark.parametrize("case", CASES, ids=[f"case{i}" for i in range(len(CASES))])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_selection_equals_reference(case, dtype):
+    batch, q_len, k_len, hq, hkv, d, bs, starts, gamma, tau, min_budget, max_budget = case
+    config = FlexPrefillConfig(gamma=gamma, tau=tau, block_size=bs, min_budget=min_budget, max_budget=max_budget)
+    key_start = None if starts is None else torch.tensor(starts)
+    seed = CASES.index(case) * 2 + (dtype == torch.float32)
+    q, k, _ = random_qkv(batch, q_len, k_len, hq, hkv, d, dtype=dtype, scale=1.5, seed=seed)
+    mask, got = _check_equal(q, k, config, key_start, dtype)
+    grid = BlockGrid(q_len, k_len, bs)
+    # Section 5: diagonal and sink in every present query block at or after the sink.
+    starts_t = torch.zeros(batch, dtype=torch.long) if key_start is None else key_start
+    for b in range(batch):
+        sink = grid.block_of_key(int(starts_t[b]))
+        for t in range(grid.num_query_blocks):
+            i = grid.first_query_block + t
+            if i >= sink:
+                assert mask[b, :, t, i].all() and mask[b, :, t, sink].all()
+            assert not mask[b, :, t, i + 1 :].any()
+            assert not mask[b, :, t, :sink].any()
+
+
+def test_selection_structured_inputs_mix_patterns():
+    """On structured inputs both patterns occur and the selection still equals the reference."""
+    q, k, _ = structured_qkv(2, 900, 8, 2, 32, generator=seeded(3), dtype=torch.float64)
+    config = FlexPrefillConfig(gamma=0.9, tau=0.35, block_size=64, min_budget=64)
+    mask, got = _check_equal(q, k, config, torch.tensor([0, 250]), torch.float64)
+    assert got.query_aware.any() and not got.query_aware.all()
+    assert mask.float().mean() < 0.9
+
+
+def test_gamma_one_tau_zero_selects_every_causal_block():
+    q, k, _ = random_qkv(2, 500, 500, 4, 2, 16, seed=11)
+    config = FlexPrefillConfig(gamma=1.0, tau=0.0, block_size=64, min_budget=64)
+    got = selection.select_blocks(q, k, config, 0.25, torch.tensor([0, 90]))
+    grid = BlockGrid(500, 500, 64)
+    i = torch.arange(grid.num_blocks)
+    for b, start in enumerate([0, 90]):
+        sink = grid.block_of_key(start)
+        want = (i[None, :] <= i[:, None]) & (i[None, :] >= sink)
+        assert torch.equal(structure_to_block_mask(got.structure)[b], want.expand(4, -1, -1))
+
+
+def test_short_sequence_in_padded_batch_runs_dense():
+    """A sequence whose real length is under the dense threshold gets the full causal block set."""
+    q, k, _ = random_qkv(2, 640, 640, 2, 2, 16, seed=5)
+    config = FlexPrefillConfig(gamma=0.5, tau=0.1, block_size=64, min_budget=256)  # threshold 256
+    got = selection.select_blocks(q, k, config, 0.25, torch.tensor([0, 400]))
+    mask = structure_to_block_mask(got.structure)
+    grid = BlockGrid(640, 640, 64)
+    sink = grid.block_of_key(400)
+    i = torch.arange(grid.num_blocks)
+    assert torch.equal(mask[1], ((i[None, :] <= i[:, None]) & (i[None, :] >= sink)).expand(2, -1, -1))
+    assert torch.isnan(got.js_distance[1]).all() and not got.query_aware[1].any()
+    assert mask[0].sum() < 2 * (i[None, :] <= i[:, None]).sum()  # sequence 0 is really sparse
+
+
+def test_max_budget_caps_vertical_slash_blocks():
+    q, k, _ = random_qkv(1, 1024, 1024, 2, 2, 16, seed=8)
+    capped = FlexPrefillConfig(gamma=0.99, tau=0.0, block_size=64, min_budget=64, max_budget=128)
+    got = selection.select_blocks(q, k, capped, 0.25)
+    # At most 2 vertical + 2 slash blocks, plus sink and diagonal, per query block.
+    assert int(got.structure.counts.max()) <= 6
+
+
+def test_block_structure_round_trip():
+    g = seeded(0)
+    mask = torch.rand(2, 3, 5, 9, generator=g) < 0.4
+    structure = block_mask_to_structure(mask, BlockGrid(300, 520, 64))
+    assert torch.equal(structure_to_block_mask(structure), mask)
+    assert structure.indices.dtype == torch.int32 and structure.counts.dtype == torch.int32
+
+
+def test_diagonal_sums_match_reference_slash_scores():
+    g = seeded(1)
+    attn = torch.rand(5, 40, generator=g, dtype=torch.float64)
+    positions = torch.arange(35, 40)
+    attn = attn.masked_fill(torch.arange(40)[None, :] > positions[:, None], 0)
+    want = reference.slash_scores(attn, positions) * 5
+    torch.testing.assert_close(selection._diagonal_sums(attn), want)
+
+
+def test_js_distance_properties():
+    g = seeded(2)
+    p = torch.softmax(torch.randn(16, generator=g, dtype=torch.float64), 0)
+    q = torch.softmax(torch.randn(16, generator=g, dtype=torch.float64), 0)
+    assert float(reference.js_distance(p, p)) == pytest.approx(0.0, abs=1e-7)
+    # Disjoint supports: JSD = ln 2, with zeros handled (no NaN).
+    a = torch.tensor([0.5, 0.5, 0.0, 0.0], dtype=torch.float64)
+    b = torch.tensor([0.0, 0.0, 0.25, 0.75], dtype=torch.float64)
+    assert float(reference.js_distance(a, b)) == pytest.approx(math.sqrt(math.log(2)))
+    assert float(selection.js_distance(a, b)) == pytest.approx(math.sqrt(math.log(2)))
+    assert float(reference.js_distance(p, q)) == pytest.approx(float(selection.js_distance(p, q)))
+
+
+def test_coverage_count():
+    scores = torch.tensor([0.1, 0.5, 0.15, 0.25], dtype=torch.float64)
+    assert reference.coverage_count(scores, 0.5) == 1
+    assert reference.coverage_count(scores, 0.75) == 2
+    assert reference.coverage_count(scores, 0.76) == 3
+    assert reference.coverage_count(scores, 1.0) == 4
+    assert torch.equal(selection.coverage_counts(scores[None], 0.76), torch.tensor([3]))
