@@ -1,0 +1,188 @@
+"""End-to-end behaviour of the public operator (its PyTorch path on CPU) and of its configuration."""
+
+import math
+
+import pytest
+import torch
+
+from flexprefill_hf import FlexPrefillConfig, flexprefill_attention, flexprefill_attention_with_stats
+from flexprefill_hf.ops import reference, selection
+from flexprefill_hf.ops import torch_attention
+from flexprefill_hf.ops.block_structure import structure_to_block_mask
+from flexprefill_hf.testing import structured_qkv
+
+from helpers import poisoned_empty, random_qkv, relative_error, seeded
+
+SMALL = dict(block_size=64, min_budget=64)
+
+
+@pytest.mark.parametrize(
+    "batch,q_len,k_len,hq,hkv,d,starts",
+    [(1, 700, 700, 4, 4, 32, None), (2, 333, 1000, 6, 2, 16, [0, 210]), (2, 500, 500, 7, 1, 16, [130, 0])],
+)
+def test_gamma_one_tau_zero_equals_dense(batch, q_len, k_len, hq, hkv, d, starts):
+    q, k, v = random_qkv(batch, q_len, k_len, hq, hkv, d, seed=q_len)
+    key_start = None if starts is None else torch.tensor(starts)
+    with poisoned_empty():
+        out, stats = flexprefill_attention_with_stats(
+            q, k, v, FlexPrefillConfig(gamma=1.0, tau=0.0, **SMALL), key_start=key_start
+        )
+    want, _ = reference.dense_attention(q, k, v, 1 / math.sqrt(d), key_start)
+    assert not stats.dense
+    assert torch.equal(stats.computed_fraction, torch.ones_like(stats.computed_fraction))
+    assert relative_error(out, want) < 1e-5
+    if key_start is not None:  # padding query rows are exactly zero
+        for b, s in enumerate(starts):
+            assert (out[b, : max(0, s - (k_len - q_len))] == 0).all()
+
+
+def test_sparse_output_matches_reference_on_same_selection():
+    q, k, v = structured_qkv(2, 900, 8, 2, 32, q_len=600, generator=seeded(4))
+    key_start = torch.tensor([0, 170])
+    config = FlexPrefillConfig(gamma=0.9, tau=0.2, **SMALL)
+    with poisoned_empty():
+        out, stats = flexprefill_attention_with_stats(q, k, v, config, key_start=key_start)
+    sel = selection.select_blocks(q, k, config, 1 / math.sqrt(32), key_start)
+    want, _ = reference.block_sparse_attention(q, k, v, sel.structure, 1 / math.sqrt(32), key_start)
+    assert relative_error(out, want) < 1e-5
+    assert (stats.computed_fraction < 1).any()
+
+
+def test_every_real_row_keeps_sink_and_diagonal_and_has_keys():
+    q, k, v = structured_qkv(2, 1100, 4, 2, 32, generator=seeded(6))
+    key_start = torch.tensor([0, 333])
+    config = FlexPrefillConfig(gamma=0.6, tau=0.1, **SMALL)
+    sel = selection.select_blocks(q, k, config, 1 / math.sqrt(32), key_start)
+    grid = sel.structure.grid
+    mask = structure_to_block_mask(sel.structure)
+    for b, start in enumerate([0, 333]):
+        sink = grid.block_of_key(start)
+        i = torch.arange(sink, grid.num_blocks)
+        assert mask[b][:, i, i].all() and mask[b][:, i, sink].all()
+    out = flexprefill_attention(q, k, v, config, key_start=key_start)
+    assert torch.isfinite(out).all()
+    # Real rows attend at least their own key, so none is all-zero.
+    assert (out[0].abs().sum(-1) > 0).all() and (out[1, 333:].abs().sum(-1) > 0).all()
+
+
+def test_error_shrinks_as_gamma_grows():
+    q, k, v = structured_qkv(1, 1536, 8, 2, 32, generator=seeded(1))
+    want, _ = reference.dense_attention(q, k, v, 1 / math.sqrt(32))
+    errors, fractions = [], []
+    for gamma in (0.6, 0.8, 0.9, 0.95, 0.99, 1.0):
+        out, stats = flexprefill_attention_with_stats(q, k, v, FlexPrefillConfig(gamma=gamma, tau=0.0, **SMALL))
+        errors.append(relative_error(out, want))
+        fractions.append(float(stats.computed_fraction.mean()))
+    assert all(later <= earlier + 1e-6 for earlier, later in zip(errors, errors[1:])), errors
+    assert all(later >= earlier for earlier, later in zip(fractions, fractions[1:])), fractions
+    assert errors[0] > 10 * errors[-1] and errors[-1] < 1e-5 and fractions[0] < 0.7
+
+
+def test_left_padded_batch_equals_each_sequence_alone():
+    """The end-aligned grid gives a padded sequence the blocks it gets alone, hence the same output."""
+    q, k, v = structured_qkv(2, 1000, 4, 2, 32, generator=seeded(9))
+    config = FlexPrefillConfig(gamma=0.85, tau=0.2, **SMALL)
+    pad = 230
+    qp, kp, vp = q.clone(), k.clone(), v.clone()
+    for t in (qp, kp, vp):
+        t[1, pad:] = t[1, :-pad].clone()
+        t[1, :pad] = torch.randn_like(t[1, :pad]) * 100  # garbage that must not leak
+    out, stats = flexprefill_attention_with_stats(qp, kp, vp, config, key_start=torch.tensor([0, pad]))
+    alone, alone_stats = flexprefill_attention_with_stats(q[1:, :-pad], k[1:, :-pad], v[1:, :-pad], config)
+    torch.testing.assert_close(out[1, pad:], alone[0], rtol=1e-5, atol=1e-6)
+    assert torch.equal(stats.query_aware[1], alone_stats.query_aware[0])
+    assert torch.equal(stats.computed_blocks[1], alone_stats.computed_blocks[0])
+    assert (out[1, :pad] == 0).all()
+
+
+def test_prefill_on_cache_matches_the_rows_of_a_full_prefill_when_dense():
+    q, k, v = random_qkv(1, 1000, 1000, 4, 2, 16, seed=3)
+    config = FlexPrefillConfig(gamma=1.0, tau=0.0, **SMALL)
+    full = flexprefill_attention(q, k, v, config)
+    tail = flexprefill_attention(q[:, 700:], k, v, config)
+    torch.testing.assert_close(tail, full[:, 700:], rtol=1e-5, atol=1e-6)
+
+
+def test_dense_routes_and_stats():
+    q, k, v = random_qkv(2, 1, 900, 4, 2, 16, seed=2)
+    out, stats = flexprefill_attention_with_stats(q, k, v, FlexPrefillConfig(**SMALL), key_start=torch.tensor([0, 50]))
+    want, _ = reference.dense_attention(q, k, v, 0.25, torch.tensor([0, 50]))
+    assert stats.dense and relative_error(out, want) < 1e-5
+    assert torch.isnan(stats.js_distance).all() and torch.equal(stats.computed_fraction, torch.ones(2, 4))
+    q, k, v = random_qkv(1, 128, 128, 2, 2, 16, seed=2)  # at the threshold (2 * block_size)
+    out, stats = flexprefill_attention_with_stats(q, k, v, FlexPrefillConfig(**SMALL))
+    assert stats.dense and relative_error(out, reference.dense_attention(q, k, v, 0.25)[0]) < 1e-5
+
+
+def test_float64_and_strided_inputs():
+    q, k, v = random_qkv(1, 600, 600, 4, 2, 16, dtype=torch.float64, seed=12)
+    # Hugging Face layout: [B, H, N, D] contiguous, viewed as [B, N, H, D].
+    qt, kt, vt = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))
+    config = FlexPrefillConfig(gamma=0.9, tau=0.1, **SMALL)
+    torch.testing.assert_close(flexprefill_attention(qt, kt, vt, config), flexprefill_attention(q, k, v, config))
+
+
+def test_torch_dense_attention_matches_reference_with_padding():
+    q, k, v = random_qkv(2, 90, 300, 6, 3, 16, seed=7)
+    with poisoned_empty():
+        out = torch_attention.dense_attention(q, k, v, 0.3, torch.tensor([250, 0]))
+    want, _ = reference.dense_attention(q, k, v, 0.3, torch.tensor([250, 0]))
+    assert relative_error(out, want) < 1e-5
+
+
+BAD_INPUTS = [
+    (lambda q, k, v: dict(q=q[0]), ValueError, "q has shape .* expected 4 dims"),
+    (lambda q, k, v: dict(q=q[:, :, :3]), ValueError, "multiple of the KV heads"),
+    (lambda q, k, v: dict(k=k.half(), v=v.half()), TypeError, "dtypes differ"),
+    (lambda q, k, v: dict(q=q.int()), TypeError, "q has dtype torch.int32"),
+    (lambda q, k, v: dict(q=torch.cat([q, q], 1)), ValueError, "expected 1 <= q_len <= k_len"),
+    (lambda q, k, v: dict(v=v[:, :-1]), ValueError, "k has shape .* but v has"),
+    (lambda q, k, v: dict(k=k[1:], v=v[1:]), ValueError, "expected equal batch sizes"),
+    (lambda q, k, v: dict(q=q[..., :8]), ValueError, "expected equal head dims"),
+    (lambda q, k, v: dict(key_start=torch.tensor([0.0, 1.0])), TypeError, "key_start must be an integer tensor"),
+    (lambda q, k, v: dict(key_start=torch.tensor([0])), ValueError, r"key_start has shape \(1,\); expected \(2,\)"),
+    (lambda q, k, v: dict(config={"gamma": 0.9}), TypeError, "config has type dict"),
+    (lambda q, k, v: dict(q=q.tolist()), TypeError, "q must be a torch.Tensor"),
+]
+
+
+@pytest.mark.parametrize("make,error,message", BAD_INPUTS)
+def test_bad_input_raises(make, error, message):
+    q, k, v = random_qkv(2, 300, 300, 4, 2, 16)
+    args = dict(q=q, k=k, v=v)
+    args.update(make(q, k, v))
+    key_start = args.pop("key_start", None)
+    config = args.pop("config", None)
+    with pytest.raises(error, match=message):
+        flexprefill_attention(args["q"], args["k"], args["v"], config, key_start=key_start)
+
+
+@pytest.mark.parametrize(
+    "fields,error,message",
+    [
+        (dict(gamma=0.0), ValueError, "gamma=0.0 is not supported; expected 0 < gamma <= 1"),
+        (dict(gamma=1.5), ValueError, "gamma=1.5"),
+        (dict(gamma="0.9"), TypeError, "gamma='0.9' has type str"),
+        (dict(tau=-0.1), ValueError, "tau=-0.1 is not supported; expected tau >= 0"),
+        (dict(block_size=96), ValueError, r"block_size=96 is not supported; expected one of \(64, 128\)"),
+        (dict(min_budget=-1), ValueError, "min_budget=-1"),
+        (dict(min_budget=1024, max_budget=512), ValueError, "max_budget=512 is smaller than min_budget=1024"),
+        (dict(max_budget=1.5), TypeError, "max_budget=1.5 has type float"),
+        (dict(dense_threshold=-5), ValueError, "dense_threshold=-5"),
+    ],
+)
+def test_config_validation(fields, error, message):
+    with pytest.raises(error, match=message):
+        FlexPrefillConfig(**fields)
+
+
+def test_config_budgets_in_blocks_and_defaults():
+    config = FlexPrefillConfig()
+    assert (config.gamma, config.tau, config.block_size, config.min_budget) == (0.95, 0.1, 128, 1024)
+    assert config.min_budget_blocks == 8 and config.max_budget_blocks is None
+    assert config.effective_dense_threshold == 1024
+    small = FlexPrefillConfig(block_size=64, min_budget=100, max_budget=200)
+    assert (small.min_budget_blocks, small.max_budget_blocks, small.effective_dense_threshold) == (2, 4, 128)
+    assert small.replace(gamma=0.5).gamma == 0.5
+    with pytest.raises(TypeError, match="unknown FlexPrefillConfig field"):
+        small.replace(gama=0.5)
