@@ -33,10 +33,14 @@ def structured_qkv(
     """
     q_len = seq_len if q_len is None else q_len
     g = generator
+    # Built in float64 on the CPU for tests; in float32 on a GPU (benchmarks at 128K+ tokens).
+    work = torch.float64 if torch.device(device).type == "cpu" else torch.float32
+    if g is not None and g.device != torch.device(device):
+        g = torch.Generator(device=device).manual_seed(g.initial_seed())
     groups = q_heads // kv_heads
     half = head_dim // 2
-    pos = torch.arange(seq_len, dtype=torch.float64)
-    freqs = 1.0 / (64.0 ** (torch.arange(half // 2, dtype=torch.float64) / max(half // 2, 1)))
+    pos = torch.arange(seq_len, dtype=work, device=device)
+    freqs = 1.0 / (64.0 ** (torch.arange(half // 2, dtype=work, device=device) / max(half // 2, 1)))
     angles = pos[:, None] * freqs[None, :]  # [n, half/2]
     rot_cos, rot_sin = torch.cos(angles), torch.sin(angles)
 
@@ -46,25 +50,25 @@ def structured_qkv(
         c, s = rot_cos.view(shape), rot_sin.view(shape)
         return torch.stack([a * c - b * s, a * s + b * c], dim=-1).flatten(-2)
 
-    local_w = 1.0 + torch.rand(batch, kv_heads, generator=g, dtype=torch.float64) * 2.0
-    sink_w = torch.rand(batch, kv_heads, generator=g, dtype=torch.float64) * 2.0
-    content = torch.randn(batch, kv_heads, half, generator=g, dtype=torch.float64)
+    local_w = 1.0 + torch.rand(batch, kv_heads, generator=g, dtype=work, device=device) * 2.0
+    sink_w = torch.rand(batch, kv_heads, generator=g, dtype=work, device=device) * 2.0
+    content = torch.randn(batch, kv_heads, half, generator=g, dtype=work, device=device)
     code = rotate(content)  # [n, B, Hkv, half]
     code = code.permute(1, 0, 2, 3) * local_w[:, None, :, None]  # [B, n, Hkv, half]
-    u = torch.randn(batch, kv_heads, head_dim, generator=g, dtype=torch.float64)
+    u = torch.randn(batch, kv_heads, head_dim, generator=g, dtype=work, device=device)
     u = u / u.norm(dim=-1, keepdim=True) * math.sqrt(head_dim)
 
-    k = torch.randn(batch, seq_len, kv_heads, head_dim, generator=g, dtype=torch.float64) * 0.5
+    k = torch.randn(batch, seq_len, kv_heads, head_dim, generator=g, dtype=work, device=device) * 0.5
     k[..., :half] += code
-    striped = torch.rand(batch, seq_len, generator=g) < 0.01
+    striped = torch.rand(batch, seq_len, generator=g, device=device) < 0.01
     striped[:, :4] = True
-    stripe_w = striped * (0.5 + torch.rand(batch, seq_len, generator=g, dtype=torch.float64))  # [B, n]
+    stripe_w = striped * (0.5 + torch.rand(batch, seq_len, generator=g, dtype=work, device=device))  # [B, n]
     stripe_w[:, :4] = 1.5
     k += (stripe_w[:, :, None, None] * sink_w[:, None, :, None]) * u[:, None]
 
-    q = torch.randn(batch, seq_len, kv_heads, groups, head_dim, generator=g, dtype=torch.float64) * 0.5
+    q = torch.randn(batch, seq_len, kv_heads, groups, head_dim, generator=g, dtype=work, device=device) * 0.5
     q[..., :half] += code[:, :, :, None]
     q += 0.5 * sink_w[:, None, :, None, None] * u[:, None, :, None]
     q = q.flatten(2, 3)[:, seq_len - q_len :]
-    v = torch.randn(batch, seq_len, kv_heads, head_dim, generator=g, dtype=torch.float64)
+    v = torch.randn(batch, seq_len, kv_heads, head_dim, generator=g, dtype=work, device=device)
     return (q.to(dtype).to(device).contiguous(), k.to(dtype).to(device).contiguous(), v.to(dtype).to(device).contiguous())
