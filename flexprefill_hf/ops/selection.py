@@ -160,6 +160,8 @@ def select_blocks(
     config: FlexPrefillConfig,
     softmax_scale: float,
     key_start: Optional[torch.Tensor] = None,
+    *,
+    scores_backend: Optional[str] = None,
 ) -> BlockSelection:
     """Choose, per sequence and query head, the key blocks each query block computes.
 
@@ -167,6 +169,8 @@ def select_blocks(
         q: [B, q_len, Hq, D]; k: [B, n, Hkv, D] (n >= q_len, queries are the last positions); any strides.
         config: hyper-parameters; softmax_scale: the attention scale.
         key_start: optional int [B], first real key of each sequence (left padding).
+        scores_backend: "triton" (fused kernels of ``selection_kernels.py``) or "torch" for the
+            representative scores; default: triton for fp16/bf16 CUDA tensors, torch otherwise.
     Returns:
         BlockSelection with the structure int32 [B, Hq, nqb, nb] / counts [B, Hq, nqb].
     """
@@ -189,7 +193,16 @@ def select_blocks(
     always = allowed & ((j[None, :] == i[:, None])[None, None] | (j == sink[:, None])[:, None, None, :])
 
     # Sections 1 and 3: scores of the representative queries.
-    a_v, a_s = representative_scores(q, k, grid, softmax_scale, key_valid)
+    if scores_backend is None:
+        scores_backend = "triton" if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) else "torch"
+    if scores_backend == "triton":
+        from .selection_kernels import representative_scores_triton
+
+        a_v, a_s = representative_scores_triton(q, k, grid, softmax_scale, key_start)
+    elif scores_backend == "torch":
+        a_v, a_s = representative_scores(q, k, grid, softmax_scale, key_valid)
+    else:
+        raise ValueError(f"scores_backend={scores_backend!r} is not supported; expected 'triton', 'torch' or None")
 
     # Section 2: the pattern, from the true and the estimated block distributions.
     true_dist = pool_key_blocks(a_v, grid)  # [B, Hq, nb]

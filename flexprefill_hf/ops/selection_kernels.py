@@ -1,0 +1,186 @@
+"""Triton kernels for the selection's heaviest stage: the representative block's scores (sections 1, 3).
+
+The representative queries (the last r <= B rows) attend to all n keys. Selection needs only the
+column sums (vertical scores a_v) and the diagonal sums (slash scores a_s) of those r x n
+probabilities, so two passes over the keys reduce them on the fly and no r x n tensor is stored:
+
+1. ``_representative_lse_kernel``: each program runs an online softmax over a range of key tiles
+   and writes a partial (max, sum) per row; the host combines the partials into each row's log-sum-exp.
+2. ``_representative_scores_kernel``: recomputes the probabilities tile by tile, writes the column
+   sums of each tile, and the tile's diagonal sums as 2*BLOCK partial sums that the launcher adds
+   with the neighbour tile's (deterministic, no atomics). The diagonals are gathered by a scatter
+   of the tile into a small per-program scratch, skewed so that each diagonal becomes a column.
+
+Layouts as in ``selection.representative_scores``: q [B, q_len, Hq, D], k [B, n, Hkv, D], any strides.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .grid import BlockGrid
+
+
+@triton.jit
+def _load_rep_queries(Q, off_b, off_h, stride_qb, stride_qm, stride_qh, stride_qd, q_len, r,
+                      BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr, UPCAST: tl.constexpr):
+    offs_r = tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, BLOCK_D)
+    rows = q_len - r + offs_r
+    ptrs = Q + off_b * stride_qb + off_h * stride_qh + rows[:, None] * stride_qm + offs_d[None, :] * stride_qd
+    q = tl.load(ptrs, mask=(offs_r < r)[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+    return q
+
+
+@triton.jit
+def _tile_scores(q, K, off_b, off_kvh, stride_kb, stride_kn, stride_kh, stride_kd, n_start, n, key_lo, pos,
+                 qk_scale, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr, UPCAST: tl.constexpr):
+    """Scaled scores (log2 units) of the representative rows against keys n_start.. (masked to -inf)."""
+    offs_n = n_start + tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, BLOCK_D)
+    ptrs = K + off_b * stride_kb + off_kvh * stride_kh + offs_d[:, None] * stride_kd + offs_n[None, :] * stride_kn
+    kt = tl.load(ptrs, mask=(offs_n < n)[None, :] & (offs_d < HEAD_DIM)[:, None], other=0.0)  # [BD, BN]
+    if UPCAST:
+        kt = kt.to(tl.float32)
+    qk = tl.dot(q, kt) * qk_scale  # [BR, BN]
+    visible = (offs_n[None, :] <= pos[:, None]) & (offs_n[None, :] >= key_lo) & (offs_n[None, :] < n)
+    return tl.where(visible, qk, float("-inf"))
+
+
+@triton.jit
+def _representative_lse_kernel(
+    Q, K, KeyStart, PartMax, PartSum,
+    stride_qb, stride_qm, stride_qh, stride_qd, stride_kb, stride_kn, stride_kh, stride_kd,
+    num_heads, num_kv_groups, q_len, n, r, tiles_per_program, num_splits, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr, HAS_KEY_START: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    pid_bh = tl.program_id(0).to(tl.int64)
+    pid_s = tl.program_id(1).to(tl.int64)
+    off_b = pid_bh // num_heads
+    off_h = pid_bh % num_heads
+    off_kvh = off_h // num_kv_groups
+    key_lo = tl.zeros([], dtype=tl.int64)
+    if HAS_KEY_START:
+        key_lo = tl.load(KeyStart + off_b).to(tl.int64)
+    offs_r = tl.arange(0, BLOCK)
+    pos = tl.where(offs_r < r, n - r + offs_r, -1)  # rows past r (q_len < block) see no key
+    q = _load_rep_queries(Q, off_b, off_h, stride_qb, stride_qm, stride_qh, stride_qd, q_len, r,
+                          BLOCK, BLOCK_D, HEAD_DIM, UPCAST)
+    m_i = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK], dtype=tl.float32)
+    for t in range(pid_s * tiles_per_program, (pid_s + 1) * tiles_per_program):
+        qk = _tile_scores(q, K, off_b, off_kvh, stride_kb, stride_kn, stride_kh, stride_kd, t * BLOCK, n, key_lo,
+                          pos, qk_scale, BLOCK, BLOCK_D, HEAD_DIM, UPCAST)
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+        l_i = l_i * tl.math.exp2(m_i - m_sub) + tl.sum(tl.math.exp2(qk - m_sub[:, None]), 1)
+        m_i = m_new
+    out = (pid_bh * num_splits + pid_s) * BLOCK + offs_r
+    tl.store(PartMax + out, m_i)
+    tl.store(PartSum + out, l_i)
+
+
+@triton.jit
+def _representative_scores_kernel(
+    Q, K, KeyStart, Lse2, RowScale, Vertical, Diagonal, Scratch,
+    stride_qb, stride_qm, stride_qh, stride_qd, stride_kb, stride_kn, stride_kh, stride_kd,
+    num_heads, num_kv_groups, q_len, n, r, num_tiles, tiles_per_program, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr, HAS_KEY_START: tl.constexpr,
+    UPCAST: tl.constexpr, ROW_CHUNK: tl.constexpr,
+):
+    WIDTH: tl.constexpr = 2 * BLOCK
+    pid_bh = tl.program_id(0).to(tl.int64)
+    pid_s = tl.program_id(1).to(tl.int64)
+    off_b = pid_bh // num_heads
+    off_h = pid_bh % num_heads
+    off_kvh = off_h // num_kv_groups
+    key_lo = tl.zeros([], dtype=tl.int64)
+    if HAS_KEY_START:
+        key_lo = tl.load(KeyStart + off_b).to(tl.int64)
+    offs_r = tl.arange(0, BLOCK)
+    offs_n = tl.arange(0, BLOCK)
+    pos = tl.where(offs_r < r, n - r + offs_r, -1)  # rows past r (q_len < block) see no key
+    q = _load_rep_queries(Q, off_b, off_h, stride_qb, stride_qm, stride_qh, stride_qd, q_len, r,
+                          BLOCK, BLOCK_D, HEAD_DIM, UPCAST)
+    lse2 = tl.load(Lse2 + pid_bh * BLOCK + offs_r)  # [BR], -inf for rows with no key
+    lse2 = tl.where(lse2 == float("-inf"), float("inf"), lse2)  # so that exp2(-inf - inf) = 0, not NaN
+    row_scale = tl.load(RowScale + off_b)  # 1 / (number of real representative rows)
+    scratch = Scratch + (pid_bh * tl.num_programs(1) + pid_s) * (BLOCK * WIDTH)
+    # Element (i, j) of a tile lies on diagonal column j - i + BLOCK - 1 of the skewed scratch.
+    skew = offs_r[:, None] * WIDTH + offs_n[None, :] - offs_r[:, None] + BLOCK - 1
+    for t in range(pid_s * tiles_per_program, tl.minimum((pid_s + 1) * tiles_per_program, num_tiles)):
+        qk = _tile_scores(q, K, off_b, off_kvh, stride_kb, stride_kn, stride_kh, stride_kd, t * BLOCK, n, key_lo,
+                          pos, qk_scale, BLOCK, BLOCK_D, HEAD_DIM, UPCAST)
+        p = tl.math.exp2(qk - lse2[:, None]) * row_scale  # [BR, BN]
+        tl.store(Vertical + pid_bh * n + t * BLOCK + offs_n, tl.sum(p, 0), mask=t * BLOCK + offs_n < n)
+        tl.store(scratch + skew, p)
+        tl.debug_barrier()
+        diag = tl.zeros([WIDTH], dtype=tl.float32)
+        for c in tl.static_range(0, BLOCK, ROW_CHUNK):
+            rows = c + tl.arange(0, ROW_CHUNK)
+            diag += tl.sum(tl.load(scratch + rows[:, None] * WIDTH + tl.arange(0, WIDTH)[None, :]), 0)
+        tl.debug_barrier()
+        tl.store(Diagonal + (pid_bh * num_tiles + t) * WIDTH + tl.arange(0, WIDTH), diag)
+
+
+def representative_scores_triton(
+    q: torch.Tensor, k: torch.Tensor, grid: BlockGrid, softmax_scale: float, key_start
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Vertical and slash scores of the representative queries, fp32 [B, Hq, n] each.
+
+    Same function as ``selection.representative_scores`` (up to fp32 rounding); key_start optional int [B].
+    """
+    batch, q_len, q_heads, head_dim = q.shape
+    n, kv_heads = k.shape[1], k.shape[2]
+    r = grid.num_representative
+    block = grid.block_size
+    num_tiles = triton.cdiv(n, block)
+    interpreting = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    # Enough programs to fill the GPU: split each head's key tiles into ranges.
+    splits = 1 if interpreting else max(1, min(num_tiles, triton.cdiv(1024, batch * q_heads)))
+    per_program = triton.cdiv(num_tiles, splits)
+    splits = triton.cdiv(num_tiles, per_program)
+    device = q.device
+    starts = torch.zeros(batch, dtype=torch.long, device=device) if key_start is None else key_start.to(device, torch.long)
+    real_rows = (torch.arange(n - r, n, device=device)[None, :] >= starts[:, None]).sum(-1).clamp_min(1)
+    meta = dict(
+        HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), BLOCK=block,
+        HAS_KEY_START=key_start is not None, UPCAST=interpreting and q.dtype == torch.bfloat16,
+        num_warps=8 if block == 128 else 4,
+    )
+    qk_scale = softmax_scale * 1.4426950408889634
+    common = (*q.stride(), *k.stride(), q_heads, q_heads // kv_heads, q_len, n, r)
+
+    part_max = torch.empty(batch * q_heads, splits, block, dtype=torch.float32, device=device)
+    part_sum = torch.empty_like(part_max)
+    _representative_lse_kernel[(batch * q_heads, splits)](
+        q, k, starts, part_max, part_sum, *common, per_program, splits, qk_scale, **meta
+    )
+    top = part_max.amax(1, keepdim=True)
+    top_sub = torch.where(top == -math.inf, 0.0, top)
+    lse2 = torch.log2((part_sum * torch.exp2(part_max - top_sub)).sum(1)) + top_sub[:, 0]  # [BH, block]
+
+    vertical = torch.empty(batch, q_heads, n, dtype=torch.float32, device=device)
+    diagonal = torch.empty(batch * q_heads, num_tiles, 2 * block, dtype=torch.float32, device=device)
+    scratch = torch.zeros(batch * q_heads * splits * block * 2 * block, dtype=torch.float32, device=device)
+    _representative_scores_kernel[(batch * q_heads, splits)](
+        q, k, starts, lse2.contiguous(), (1.0 / real_rows.float()).contiguous(), vertical, diagonal, scratch,
+        *common, num_tiles, per_program, qk_scale, ROW_CHUNK=min(block, 32), **meta,
+    )
+    # Tile t's column c is u = t*block + c; the second half of tile t overlaps the first of t + 1.
+    halves = diagonal.view(batch * q_heads, num_tiles, 2, block)
+    by_u = torch.zeros(batch * q_heads, num_tiles + 1, block, dtype=torch.float32, device=device)
+    by_u[:, :num_tiles] += halves[:, :, 0]
+    by_u[:, 1:] += halves[:, :, 1]
+    # u = (n - r) + block - 1 - offset  (key j = t*block + jj, row position n - r + i, c = jj - i + block - 1)
+    u0 = n - r + block - 1
+    slash = by_u.flatten(1)[:, u0 - torch.arange(n, device=device)]
+    return vertical, slash.view(batch, q_heads, n)
