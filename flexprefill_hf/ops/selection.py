@@ -114,6 +114,13 @@ def coverage_counts(scores: torch.Tensor, gamma: float) -> torch.Tensor:
     return (before < gamma).sum(-1)
 
 
+def coverage_mask(scores: torch.Tensor, gamma: float) -> torch.Tensor:
+    """bool [..., L]: the fewest largest entries of each row that sum to >= gamma (one sort)."""
+    ordered, order = torch.sort(scores, dim=-1, descending=True, stable=True)
+    keep = (torch.cumsum(ordered, dim=-1) - ordered) < gamma
+    return torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, order, keep)
+
+
 def top_blocks(scores: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """bool [..., nb]: the ``counts[...]`` highest scores of each row (ties go to the lower index)."""
     order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
@@ -234,7 +241,7 @@ def select_blocks(
     block_probs = torch.softmax((block_logits * softmax_scale).masked_fill(~allowed, -math.inf), dim=-1)
     flat = torch.nan_to_num(block_probs, nan=0.0).flatten(2)  # [B, Hq, nqb * nb]
     flat = flat / flat.sum(-1, keepdim=True).clamp_min(torch.finfo(dtype).tiny)
-    estimate = top_blocks(flat, coverage_counts(flat, config.gamma)).view_as(mask)
+    estimate = coverage_mask(flat, config.gamma).view_as(mask)
     mask = mask | (estimate & query_aware[:, :, None, None])
 
     # Section 5: diagonal and sink always, block-causal, and dense for sequences that are short alone.
