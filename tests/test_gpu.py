@@ -1,0 +1,68 @@
+"""GPU-only properties of the prefill path: no host synchronisation, CUDA-graph capture, torch.compile."""
+
+import math
+
+import pytest
+import torch
+
+from flexprefill_hf import FlexPrefillConfig, flexprefill_attention
+from flexprefill_hf.ops import reference
+from flexprefill_hf.testing import structured_qkv
+
+from helpers import relative_error, seeded
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+CONFIG = FlexPrefillConfig(gamma=0.9, tau=0.1, block_size=128, min_budget=512)
+
+
+def _inputs(n=4096, batch=1, dtype=torch.bfloat16):
+    return structured_qkv(batch, n, 8, 2, 128, dtype=dtype, device="cuda", generator=seeded(0))
+
+
+def test_prefill_path_has_no_host_sync():
+    q, k, v = _inputs(batch=2)
+    key_start = torch.tensor([0, 300], device="cuda")
+    flexprefill_attention(q, k, v, CONFIG, key_start=key_start)  # compile and autotune first
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        flexprefill_attention(q, k, v, CONFIG, key_start=key_start)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def test_sparse_output_close_to_dense_on_structured_input():
+    q, k, v = _inputs()
+    out = flexprefill_attention(q, k, v, FlexPrefillConfig(gamma=1.0, tau=0.0, block_size=128, min_budget=512))
+    want, _ = reference.dense_attention(q.double(), k.double(), v.double(), 1 / math.sqrt(128))
+    dense = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=True
+    ).transpose(1, 2)
+    assert relative_error(out, want) <= 2 * relative_error(dense, want) + 1e-3
+
+
+def test_cuda_graph_capture_and_replay():
+    q, k, v = _inputs()
+    eager = flexprefill_attention(q, k, v, CONFIG)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            flexprefill_attention(q, k, v, CONFIG)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = flexprefill_attention(q, k, v, CONFIG)
+    fresh_q, fresh_k, fresh_v = structured_qkv(1, 4096, 8, 2, 128, dtype=q.dtype, device="cuda", generator=seeded(1))
+    q.copy_(fresh_q), k.copy_(fresh_k), v.copy_(fresh_v)
+    graph.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(captured, flexprefill_attention(q, k, v, CONFIG), rtol=0, atol=0)
+    assert not torch.equal(captured, eager)
+
+
+def test_torch_compile_fullgraph():
+    q, k, v = _inputs()
+    compiled = torch.compile(lambda q, k, v: flexprefill_attention(q, k, v, CONFIG), fullgraph=True)
+    torch.testing.assert_close(compiled(q, k, v), flexprefill_attention(q, k, v, CONFIG), rtol=2e-2, atol=2e-2)
