@@ -1,0 +1,81 @@
+"""What every architecture patch shares: its description, and the checks of the attention modules.
+
+A patch never replaces a forward method. transformers' attention modules already hand their
+query/key/value to the function registered under ``config._attn_implementation``; a patch only
+finds those modules, checks the attributes the FlexPrefill attention function relies on, and
+states the quirks of its family.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Sequence
+
+import torch
+
+
+@dataclasses.dataclass(frozen=True)
+class ArchitecturePatch:
+    """One supported architecture family.
+
+    Attributes:
+        family: short name, also the name of the module in ``flexprefill_hf.patches``.
+        model_types: the ``config.model_type`` values of the family.
+        attention_classes: class names of its attention modules (stable across transformers versions).
+        default_preset: the preset used when no preset's names match the checkpoint.
+        check: ``check(model, modules)`` raises ValueError when the model does not have the layout the
+            attention function expects; may warn about layers that will run dense.
+    """
+
+    family: str
+    model_types: tuple[str, ...]
+    attention_classes: tuple[str, ...]
+    default_preset: str
+    check: Callable[[torch.nn.Module, Sequence[torch.nn.Module]], None]
+
+    def attention_modules(self, model: torch.nn.Module) -> list[torch.nn.Module]:
+        """The model's attention modules ordered by ``layer_idx``, one per decoder layer."""
+        modules = [m for m in model.modules() if type(m).__name__ in self.attention_classes]
+        if not modules:
+            raise ValueError(
+                f"{type(model).__name__} has no attention module of class {self.attention_classes}; "
+                f"expected a transformers {self.family} model"
+            )
+        indices = [getattr(m, "layer_idx", None) for m in modules]
+        if any(not isinstance(i, int) for i in indices):
+            raise ValueError(f"{type(modules[0]).__name__} modules need an integer `layer_idx`; got {indices}")
+        if sorted(indices) != list(range(len(modules))):
+            raise ValueError(f"attention layer indices are {sorted(indices)}; expected 0..{len(modules) - 1}")
+        return sorted(modules, key=lambda m: m.layer_idx)
+
+
+def check_head_layout(model: torch.nn.Module, modules: Sequence[torch.nn.Module]) -> None:
+    """Check the grouped-query layout the attention function assumes.
+
+    Query head h reads KV head h // G (G = ``num_key_value_groups``), as transformers' ``repeat_kv``
+    orders heads; q_proj and k_proj must produce whole heads of ``head_dim``; attention is causal.
+    """
+    config = model.config
+    heads = getattr(config, "num_attention_heads", None)
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    if not isinstance(heads, int) or not isinstance(kv_heads, int) or heads % kv_heads != 0:
+        raise ValueError(
+            f"num_attention_heads={heads!r}, num_key_value_heads={kv_heads!r}; expected the query heads to be "
+            "a multiple of the KV heads"
+        )
+    for module in modules:
+        name = f"{type(module).__name__} (layer {module.layer_idx})"
+        head_dim = getattr(module, "head_dim", None)
+        if not isinstance(head_dim, int):
+            raise ValueError(f"{name} has no integer `head_dim`; got {head_dim!r}")
+        groups = getattr(module, "num_key_value_groups", heads // kv_heads)
+        if groups != heads // kv_heads:
+            raise ValueError(f"{name} has num_key_value_groups={groups}; expected {heads // kv_heads}")
+        for proj, count in (("q_proj", heads), ("k_proj", kv_heads), ("v_proj", kv_heads)):
+            out_features = getattr(getattr(module, proj, None), "out_features", None)
+            if out_features is not None and out_features != count * head_dim:
+                raise ValueError(
+                    f"{name}.{proj} has {out_features} outputs; expected {count} heads x head_dim {head_dim}"
+                )
+        if not getattr(module, "is_causal", True):
+            raise ValueError(f"{name} is not causal; FlexPrefill is a causal prefill attention")

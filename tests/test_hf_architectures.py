@@ -1,0 +1,189 @@
+"""Every registered architecture, on a small random-weight model of its real transformers class.
+
+Prompts of 550-800 tokens with block_size 64 and min_budget 128, so the sparse path runs (the
+statistics confirm it). gamma = 1, tau = 0 must reproduce SDPA to fp32 rounding.
+"""
+
+import copy
+
+import pytest
+import torch
+from hf_tiny import ARCHITECTURES, EXACT, SPARSE, assert_close, cache_keyword, left_pad, random_ids, tiny_model
+
+import flexprefill_hf.integration as fp
+
+
+def _logits(model, ids, **kwargs):
+    with torch.no_grad():
+        return model(ids, **kwargs).logits
+
+
+@pytest.fixture(scope="module", params=ARCHITECTURES)
+def architecture(request):
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def model(architecture):
+    return tiny_model(architecture)
+
+
+@pytest.fixture(scope="module")
+def prompt():
+    return random_ids(800, seed=1)
+
+
+@pytest.fixture(scope="module")
+def sdpa_logits(model, prompt):
+    return _logits(model, prompt)
+
+
+def test_gamma_one_equals_sdpa(model, prompt, sdpa_logits):
+    fp.patch_model(model, **EXACT)
+    try:
+        with fp.record_stats(model):
+            logits = _logits(model, prompt)
+        stats = fp.last_stats(model)
+    finally:
+        fp.unpatch_model(model)
+    assert len(stats) == model.config.num_hidden_layers
+    assert all(s is not None and not s.dense for s in stats), "the sparse path did not run"
+    assert_close(logits, sdpa_logits)
+
+
+def test_gamma_below_one_differs_but_is_finite(model, prompt, sdpa_logits):
+    fp.patch_model(model, gamma=0.9, tau=0.1, **SPARSE)
+    try:
+        with fp.record_stats(model):
+            logits = _logits(model, prompt)
+        stats = fp.last_stats(model)
+    finally:
+        fp.unpatch_model(model)
+    assert torch.isfinite(logits).all()
+    assert (logits - sdpa_logits).abs().max() > 1e-2
+    assert all(float(s.computed_fraction.mean()) < 1.0 for s in stats)
+    assert all(bool(torch.isfinite(s.js_distance).all()) for s in stats)
+
+
+def _state(model):
+    """Every attribute of every module and config, by identity or value."""
+    modules = {name: dict(m.__dict__) for name, m in model.named_modules()}
+    config = copy.deepcopy(dict(model.config.__dict__))
+    return modules, config
+
+
+def test_unpatch_restores_exactly(model, prompt, sdpa_logits):
+    modules_before, config_before = _state(model)
+    fp.patch_model(model, gamma=0.9, **SPARSE)
+    assert model.config._attn_implementation == "flexprefill"
+    with fp.record_stats(model):
+        _logits(model, prompt[:, :300])
+    fp.unpatch_model(model)
+    modules_after, config_after = _state(model)
+    assert config_after == config_before
+    assert modules_after.keys() == modules_before.keys()
+    for name, attributes in modules_before.items():
+        assert modules_after[name].keys() == attributes.keys(), name
+        for key, value in attributes.items():
+            assert modules_after[name][key] is value or modules_after[name][key] == value, (name, key)
+    assert fp.last_stats(model) is None
+    assert torch.equal(_logits(model, prompt), sdpa_logits)
+
+
+def test_from_pretrained_with_flexprefill(model, prompt, sdpa_logits, tmp_path):
+    model.save_pretrained(tmp_path)
+    loaded = type(model).from_pretrained(tmp_path, attn_implementation="flexprefill").eval()
+    assert loaded.config._attn_implementation == "flexprefill"
+    # No patch_model: the preset matched from the config (dense threshold 1024 tokens: this prompt runs dense).
+    with fp.record_stats(loaded):
+        logits = _logits(loaded, prompt)
+    assert all(s is not None and s.dense for s in fp.last_stats(loaded))
+    assert_close(logits, sdpa_logits)
+
+    fp.patch_model(loaded, **EXACT)
+    with fp.record_stats(loaded):
+        logits = _logits(loaded, prompt)
+    assert all(not s.dense for s in fp.last_stats(loaded))
+    assert_close(logits, sdpa_logits)
+    fp.unpatch_model(loaded)
+    assert loaded.config._attn_implementation == "flexprefill"
+
+
+def _switch(model, implementation):
+    if hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation(implementation)
+    else:  # transformers 4.5x: the config attribute is the switch
+        model.config._attn_implementation = implementation
+
+
+def test_set_attn_implementation_switching(model, prompt, sdpa_logits):
+    fp.patch_model(model, **EXACT)
+    try:
+        for implementation, recorded in (("sdpa", False), ("flexprefill", True), ("sdpa", False), ("flexprefill", True)):
+            _switch(model, implementation)
+            assert model.config._attn_implementation == implementation
+            with fp.record_stats(model):
+                logits = _logits(model, prompt)
+            assert all((s is not None) == recorded for s in fp.last_stats(model)), implementation
+            assert_close(logits, sdpa_logits)
+    finally:
+        fp.unpatch_model(model)
+    assert model.config._attn_implementation == "sdpa"
+
+
+@pytest.mark.parametrize("gamma", [1.0, 0.9])
+def test_left_padded_batch_equals_each_sequence_alone(model, gamma):
+    # The block grid is end-aligned, so left padding leaves every sequence its own blocks: equal even for gamma < 1.
+    fp.patch_model(model, gamma=gamma, tau=0.0 if gamma == 1.0 else 0.1, **SPARSE)
+    try:
+        sequences = [random_ids(800, seed=2)[0], random_ids(550, seed=3)[0]]
+        ids, mask, positions = left_pad(sequences)
+        batched = _logits(model, ids, attention_mask=mask, position_ids=positions)
+        for row, seq in enumerate(sequences):
+            alone = _logits(model, seq[None])
+            assert_close(batched[row, ids.shape[1] - len(seq) :], alone[0])
+    finally:
+        fp.unpatch_model(model)
+
+
+def test_second_turn_on_kept_cache_equals_fresh_prefill(model, prompt, sdpa_logits):
+    from transformers import DynamicCache
+
+    fp.patch_model(model, **EXACT)
+    try:
+        cache = DynamicCache()
+        first = _logits(model, prompt[:, :500], use_cache=True, **{cache_keyword(model): cache})
+        second = _logits(model, prompt[:, 500:], use_cache=True, **{cache_keyword(model): cache})
+    finally:
+        fp.unpatch_model(model)
+    assert_close(torch.cat([first, second], dim=1), sdpa_logits)
+
+
+def test_batched_generate_with_left_padding_equals_alone(model):
+    fp.patch_model(model, gamma=0.95, tau=0.1, **SPARSE)
+    try:
+        prompts = [random_ids(300, seed=4)[0], random_ids(200, seed=5)[0]]
+        ids, mask, _ = left_pad(prompts)
+        with torch.no_grad():
+            batched = model.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0)
+            for row, prompt in enumerate(prompts):
+                alone = model.generate(prompt[None], max_new_tokens=5, do_sample=False, pad_token_id=0)
+                assert torch.equal(batched[row, ids.shape[1] :], alone[0, len(prompt) :])
+    finally:
+        fp.unpatch_model(model)
+
+
+def test_registry_refuses_chatglm_and_unknown_models():
+    from flexprefill_hf.patches import lookup, supported_model_types
+
+    assert set(supported_model_types()) == {"llama", "qwen2", "glm", "glm4"}
+    with pytest.raises(ValueError, match="THUDM/glm-4-9b-chat-hf"):
+        lookup("chatglm")
+    with pytest.raises(ValueError, match="glm, glm4, llama, qwen2"):
+        lookup("mistral")
+    from transformers import MistralConfig, MistralForCausalLM
+
+    mistral = MistralForCausalLM(MistralConfig(vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                               num_attention_heads=2, num_key_value_heads=1))
+    with pytest.raises(ValueError, match="'mistral' is not supported"):
+        fp.patch_model(mistral)

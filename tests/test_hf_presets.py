@@ -1,0 +1,131 @@
+"""Preset files: the packaged ones, matching, per-layer overrides, errors, and patch_model's config argument."""
+
+import textwrap
+
+import pytest
+from hf_tiny import tiny_model
+
+import flexprefill_hf.integration as fp
+from flexprefill_hf.config import FlexPrefillConfig
+from flexprefill_hf.integration.presets import load_preset, match_preset, parse_preset, preset_names
+
+PAPER_GAMMAS = {
+    "llama-3.1-8b-instruct": 0.95,
+    "glm-4-9b-chat": 0.95,
+    "yi-9b-200k": 0.9,
+    "qwen2-7b-instruct": 0.9,
+    "default": 0.95,
+}
+
+
+def test_packaged_presets_hold_the_paper_settings():
+    assert set(preset_names()) == set(PAPER_GAMMAS)
+    for name, gamma in PAPER_GAMMAS.items():
+        config = load_preset(name).config
+        assert config == FlexPrefillConfig(gamma=gamma, tau=0.1, block_size=128, min_budget=1024), name
+
+
+@pytest.mark.parametrize(
+    "model_type, name_or_path, expected",
+    [
+        ("llama", "meta-llama/Llama-3.1-8B-Instruct", "llama-3.1-8b-instruct"),
+        ("llama", "meta-llama/Meta-Llama-3.1-8B-Instruct", "llama-3.1-8b-instruct"),
+        ("llama", "01-ai/Yi-9B-200K", "yi-9b-200k"),
+        ("qwen2", "Qwen/Qwen2-7B-Instruct", "qwen2-7b-instruct"),
+        ("glm", "THUDM/glm-4-9b-chat-hf", "glm-4-9b-chat"),
+        ("glm", "/models/glm-4-9b-chat-1m-hf", "glm-4-9b-chat"),
+        ("llama", "HuggingFaceTB/SmolLM2-135M-Instruct", "default"),
+        ("qwen2", "01-ai/Yi-9B-200K", "default"),  # a name match needs the model type too
+    ],
+)
+def test_match_by_model_type_and_name(model_type, name_or_path, expected):
+    assert match_preset(model_type, name_or_path).name == expected
+
+
+def test_patch_model_picks_the_family_default_then_the_name():
+    model = tiny_model("qwen2")
+    model.config._name_or_path = "/checkpoints/some-qwen2"
+    fp.patch_model(model)
+    assert {c.gamma for c in fp.layer_configs(model)} == {0.9}  # the qwen2 family's default preset
+    model.config._name_or_path = "meta-llama/Llama-3.1-8B-Instruct"  # a llama name on a qwen2 model: ignored
+    fp.patch_model(model)
+    assert {c.gamma for c in fp.layer_configs(model)} == {0.9}
+    fp.unpatch_model(model)
+
+
+def test_patch_model_config_forms(tmp_path):
+    model = tiny_model("llama", num_hidden_layers=4)
+    fp.patch_model(model, "yi-9b-200k")
+    assert {c.gamma for c in fp.layer_configs(model)} == {0.9}
+    fp.patch_model(model, FlexPrefillConfig(gamma=0.8, block_size=64), tau=0.2)
+    assert set(fp.layer_configs(model)) == {FlexPrefillConfig(gamma=0.8, tau=0.2, block_size=64)}
+    path = tmp_path / "mine.yaml"
+    path.write_text(
+        textwrap.dedent(
+            """
+            flexprefill: {gamma: 0.9, min_budget: 256}
+            layers:
+              0: {gamma: 1.0}
+              "2-3": {tau: 0.0}
+            """
+        )
+    )
+    fp.patch_model(model, path, max_budget=4096)
+    got = [(c.gamma, c.tau, c.min_budget, c.max_budget) for c in fp.layer_configs(model)]
+    assert got == [(1.0, 0.1, 256, 4096), (0.9, 0.1, 256, 4096), (0.9, 0.0, 256, 4096), (0.9, 0.0, 256, 4096)]
+    fp.patch_model(model, str(path))
+    assert [c.gamma for c in fp.layer_configs(model)] == [1.0, 0.9, 0.9, 0.9]
+
+    with pytest.raises(TypeError, match="gama"):
+        fp.patch_model(model, gama=0.9)
+    with pytest.raises(ValueError, match="gamma=1.5"):
+        fp.patch_model(model, gamma=1.5)
+    with pytest.raises(ValueError, match="unknown preset 'llama-3'"):
+        fp.patch_model(model, "llama-3")
+    with pytest.raises(TypeError, match="expected None, a preset name"):
+        fp.patch_model(model, {"gamma": 0.9})
+    fp.unpatch_model(model)
+
+
+def test_layer_override_beyond_the_model_names_file_and_key(tmp_path):
+    path = tmp_path / "deep.yaml"
+    path.write_text("layers:\n  '2-40': {gamma: 1.0}\n")
+    model = tiny_model("llama", num_hidden_layers=4)
+    with pytest.raises(ValueError, match=r"deep\.yaml: layers\.2-40: the model has 4 layers"):
+        fp.patch_model(model, path)
+    assert model.config._attn_implementation == "sdpa"
+
+
+@pytest.mark.parametrize(
+    "text, key",
+    [
+        ("flexprefill: {gama: 0.9}\n", "flexprefill.gama"),
+        ("flexprefill: {gamma: 2.0}\n", "gamma=2.0"),
+        ("flexprefill: {min_budget: 1e3}\n", "min_budget='1e3'"),
+        ("flexprefill: {block_size: 96}\n", "block_size=96"),
+        ("presets: {}\n", "unknown key presets"),
+        ("match: {model_type: llama}\n", "match.model_type"),
+        ("match: {names: 3}\n", "match.names"),
+        ("layers: {first: {gamma: 1.0}}\n", "layers.first"),
+        ("layers: {0: {gamma: 0}}\n", "layers.0"),
+        ("layers: {1: {taux: 0}}\n", "layers.1.taux"),
+        ("flexprefill: [gamma, 0.9]\n", "flexprefill"),
+        ("flexprefill: {gamma: 0.9\n", "malformed YAML"),
+        ("- 1\n- 2\n", "the top level"),
+    ],
+)
+def test_preset_errors_name_the_file_and_the_key(tmp_path, text, key):
+    path = tmp_path / "broken.yaml"
+    path.write_text(text)
+    with pytest.raises(ValueError) as raised:
+        load_preset(path)
+    message = str(raised.value)
+    assert str(path) in message and key in message, message
+
+
+def test_parse_preset_defaults_and_names():
+    preset = parse_preset("flexprefill: {gamma: 0.9}\n", source="x/my-model.yml")
+    assert preset.name == "my-model"
+    assert preset.config == FlexPrefillConfig(gamma=0.9)
+    assert preset.layer_configs(2) == (FlexPrefillConfig(gamma=0.9),) * 2
+    assert parse_preset("", source="empty.yaml").config == FlexPrefillConfig()
