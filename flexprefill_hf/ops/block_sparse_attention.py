@@ -1,0 +1,361 @@
+"""Block-sparse causal attention forward (ALGORITHM.md section 6): Triton kernel and host launchers.
+
+Layout: q ``[B, q_len, Hq, D]``, k and v ``[B, k_len, Hkv, D]`` in fp16 or bf16 with any strides (Hugging
+Face's transposed views are read in place). Query head ``h`` reads KV head ``h // (Hq // Hkv)``. Query row
+``r`` sits at key position ``k_len - q_len + r`` (bottom-right causal). Blocks lie on the end-aligned grid of
+``ops/grid.py``; ``structure`` (``ops/block_structure.py``) lists, per (batch, query head, present query
+block), the ascending key blocks to compute. A row attends key ``t`` iff ``t <= position``,
+``t >= key_start[b]`` and ``block(t)`` is listed for its query block; a row with no such key outputs 0 and
+has log-sum-exp ``-inf``. The oracle is ``reference.block_sparse_attention``.
+
+One program computes ``BLOCK_M`` rows of one query block for one (batch, query head). Its key list splits
+into three ranges because it is ascending: leading blocks that hold padding (``t < key_start`` or the
+virtual left padding of the grid), middle blocks that are wholly visible (no element mask: the fast,
+pipelined loop) and trailing blocks at or after the query block (the causal diagonal).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .block_structure import BlockStructure
+
+SUPPORTED_BLOCK_SIZES = (64, 128)
+MAX_HEAD_DIM = 256
+
+
+@triton.jit
+def _attend_blocks(
+    acc, l_i, m_i, q, idx_row, stride_ik, k_head, v_head, stride_kn, stride_vn, k_offs, v_offs, d_mask,
+    offs_m, m_last, key_lo, pad, qk_scale, j_start, j_end, n_lo, n_hi,
+    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_D: tl.constexpr, MASKED: tl.constexpr,
+    UPCAST: tl.constexpr, LOOP_STAGES: tl.constexpr,
+):
+    """Online softmax over key sub-tiles ``j_start .. j_end - 1`` (``BLOCK_SIZE // BLOCK_N`` per listed block).
+
+    MASKED: the sub-tiles of the masked entries ``[0, n_lo)`` then ``[n_hi, count)``, with the causal and
+    padding element mask; otherwise the wholly visible entries ``[n_lo, n_hi)`` with no mask at all.
+    """
+    TILES_N: tl.constexpr = BLOCK_SIZE // BLOCK_N
+    for j in tl.range(j_start, j_end, num_stages=LOOP_STAGES):
+        entry = j // TILES_N
+        if MASKED:
+            entry = tl.where(entry < n_lo, entry, entry - n_lo + n_hi)
+        kb = tl.load(idx_row + entry * stride_ik).to(tl.int64)
+        n_start = kb * BLOCK_SIZE - pad + (j % TILES_N) * BLOCK_N
+        offs_n = n_start + tl.arange(0, BLOCK_N)  # [BN] key positions
+        k_ptrs = k_head + n_start * stride_kn + k_offs
+        v_ptrs = v_head + n_start * stride_vn + v_offs
+        if MASKED:
+            # Never read keys no row may see: virtual padding (negative positions) or past the last row.
+            n_mask = (offs_n >= key_lo) & (offs_n <= m_last)
+            k = tl.load(k_ptrs, mask=d_mask[:, None] & n_mask[None, :], other=0.0)
+        elif EVEN_D:
+            k = tl.load(k_ptrs)
+        else:
+            k = tl.load(k_ptrs, mask=d_mask[:, None], other=0.0)
+        if UPCAST:
+            k = k.to(tl.float32)
+        qk = tl.dot(q, k)  # [BM, BN] fp32
+        if MASKED:
+            visible = (offs_n[None, :] <= offs_m[:, None]) & (offs_n[None, :] >= key_lo)
+            qk = tl.where(visible, qk * qk_scale, float("-inf"))
+            m_ij = tl.maximum(m_i, tl.max(qk, 1))
+            # A row that has seen no key yet keeps m = -inf; subtract 0 instead so exp2 gives 0, not NaN.
+            m_sub = tl.where(m_ij == float("-inf"), 0.0, m_ij)
+            p = tl.math.exp2(qk - m_sub[:, None])
+            alpha = tl.math.exp2(m_i - m_sub)
+        else:
+            m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+            p = tl.math.exp2(qk * qk_scale - m_ij[:, None])
+            alpha = tl.math.exp2(m_i - m_ij)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        if MASKED:
+            v = tl.load(v_ptrs, mask=n_mask[:, None] & d_mask[None, :], other=0.0)
+        elif EVEN_D:
+            v = tl.load(v_ptrs)
+        else:
+            v = tl.load(v_ptrs, mask=d_mask[None, :], other=0.0)
+        if UPCAST:
+            v = v.to(tl.float32)
+        acc = tl.dot(p.to(v.dtype), v, acc)  # [BM, BD]
+        m_i = m_ij
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _block_sparse_attention_fwd_kernel(
+    Q, K, V, Out, Lse, Indices, Counts, KeyStart,
+    stride_qb, stride_qm, stride_qh, stride_qd,
+    stride_kb, stride_kn, stride_kh, stride_kd,
+    stride_vb, stride_vn, stride_vh, stride_vd,
+    stride_ob, stride_om, stride_oh, stride_od,
+    stride_ib, stride_ih, stride_iq, stride_ik,
+    stride_cb, stride_ch, stride_cq,
+    num_heads, num_kv_groups, q_len, k_len, pad, first_query_block, num_query_blocks, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_KEY_START: tl.constexpr, STORE_LSE: tl.constexpr, UPCAST: tl.constexpr,
+):
+    tl.static_assert(BLOCK_SIZE % BLOCK_M == 0, "BLOCK_M must divide the block size")
+    tl.static_assert(BLOCK_SIZE % BLOCK_N == 0, "BLOCK_N must divide the block size")
+    TILES_M: tl.constexpr = BLOCK_SIZE // BLOCK_M
+    TILES_N: tl.constexpr = BLOCK_SIZE // BLOCK_N
+    EVEN_D: tl.constexpr = BLOCK_D == HEAD_DIM
+
+    # int64 before any stride arithmetic: positions times strides overflow int32 at 1M tokens.
+    pid_bh = tl.program_id(0).to(tl.int64)
+    # Later query blocks have the longest key lists: launch them first.
+    tile = num_query_blocks * TILES_M - 1 - tl.program_id(1).to(tl.int64)
+    off_b = pid_bh // num_heads
+    off_h = pid_bh % num_heads
+    off_kvh = off_h // num_kv_groups
+    qb_row = tile // TILES_M
+    query_block = first_query_block + qb_row
+    m_start = query_block * BLOCK_SIZE - pad + (tile % TILES_M) * BLOCK_M  # position of the tile's row 0
+    cache_len = k_len - q_len
+
+    offs_m = m_start + tl.arange(0, BLOCK_M)  # [BM] query positions
+    rows = offs_m - cache_len  # [BM] query rows; < 0 before the first query
+    row_mask = rows >= 0
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < HEAD_DIM
+
+    q_ptrs = Q + off_b * stride_qb + off_h * stride_qh + rows[:, None] * stride_qm + offs_d[None, :] * stride_qd
+    q = tl.load(q_ptrs, mask=row_mask[:, None] & d_mask[None, :], other=0.0)  # [BM, BD]
+    if UPCAST:
+        q = q.to(tl.float32)
+
+    key_lo = tl.zeros([], dtype=tl.int64)
+    if HAS_KEY_START:
+        key_lo = tl.maximum(tl.load(KeyStart + off_b).to(tl.int64), 0)
+    # First key block without padding keys; blocks before it need the element mask.
+    first_full_block = (key_lo + pad + BLOCK_SIZE - 1) // BLOCK_SIZE
+
+    idx_row = Indices + off_b * stride_ib + off_h * stride_ih + qb_row * stride_iq
+    count = tl.load(Counts + off_b * stride_cb + off_h * stride_ch + qb_row * stride_cq)
+    # A tile wholly before the first query (q_len smaller than a block) has nothing to compute.
+    count = tl.where(m_start + BLOCK_M > cache_len, count, 0)
+    # Trailing entries at or after the query block (the diagonal): [n_hi, count) need the causal mask.
+    n_hi = count
+    kb = tl.load(idx_row + (n_hi - 1) * stride_ik, mask=n_hi > 0, other=-1)
+    while kb >= query_block:
+        n_hi -= 1
+        kb = tl.load(idx_row + (n_hi - 1) * stride_ik, mask=n_hi > 0, other=-1)
+    # Leading entries holding padding keys: [0, n_lo) need the padding mask.
+    n_lo = n_hi * 0
+    kb = tl.load(idx_row, mask=n_lo < n_hi, other=0).to(tl.int64)
+    while (n_lo < n_hi) & (kb < first_full_block):
+        n_lo += 1
+        kb = tl.load(idx_row + n_lo * stride_ik, mask=n_lo < n_hi, other=0).to(tl.int64)
+
+    k_head = K + off_b * stride_kb + off_kvh * stride_kh
+    v_head = V + off_b * stride_vb + off_kvh * stride_vh
+    # Offsets inside a key tile stay int32; the tile's start is added to the int64 base pointer.
+    offs_tile_n = tl.arange(0, BLOCK_N)
+    # K is read transposed: a C-ordered tile for the dot (the interpreter's numpy matmul is 100x slower
+    # on a transposed view).
+    k_offs = offs_d[:, None] * stride_kd + offs_tile_n[None, :] * stride_kn  # [BD, BN]
+    v_offs = offs_tile_n[:, None] * stride_vn + offs_d[None, :] * stride_vd  # [BN, BD]
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    # Wholly visible key blocks (no element mask, pipelined with the launch's num_stages), then the few
+    # padding and diagonal blocks (masked; usually one or two, not worth pipeline buffers).
+    acc, l_i, m_i = _attend_blocks(
+        acc, l_i, m_i, q, idx_row, stride_ik, k_head, v_head, stride_kn, stride_vn, k_offs, v_offs, d_mask,
+        offs_m, m_start + BLOCK_M - 1, key_lo, pad, qk_scale, n_lo * TILES_N, n_hi * TILES_N, n_lo, n_hi,
+        BLOCK_SIZE, BLOCK_N, EVEN_D, False, UPCAST, None,
+    )
+    acc, l_i, m_i = _attend_blocks(
+        acc, l_i, m_i, q, idx_row, stride_ik, k_head, v_head, stride_kn, stride_vn, k_offs, v_offs, d_mask,
+        offs_m, m_start + BLOCK_M - 1, key_lo, pad, qk_scale, 0, (n_lo + count - n_hi) * TILES_N, n_lo, n_hi,
+        BLOCK_SIZE, BLOCK_N, EVEN_D, True, UPCAST, 1,
+    )
+
+    # Rows that saw no key have l_i = 0 and acc = 0: they output 0.
+    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    o_ptrs = Out + off_b * stride_ob + off_h * stride_oh + rows[:, None] * stride_om + offs_d[None, :] * stride_od
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_mask[:, None] & d_mask[None, :])
+    if STORE_LSE:
+        # m_i is in log2 units (log2(e) is folded into qk_scale); empty rows get -inf.
+        lse = (m_i + tl.math.log2(tl.where(l_i == 0.0, 1.0, l_i))) * 0.6931471805599453
+        tl.store(Lse + pid_bh * q_len + rows, lse, mask=row_mask)
+
+
+def _prune_configs(configs, named_args, **kwargs):
+    block_size, block_d = kwargs["BLOCK_SIZE"], kwargs["BLOCK_D"]
+
+    def fits(c):
+        bm, bn, warps = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps
+        # More than 64 fp32 accumulator values per thread spill registers on Hopper (ptxas -v).
+        spills = bm * block_d > 64 * 32 * warps
+        # Narrow key tiles and 64-row tiles on 8 warps ran at 40 % of the best on an H200 with d 128;
+        # only heads too wide for 64 x 64 tiles on 4 warps need them.
+        slow = (bn < 64 or (bm < 128 and warps == 8)) and block_d <= 128
+        return bm <= block_size and bn <= block_size and not spills and not slow
+
+    # The smallest tile always fits: keep it so every head dim has a candidate.
+    return [c for c in configs if fits(c)] or [configs[-1]]
+
+
+# BLOCK_M x BLOCK_N, warps, pipeline stages. Llama-3.1-8B shape on an H200 (bf16, d 128, block 128):
+# 128 x 128 on 8 warps was best (2 and 3 stages within 1 %), 64 x 64 on 4 warps 10 % behind.
+_GPU_CONFIGS = [
+    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+    for bm, bn, w, s in [
+        (128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 8, 3), (128, 64, 4, 3),
+        (64, 64, 4, 3), (64, 64, 4, 2), (64, 64, 8, 2), (64, 32, 8, 2),
+    ]
+]
+_block_sparse_attention_fwd_tuned = triton.autotune(
+    configs=_GPU_CONFIGS, key=["HEAD_DIM", "BLOCK_SIZE"], prune_configs_by={"early_config_prune": _prune_configs}
+)(_block_sparse_attention_fwd_kernel)
+
+
+def _check_inputs(q, k, v, structure, key_start) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must have 4 dimensions [batch, seq, heads, head_dim], got shape {tuple(t.shape)}")
+        if t.dtype not in (torch.float16, torch.bfloat16):
+            raise TypeError(f"{name}.dtype={t.dtype} is not supported; expected torch.float16 or torch.bfloat16")
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device} but q is on {q.device}; all inputs must share a device")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    batch, q_len, q_heads, head_dim = q.shape
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if k.shape[0] != batch or k.shape[3] != head_dim:
+        raise ValueError(
+            f"k/v shape {tuple(k.shape)} does not match q shape {tuple(q.shape)} in batch or head_dim"
+        )
+    kv_heads, k_len = k.shape[2], k.shape[1]
+    if kv_heads == 0 or q_heads % kv_heads != 0:
+        raise ValueError(f"q heads ({q_heads}) must be a multiple of k/v heads ({kv_heads})")
+    if head_dim % 8 != 0 or not 16 <= head_dim <= MAX_HEAD_DIM:
+        raise ValueError(f"head_dim={head_dim} is not supported; expected a multiple of 8 in [16, {MAX_HEAD_DIM}]")
+    if q_len > k_len:
+        raise ValueError(f"q_len={q_len} must not exceed k_len={k_len} (queries are the last keys)")
+    grid = structure.grid
+    if grid.block_size not in SUPPORTED_BLOCK_SIZES:
+        raise ValueError(f"block_size={grid.block_size} is not supported; expected one of {SUPPORTED_BLOCK_SIZES}")
+    if (grid.q_len, grid.k_len) != (q_len, k_len):
+        raise ValueError(
+            f"structure grid has q_len={grid.q_len}, k_len={grid.k_len}; inputs have q_len={q_len}, k_len={k_len}"
+        )
+    expected = (batch, q_heads, grid.num_query_blocks, grid.num_blocks)
+    for name, t, shape in (("indices", structure.indices, expected), ("counts", structure.counts, expected[:3])):
+        if tuple(t.shape) != shape or t.dtype != torch.int32:
+            raise ValueError(
+                f"structure.{name} must be int32 of shape {shape}, got {t.dtype} of shape {tuple(t.shape)}"
+            )
+        if t.device != q.device:
+            raise ValueError(f"structure.{name} is on {t.device} but q is on {q.device}")
+    if key_start is not None:
+        if not isinstance(key_start, torch.Tensor) or key_start.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"key_start must be an int32 or int64 tensor, got {getattr(key_start, 'dtype', key_start)}")
+        if tuple(key_start.shape) != (batch,) or key_start.device != q.device:
+            raise ValueError(
+                f"key_start must have shape ({batch},) on {q.device}, got {tuple(key_start.shape)} on {key_start.device}"
+            )
+
+
+def _block_sparse_attention_fwd(
+    q, k, v, structure: BlockStructure, softmax_scale, key_start, store_lse: bool,
+    config: Optional[triton.Config] = None,
+):
+    """Validate, allocate and launch. ``config`` (BLOCK_M, BLOCK_N, warps, stages) pins the tiles for tests
+    and benchmarks; otherwise they are autotuned on the GPU."""
+    _check_inputs(q, k, v, structure, key_start)
+    batch, q_len, q_heads, head_dim = q.shape
+    grid_geom = structure.grid
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty((batch, q_heads, q_len), dtype=torch.float32, device=q.device) if store_lse else out
+    if q_len == 0 or batch == 0 or q_heads == 0:
+        return out, lse
+    if softmax_scale is None:
+        softmax_scale = 1.0 / math.sqrt(head_dim)
+    interpreting = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    meta = dict(
+        HEAD_DIM=head_dim,
+        BLOCK_SIZE=grid_geom.block_size,
+        BLOCK_D=triton.next_power_of_2(head_dim),
+        HAS_KEY_START=key_start is not None,
+        STORE_LSE=store_lse,
+        # The interpreter computes bf16 arithmetic wrongly: upcast right after each load there.
+        UPCAST=interpreting and q.dtype == torch.bfloat16,
+    )
+    if config is None and interpreting:
+        # Autotuning needs a GPU. The interpreter's cost is per tile, barely by size: one tile per block.
+        config = triton.Config({"BLOCK_M": grid_geom.block_size, "BLOCK_N": grid_geom.block_size})
+    if config is not None:
+        kernel = _block_sparse_attention_fwd_kernel
+        meta.update(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
+    else:
+        kernel = _block_sparse_attention_fwd_tuned
+
+    def launch_grid(m):
+        num_tiles = grid_geom.num_query_blocks * (grid_geom.block_size // m["BLOCK_M"])
+        if num_tiles > 65535:  # CUDA's limit on the second grid dimension
+            raise ValueError(f"q_len={q_len} needs {num_tiles} query tiles; at most 65535 are supported")
+        return (batch * q_heads, num_tiles)
+
+    indices, counts = structure.indices, structure.counts
+    kernel[launch_grid](
+        q, k, v, out, lse, indices, counts, key_start if key_start is not None else counts,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *indices.stride(), *counts.stride(),
+        q_heads, q_heads // k.shape[2], q_len, k.shape[1], grid_geom.pad, grid_geom.first_query_block,
+        grid_geom.num_query_blocks,
+        softmax_scale * 1.4426950408889634,
+        **meta,
+    )
+    return out, lse
+
+
+def block_sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    structure: BlockStructure,
+    *,
+    softmax_scale: Optional[float] = None,
+    key_start: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Causal attention over the key blocks selected in ``structure``.
+
+    Args:
+        q: [B, q_len, Hq, D] fp16/bf16, any strides. k, v: [B, k_len, Hkv, D], same dtype and device;
+            Hq a multiple of Hkv; q_len <= k_len; D a multiple of 8 up to 256.
+        structure: the selected key blocks, grid block size 64 or 128, ``grid.q_len == q_len`` and
+            ``grid.k_len == k_len``; indices int32 [B, Hq, nqb, nb], counts int32 [B, Hq, nqb].
+        softmax_scale: defaults to 1 / sqrt(D).
+        key_start: optional int32/int64 [B]; keys before key_start[b] are (left) padding.
+    Returns:
+        out [B, q_len, Hq, D] in the input dtype; rows with no visible key are 0.
+    """
+    return _block_sparse_attention_fwd(q, k, v, structure, softmax_scale, key_start, store_lse=False)[0]
+
+
+def block_sparse_attention_with_lse(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    structure: BlockStructure,
+    *,
+    softmax_scale: Optional[float] = None,
+    key_start: Optional[torch.Tensor] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """As :func:`block_sparse_attention`; also returns the natural log-sum-exp, fp32 [B, Hq, q_len]
+    (``-inf`` for rows with no visible key)."""
+    return _block_sparse_attention_fwd(q, k, v, structure, softmax_scale, key_start, store_lse=True)
