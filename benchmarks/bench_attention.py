@@ -56,12 +56,14 @@ def flex_peer(q, k, v, structure):
     assert grid.pad == 0 and grid.q_len == grid.k_len, "the peer needs N a multiple of the block size"
     counts, indices = structure.counts, structure.indices.clamp_min(0)
     diag = torch.arange(grid.num_blocks, device=q.device, dtype=torch.int32).expand_as(counts)
+    partial = torch.zeros_like(indices)  # the diagonal, in a list as wide as the full one
+    partial[..., 0] = diag
 
     def causal(b, h, q_idx, kv_idx):
         return q_idx >= kv_idx
 
     block_mask = BlockMask.from_kv_blocks(
-        torch.ones_like(counts), diag[..., None].contiguous(), counts - 1, indices.contiguous(),
+        torch.ones_like(counts), partial, counts - 1, indices.contiguous(),
         BLOCK_SIZE=grid.block_size, mask_mod=causal,
     )
     compiled = torch.compile(flex_attention, dynamic=False)

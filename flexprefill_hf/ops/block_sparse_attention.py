@@ -105,6 +105,8 @@ def _block_sparse_attention_fwd_kernel(
     HAS_KEY_START: tl.constexpr, STORE_LSE: tl.constexpr, UPCAST: tl.constexpr,
 ):
     tl.static_assert(BLOCK_SIZE % BLOCK_M == 0, "BLOCK_M must divide the block size")
+    # torch.compile may hand float scalars over as fp64; keep the softmax state in fp32.
+    qk_scale = tl.full([], qk_scale, tl.float32)
     tl.static_assert(BLOCK_SIZE % BLOCK_N == 0, "BLOCK_N must divide the block size")
     TILES_M: tl.constexpr = BLOCK_SIZE // BLOCK_M
     TILES_N: tl.constexpr = BLOCK_SIZE // BLOCK_N

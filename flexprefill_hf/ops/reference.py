@@ -184,6 +184,8 @@ def js_distance(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 
 def coverage_count(scores: torch.Tensor, gamma: float) -> int:
     """Fewest largest entries of ``scores`` whose sum reaches gamma (all of them if it never does)."""
+    if gamma >= 1.0:  # all the attention, whatever the rounding of the running sum
+        return scores.numel()
     ordered = torch.sort(scores, descending=True, stable=True).values
     before = torch.cumsum(ordered, dim=0) - ordered  # sum of the larger entries
     return int((before < gamma).sum())

@@ -109,6 +109,8 @@ def pool_offset_blocks(x: torch.Tensor, grid: BlockGrid) -> torch.Tensor:
 
 def coverage_counts(scores: torch.Tensor, gamma: float) -> torch.Tensor:
     """int64 [...]: fewest largest entries of scores [..., L] that sum to >= gamma (L if they never do)."""
+    if gamma >= 1.0:  # all the attention: every entry, whatever the rounding of the running sum
+        return torch.full(scores.shape[:-1], scores.shape[-1], dtype=torch.long, device=scores.device)
     ordered = torch.sort(scores, dim=-1, descending=True, stable=True).values
     before = torch.cumsum(ordered, dim=-1) - ordered
     return (before < gamma).sum(-1)
@@ -116,6 +118,8 @@ def coverage_counts(scores: torch.Tensor, gamma: float) -> torch.Tensor:
 
 def coverage_mask(scores: torch.Tensor, gamma: float) -> torch.Tensor:
     """bool [..., L]: the fewest largest entries of each row that sum to >= gamma (one sort)."""
+    if gamma >= 1.0:
+        return torch.ones_like(scores, dtype=torch.bool)
     ordered, order = torch.sort(scores, dim=-1, descending=True, stable=True)
     keep = (torch.cumsum(ordered, dim=-1) - ordered) < gamma
     return torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, order, keep)

@@ -62,6 +62,8 @@ def _representative_lse_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr, HAS_KEY_START: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
+    # torch.compile may hand float scalars over as fp64; keep the softmax state in fp32.
+    qk_scale = tl.full([], qk_scale, tl.float32)
     pid_bh = tl.program_id(0).to(tl.int64)
     pid_s = tl.program_id(1).to(tl.int64)
     off_b = pid_bh // num_heads
@@ -97,6 +99,8 @@ def _representative_scores_kernel(
     UPCAST: tl.constexpr, ROW_CHUNK: tl.constexpr,
 ):
     WIDTH: tl.constexpr = 2 * BLOCK
+    # torch.compile may hand float scalars over as fp64; keep the softmax state in fp32.
+    qk_scale = tl.full([], qk_scale, tl.float32)
     pid_bh = tl.program_id(0).to(tl.int64)
     pid_s = tl.program_id(1).to(tl.int64)
     off_b = pid_bh // num_heads
