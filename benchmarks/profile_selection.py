@@ -1,0 +1,37 @@
+"""Where the selection's time goes: a torch.profiler table of select_blocks at a few lengths (GPU)."""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from flexprefill_hf import FlexPrefillConfig
+from flexprefill_hf.ops.selection import select_blocks
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--seq", type=int, nargs="+", default=[8192, 131072])
+    parser.add_argument("--rows", type=int, default=25)
+    args = parser.parse_args(argv)
+    config = FlexPrefillConfig(gamma=0.9, tau=0.1)
+    for n in args.seq:
+        q = torch.randn(1, n, 32, 128, device="cuda", dtype=torch.bfloat16)
+        k = torch.randn(1, n, 8, 128, device="cuda", dtype=torch.bfloat16)
+        for _ in range(3):
+            select_blocks(q, k, config, 1 / math.sqrt(128))
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(5):
+                select_blocks(q, k, config, 1 / math.sqrt(128))
+            torch.cuda.synchronize()
+        print(f"=== n={n} (5 calls)")
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=60))
+        print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=12, max_name_column_width=60))
+
+
+if __name__ == "__main__":
+    main()
