@@ -80,7 +80,7 @@ def run_case(n, inputs, gamma, head_dim, dtype, q_heads, kv_heads, with_flex):
     else:
         q, k, v = structured_qkv(1, n, q_heads, kv_heads, head_dim, dtype=dtype, device="cuda",
                                  generator=torch.Generator(device="cuda").manual_seed(n))
-    config = FlexPrefillConfig(gamma=gamma, tau=0.1, block_size=128, min_budget=1024)
+    config = FlexPrefillConfig(gamma=gamma, tau=0.1, block_size=128, min_budget=1024, cuda_dense_below=0)
     scale = 1.0 / math.sqrt(head_dim)
     row = dict(n=n, inputs=inputs, gamma=gamma, head_dim=head_dim, dtype=str(dtype).replace("torch.", ""))
 

@@ -22,6 +22,9 @@ class FlexPrefillConfig:
         max_budget: the most tokens of vertical and of slash budget a head keeps, or None.
         dense_threshold: prompts of at most this many tokens run dense attention. None means the
             paper's rule, ``max(2 * block_size, ceil(min_budget / block_size) * block_size)``.
+        cuda_dense_below: on CUDA, prompts of fewer keys than this run dense attention, because
+            there the selection's fixed cost exceeds what sparsity saves (measured on an H200:
+            ``benchmarks/RESULTS.md``). 0 turns the rule off (tests, CUDA graphs).
     """
 
     gamma: float = 0.95
@@ -30,6 +33,7 @@ class FlexPrefillConfig:
     min_budget: int = 1024
     max_budget: Optional[int] = None
     dense_threshold: Optional[int] = None
+    cuda_dense_below: int = 24576
 
     def __post_init__(self) -> None:
         _check_number("gamma", self.gamma)
@@ -52,6 +56,7 @@ class FlexPrefillConfig:
                 )
         if self.dense_threshold is not None:
             _check_count("dense_threshold", self.dense_threshold, minimum=0)
+        _check_count("cuda_dense_below", self.cuda_dense_below, minimum=0)
 
     # Budgets are given in tokens; these properties are the one place they become block counts.
     @property

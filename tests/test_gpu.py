@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from flexprefill_hf import FlexPrefillConfig, flexprefill_attention
+from flexprefill_hf import FlexPrefillConfig, flexprefill_attention, flexprefill_attention_with_stats
 from flexprefill_hf.ops import reference
 from flexprefill_hf.testing import structured_qkv
 
@@ -13,7 +13,7 @@ from helpers import relative_error, seeded
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
-CONFIG = FlexPrefillConfig(gamma=0.9, tau=0.1, block_size=128, min_budget=512)
+CONFIG = FlexPrefillConfig(gamma=0.9, tau=0.1, block_size=128, min_budget=512, cuda_dense_below=0)
 
 
 def _inputs(n=4096, batch=1, dtype=torch.bfloat16):
@@ -34,7 +34,7 @@ def test_prefill_path_has_no_host_sync():
 
 def test_sparse_output_close_to_dense_on_structured_input():
     q, k, v = _inputs()
-    out = flexprefill_attention(q, k, v, FlexPrefillConfig(gamma=1.0, tau=0.0, block_size=128, min_budget=512))
+    out = flexprefill_attention(q, k, v, FlexPrefillConfig(gamma=1.0, tau=0.0, block_size=128, min_budget=512, cuda_dense_below=0))
     want, _ = reference.dense_attention(q.double(), k.double(), v.double(), 1 / math.sqrt(128))
     dense = torch.nn.functional.scaled_dot_product_attention(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=True
@@ -60,6 +60,14 @@ def test_cuda_graph_capture_and_replay():
     torch.cuda.synchronize()
     torch.testing.assert_close(captured, flexprefill_attention(q, k, v, CONFIG), rtol=0, atol=0)
     assert not torch.equal(captured, eager)
+
+
+def test_short_prompts_route_dense_on_cuda():
+    q, k, v = _inputs(n=2048)
+    _, stats = flexprefill_attention_with_stats(q, k, v, CONFIG.replace(cuda_dense_below=4096))
+    assert stats.dense
+    _, stats = flexprefill_attention_with_stats(q, k, v, CONFIG)
+    assert not stats.dense
 
 
 def test_torch_compile_fullgraph():

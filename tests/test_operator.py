@@ -169,6 +169,8 @@ def test_bad_input_raises(make, error, message):
         (dict(min_budget=1024, max_budget=512), ValueError, "max_budget=512 is smaller than min_budget=1024"),
         (dict(max_budget=1.5), TypeError, "max_budget=1.5 has type float"),
         (dict(dense_threshold=-5), ValueError, "dense_threshold=-5"),
+        (dict(cuda_dense_below=-1), ValueError, "cuda_dense_below=-1 is not supported"),
+        (dict(cuda_dense_below=2.0), TypeError, "cuda_dense_below=2.0 has type float"),
     ],
 )
 def test_config_validation(fields, error, message):

@@ -60,8 +60,9 @@ def flexprefill_attention(
     Returns:
         [B, q_len, Hq, D] in q's dtype. Rows with no real key (padding queries) are 0.
 
-    fp16/bf16 CUDA tensors run the Triton kernels; CPU tensors the same function in PyTorch; fp32 CUDA
-    tensors, decode (q_len == 1) and prompts of at most ``config.effective_dense_threshold`` keys dense.
+    fp16/bf16 CUDA tensors run the Triton kernels; CPU tensors the same function in PyTorch. Dense:
+    decode (q_len == 1), prompts of at most ``config.effective_dense_threshold`` keys, fp32 CUDA
+    tensors, and CUDA prompts of fewer than ``config.cuda_dense_below`` keys (where dense is faster).
     """
     return flexprefill_attention_with_stats(q, k, v, config, softmax_scale=softmax_scale, key_start=key_start)[0]
 
@@ -80,7 +81,7 @@ def flexprefill_attention_with_stats(
     config = FlexPrefillConfig() if config is None else config
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
     q_len, k_len = q.shape[1], k.shape[1]
-    takes_sparse = not q.is_cuda or q.dtype in KERNEL_DTYPES
+    takes_sparse = not q.is_cuda or (q.dtype in KERNEL_DTYPES and k_len >= config.cuda_dense_below)
     if q_len == 1 or k_len <= config.effective_dense_threshold or not takes_sparse:
         out = dense_attention(q, k, v, scale, key_start)
         return out, _dense_stats(q, k, config, key_start)
