@@ -5,7 +5,11 @@ PY := $(VENV)/bin/python
 # A CPU build of torch: on the project's machines this version installs from local disk.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: demo test install clean
+# The oldest transformers we support, tested in a second environment (Hugging Face tests only).
+COMPAT_VENV := .venv-transformers-4.53
+COMPAT_PY := $(COMPAT_VENV)/bin/python
+
+.PHONY: demo test test-main test-compat install clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,8 +24,20 @@ install: $(VENV)/.installed
 demo: $(VENV)/.installed
 	$(PY) examples/needle.py
 
-test: $(VENV)/.installed
+$(COMPAT_VENV)/.installed: setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(COMPAT_VENV)
+	$(COMPAT_PY) -m pip install -q --upgrade pip
+	$(COMPAT_PY) -m pip install -q "$(TORCH_SPEC)"
+	$(COMPAT_PY) -m pip install -q -e ".[test]" "transformers==4.53.3"
+	touch $@
+
+test: test-main test-compat
+
+test-main: $(VENV)/.installed
 	TRITON_INTERPRET=1 $(PY) -m pytest -q tests
 
+test-compat: $(COMPAT_VENV)/.installed
+	TRITON_INTERPRET=1 $(COMPAT_PY) -m pytest -q tests/test_hf_architectures.py tests/test_hf_routing.py tests/test_hf_presets.py
+
 clean:
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(COMPAT_VENV)

@@ -144,3 +144,17 @@ def test_coverage_count():
     assert reference.coverage_count(scores, 0.76) == 3
     assert reference.coverage_count(scores, 1.0) == 4
     assert torch.equal(selection.coverage_counts(scores[None], 0.76), torch.tensor([3]))
+
+
+def test_head_chunking_does_not_change_the_selection(monkeypatch):
+    """Block masks are built a chunk of heads at a time at long lengths; one head per chunk must agree."""
+    q, k, _ = structured_qkv(2, 700, 6, 2, 32, generator=seeded(13), dtype=torch.float64)
+    config = FlexPrefillConfig(gamma=0.9, tau=0.3, block_size=64, min_budget=64)
+    key_start = torch.tensor([0, 120])
+    whole = selection.select_blocks(q, k, config, 0.2, key_start)
+    monkeypatch.setattr(selection, "_MASK_CHUNK_BYTES", 1)
+    monkeypatch.setattr(selection, "_SCORE_CHUNK_BYTES", 1)
+    chunked = selection.select_blocks(q, k, config, 0.2, key_start)
+    assert torch.equal(whole.structure.indices, chunked.structure.indices)
+    assert torch.equal(whole.structure.counts, chunked.structure.counts)
+    assert torch.equal(whole.query_aware, chunked.query_aware)

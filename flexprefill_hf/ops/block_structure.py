@@ -30,16 +30,25 @@ class BlockStructure:
 def block_mask_to_structure(block_mask: torch.Tensor, grid: BlockGrid) -> BlockStructure:
     """Turn a bool block mask ``[B, Hq, nqb, nb]`` into ascending, -1-padded indices and counts."""
     num_blocks = block_mask.shape[-1]
+    packed = torch.empty(block_mask.shape[:-1] + (num_blocks + 1,), dtype=torch.int32, device=block_mask.device)
+    counts = torch.empty(block_mask.shape[:-1], dtype=torch.int32, device=block_mask.device)
+    pack_block_mask(block_mask, packed, counts)
+    return BlockStructure(indices=packed[..., :num_blocks], counts=counts, grid=grid)
+
+
+def pack_block_mask(block_mask: torch.Tensor, packed: torch.Tensor, counts: torch.Tensor) -> None:
+    """Write the structure of ``block_mask [..., nb]`` into ``packed [..., nb + 1]`` and ``counts [...]``.
+
+    Compaction by prefix sum: selected block j goes to slot (number selected before it), the others
+    to the spare last slot, which callers drop. Ascending order comes for free; no sort, no host sync.
+    """
+    num_blocks = block_mask.shape[-1]
     column = torch.arange(num_blocks, device=block_mask.device, dtype=torch.int32).expand_as(block_mask)
-    # Compaction by prefix sum: selected block j goes to slot (number selected before it); the others
-    # go to a spare last slot that is dropped. Ascending order comes for free.
     slot = torch.cumsum(block_mask, dim=-1, dtype=torch.int32) - 1
     slot = torch.where(block_mask, slot, num_blocks)
-    packed = torch.full(block_mask.shape[:-1] + (num_blocks + 1,), -1, dtype=torch.int32, device=block_mask.device)
+    packed.fill_(-1)
     packed.scatter_(-1, slot.long(), column)
-    indices = packed[..., :num_blocks]
-    counts = block_mask.sum(dim=-1, dtype=torch.int32)
-    return BlockStructure(indices=indices, counts=counts, grid=grid)
+    counts.copy_(block_mask.sum(dim=-1, dtype=torch.int32))
 
 
 def structure_to_block_mask(structure: BlockStructure) -> torch.Tensor:

@@ -17,11 +17,15 @@ import torch
 import torch.nn.functional as F
 
 from ..config import FlexPrefillConfig
-from .block_structure import BlockStructure, block_mask_to_structure
+from .block_structure import BlockStructure, pack_block_mask
 from .grid import BlockGrid
 
 # Upper bound on the bytes of one chunk of representative scores (and its skewed copy).
 _SCORE_CHUNK_BYTES = 1 << 29
+# Upper bound on the temporaries of one chunk of block masks, and their bytes per (query block, key
+# block) pair and head: logits, probabilities, their sorted copy, int64 order, prefix sums, masks, slots.
+_MASK_CHUNK_BYTES = 1 << 32
+_MASK_BYTES_PER_PAIR = 48
 
 
 @dataclasses.dataclass(frozen=True)
@@ -231,27 +235,41 @@ def select_blocks(
 
     # Section 3: vertical-slash budgets (query-aware heads keep the minimum) and blocks.
     min_blocks = min(config.min_budget_blocks, nb)
-    kb_v = torch.where(query_aware, min_blocks, budget_blocks(coverage_counts(a_v, config.gamma), grid, config))
-    kb_s = torch.where(query_aware, min_blocks, budget_blocks(coverage_counts(a_s, config.gamma), grid, config))
+    token_budget = budget_blocks(coverage_counts(torch.stack([a_v, a_s]), config.gamma), grid, config)  # [2, B, Hq]
+    kb_v = torch.where(query_aware, min_blocks, token_budget[0])
+    kb_s = torch.where(query_aware, min_blocks, token_budget[1])
     vertical = top_blocks(true_dist.masked_fill(~real_block, -1.0), kb_v)  # [B, Hq, nb]
     slash = top_blocks(pool_offset_blocks(a_s, grid), kb_s)
     offset = (i[:, None] - j[None, :]).clamp_min(0)  # [nqb, nb]
-    mask = vertical[:, :, None, :] | slash[:, :, offset]  # [B, Hq, nqb, nb]
 
-    # Section 4: global coverage of the block estimate, kept where the head is query-aware.
-    q_means, _ = _masked_means(q, (positions[n - q_len :][None, :] >= starts[:, None]) if key_start is not None else None, grid, dtype)
+    # Section 4 needs the query-block means; section 5 the sequences short enough to run dense.
+    q_valid = (positions[n - q_len :][None, :] >= starts[:, None]) if key_start is not None else None
+    q_means, _ = _masked_means(q, q_valid, grid, dtype)
     q_means = q_means.permute(0, 2, 1, 3)[:, :, -nqb:]  # [B, Hq, nqb, D]
-    block_logits = (q_means.unflatten(1, (kv_heads, groups)) @ k_means[:, :, None].transpose(-1, -2)).flatten(1, 2)
-    block_probs = torch.softmax((block_logits * softmax_scale).masked_fill(~allowed, -math.inf), dim=-1)
-    flat = torch.nan_to_num(block_probs, nan=0.0).flatten(2)  # [B, Hq, nqb * nb]
-    flat = flat / flat.sum(-1, keepdim=True).clamp_min(torch.finfo(dtype).tiny)
-    estimate = coverage_mask(flat, config.gamma).view_as(mask)
-    mask = mask | (estimate & query_aware[:, :, None, None])
+    short = ((n - starts) <= config.effective_dense_threshold)[:, None, None, None]  # [B, 1, 1, 1]
+    kv_of_head = torch.arange(q_heads, device=device) // groups
 
-    # Section 5: diagonal and sink always, block-causal, and dense for sequences that are short alone.
-    short = (n - starts) <= config.effective_dense_threshold  # [B]
-    mask = torch.where(short[:, None, None, None], allowed, (mask | always) & allowed)
-    query_aware = query_aware & ~short[:, None]
-    distance = distance.masked_fill(short[:, None], math.nan)
+    # The block masks are nb x nb per head: build them a chunk of query heads at a time.
+    packed = torch.empty(batch, q_heads, nqb, nb + 1, dtype=torch.int32, device=device)
+    counts = torch.empty(batch, q_heads, nqb, dtype=torch.int32, device=device)
+    chunk = max(1, min(q_heads, _MASK_CHUNK_BYTES // (_MASK_BYTES_PER_PAIR * batch * nqb * nb)))
+    for h0 in range(0, q_heads, chunk):
+        h1 = min(h0 + chunk, q_heads)
+        mask = vertical[:, h0:h1, None, :] | slash[:, h0:h1][:, :, offset]  # [B, hc, nqb, nb]
+        # Section 4: global coverage of the block estimate, kept where the head is query-aware.
+        k_means_h = k_means[:, kv_of_head[h0:h1]]  # [B, hc, nb, D]
+        block_logits = q_means[:, h0:h1] @ k_means_h.transpose(-1, -2)  # [B, hc, nqb, nb]
+        block_probs = torch.softmax((block_logits * softmax_scale).masked_fill(~allowed, -math.inf), dim=-1)
+        flat = torch.nan_to_num(block_probs, nan=0.0).flatten(2)  # [B, hc, nqb * nb]
+        flat = flat / flat.sum(-1, keepdim=True).clamp_min(torch.finfo(dtype).tiny)
+        estimate = coverage_mask(flat, config.gamma).view_as(mask)
+        mask = mask | (estimate & query_aware[:, h0:h1, None, None])
+        # Section 5: diagonal and sink always, block-causal, and dense for sequences short alone.
+        mask = torch.where(short, allowed, (mask | always) & allowed)
+        pack_block_mask(mask, packed[:, h0:h1], counts[:, h0:h1])
+
+    query_aware = query_aware & ~short[:, :, 0, 0]
+    distance = distance.masked_fill(short[:, :, 0, 0], math.nan)
     causal_blocks = causal.sum((-1, -2), dtype=torch.int32)
-    return BlockSelection(block_mask_to_structure(mask, grid), query_aware, distance, causal_blocks)
+    structure = BlockStructure(indices=packed[..., :nb], counts=counts, grid=grid)
+    return BlockSelection(structure, query_aware, distance, causal_blocks)
