@@ -100,6 +100,7 @@ def _block_sparse_attention_fwd_kernel(
     stride_ib, stride_ih, stride_iq, stride_ik,
     stride_cb, stride_ch, stride_cq,
     num_heads, num_kv_groups, q_len, k_len, pad, first_query_block, num_query_blocks, qk_scale,
+    length_bucket,  # only an autotune key: the best tiles differ between 4K and 128K tokens
     HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_KEY_START: tl.constexpr, STORE_LSE: tl.constexpr, UPCAST: tl.constexpr,
@@ -219,7 +220,7 @@ _GPU_CONFIGS = [
     ]
 ]
 _block_sparse_attention_fwd_tuned = triton.autotune(
-    configs=_GPU_CONFIGS, key=["HEAD_DIM", "BLOCK_SIZE"], prune_configs_by={"early_config_prune": _prune_configs}
+    configs=_GPU_CONFIGS, key=["HEAD_DIM", "BLOCK_SIZE", "length_bucket"], prune_configs_by={"early_config_prune": _prune_configs}
 )(_block_sparse_attention_fwd_kernel)
 
 
@@ -320,6 +321,7 @@ def _block_sparse_attention_fwd(
         q_heads, q_heads // k.shape[2], q_len, k.shape[1], grid_geom.pad, grid_geom.first_query_block,
         grid_geom.num_query_blocks,
         softmax_scale * 1.4426950408889634,
+        min(triton.next_power_of_2(grid_geom.num_query_blocks), 1024),
         **meta,
     )
     return out, lse

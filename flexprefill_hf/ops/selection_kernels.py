@@ -8,8 +8,8 @@ probabilities, so two passes over the keys reduce them on the fly and no r x n t
    and writes a partial (max, sum) per row; the host combines the partials into each row's log-sum-exp.
 2. ``_representative_scores_kernel``: recomputes the probabilities tile by tile, writes the column
    sums of each tile, and the tile's diagonal sums as 2*BLOCK partial sums that the launcher adds
-   with the neighbour tile's (deterministic, no atomics). Each diagonal becomes a column by a
-   per-row shifted ``tl.gather`` of the tile (two halves of BLOCK columns), in registers.
+   with the neighbour tile's (deterministic, no atomics). The diagonals are gathered by a scatter
+   of the tile into a small per-program scratch, skewed so that each diagonal becomes a column.
 
 Layouts as in ``selection.representative_scores``: q [B, q_len, Hq, D], k [B, n, Hkv, D], any strides.
 """
@@ -92,12 +92,13 @@ def _representative_lse_kernel(
 
 @triton.jit
 def _representative_scores_kernel(
-    Q, K, KeyStart, Lse2, RowScale, Vertical, Diagonal,
+    Q, K, KeyStart, Lse2, RowScale, Vertical, Diagonal, Scratch,
     stride_qb, stride_qm, stride_qh, stride_qd, stride_kb, stride_kn, stride_kh, stride_kd,
     num_heads, num_kv_groups, q_len, n, r, num_tiles, tiles_per_program, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr, HAS_KEY_START: tl.constexpr,
-    UPCAST: tl.constexpr,
+    UPCAST: tl.constexpr, ROW_CHUNK: tl.constexpr,
 ):
+    WIDTH: tl.constexpr = 2 * BLOCK
     # torch.compile may hand float scalars over as fp64; keep the softmax state in fp32.
     qk_scale = tl.full([], qk_scale, tl.float32)
     pid_bh = tl.program_id(0).to(tl.int64)
@@ -116,24 +117,22 @@ def _representative_scores_kernel(
     lse2 = tl.load(Lse2 + pid_bh * BLOCK + offs_r)  # [BR], -inf for rows with no key
     lse2 = tl.where(lse2 == float("-inf"), float("inf"), lse2)  # so that exp2(-inf - inf) = 0, not NaN
     row_scale = tl.load(RowScale + off_b)  # 1 / (number of real representative rows)
-    # Diagonal column c = j - i + BLOCK - 1 of element (i, j) in [0, 2 BLOCK - 1): the low half
-    # (c < BLOCK) reads column c + i - (BLOCK - 1) of row i, the high half (c = BLOCK + c') column c' + i + 1.
-    shift_lo = offs_n[None, :] + offs_r[:, None] - (BLOCK - 1)  # [BR, BN]
-    shift_hi = offs_n[None, :] + offs_r[:, None] + 1
-    valid_lo = shift_lo >= 0
-    valid_hi = shift_hi < BLOCK
-    shift_lo = tl.where(valid_lo, shift_lo, 0)
-    shift_hi = tl.where(valid_hi, shift_hi, 0)
+    scratch = Scratch + (pid_bh * tl.num_programs(1) + pid_s) * (BLOCK * WIDTH)
+    # Element (i, j) of a tile lies on diagonal column j - i + BLOCK - 1 of the skewed scratch.
+    skew = offs_r[:, None] * WIDTH + offs_n[None, :] - offs_r[:, None] + BLOCK - 1
     for t in range(pid_s * tiles_per_program, tl.minimum((pid_s + 1) * tiles_per_program, num_tiles)):
         qk = _tile_scores(q, K, off_b, off_kvh, stride_kb, stride_kn, stride_kh, stride_kd, t * BLOCK, n, key_lo,
                           pos, qk_scale, BLOCK, BLOCK_D, HEAD_DIM, UPCAST)
         p = tl.math.exp2(qk - lse2[:, None]) * row_scale  # [BR, BN]
         tl.store(Vertical + pid_bh * n + t * BLOCK + offs_n, tl.sum(p, 0), mask=t * BLOCK + offs_n < n)
-        diag_lo = tl.sum(tl.where(valid_lo, tl.gather(p, shift_lo, 1), 0.0), 0)  # [BN]
-        diag_hi = tl.sum(tl.where(valid_hi, tl.gather(p, shift_hi, 1), 0.0), 0)
-        out = Diagonal + (pid_bh * num_tiles + t) * (2 * BLOCK)
-        tl.store(out + offs_n, diag_lo)
-        tl.store(out + BLOCK + offs_n, diag_hi)
+        tl.store(scratch + skew, p)
+        tl.debug_barrier()
+        diag = tl.zeros([WIDTH], dtype=tl.float32)
+        for c in tl.static_range(0, BLOCK, ROW_CHUNK):
+            rows = c + tl.arange(0, ROW_CHUNK)
+            diag += tl.sum(tl.load(scratch + rows[:, None] * WIDTH + tl.arange(0, WIDTH)[None, :]), 0)
+        tl.debug_barrier()
+        tl.store(Diagonal + (pid_bh * num_tiles + t) * WIDTH + tl.arange(0, WIDTH), diag)
 
 
 def representative_scores_triton(
@@ -175,9 +174,10 @@ def representative_scores_triton(
 
     vertical = torch.empty(batch, q_heads, n, dtype=torch.float32, device=device)
     diagonal = torch.empty(batch * q_heads, num_tiles, 2 * block, dtype=torch.float32, device=device)
+    scratch = torch.zeros(batch * q_heads * splits * block * 2 * block, dtype=torch.float32, device=device)
     _representative_scores_kernel[(batch * q_heads, splits)](
-        q, k, starts, lse2.contiguous(), (1.0 / real_rows.float()).contiguous(), vertical, diagonal,
-        *common, num_tiles, per_program, qk_scale, **meta,
+        q, k, starts, lse2.contiguous(), (1.0 / real_rows.float()).contiguous(), vertical, diagonal, scratch,
+        *common, num_tiles, per_program, qk_scale, ROW_CHUNK=min(block, 32), **meta,
     )
     # Tile t's column c is u = t*block + c; the second half of tile t overlaps the first of t + 1.
     halves = diagonal.view(batch * q_heads, num_tiles, 2, block)
