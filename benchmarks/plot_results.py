@@ -1,0 +1,52 @@
+"""Latency against N from bench_attention.py JSON logs: SDPA-cuDNN, SDPA-flash, ours (selection + kernel).
+
+    python benchmarks/plot_results.py benchmarks/logs/*bench_*.json --inputs structured --out benchmarks/latency.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("logs", nargs="+")
+    parser.add_argument("--inputs", default="structured")
+    parser.add_argument("--gamma", type=float, default=0.9)
+    parser.add_argument("--out", default="benchmarks/latency.png")
+    args = parser.parse_args(argv)
+    rows = {}
+    for path in args.logs:  # later files win for the same N
+        with open(path) as f:
+            for row in json.load(f)["rows"]:
+                if row["inputs"] == args.inputs and row["gamma"] == args.gamma and row["head_dim"] == 128:
+                    rows[row["n"]] = row
+    ns = sorted(rows)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.plot(ns, [rows[n]["cudnn_ms"] for n in ns], "o-", label="SDPA cuDNN (dense)")
+    flash = [n for n in ns if "flash_ms" in rows[n]]
+    ax.plot(flash, [rows[n]["flash_ms"] for n in flash], "s-", label="SDPA flash (dense)")
+    ax.plot(ns, [rows[n]["total_ms"] for n in ns], "^-", label="FlexPrefill total")
+    ax.plot(ns, [rows[n]["kernel_ms"] for n in ns], "v--", label="FlexPrefill sparse kernel")
+    ax.plot(ns, [rows[n]["select_ms"] for n in ns], "x--", label="FlexPrefill selection")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("tokens N")
+    ax.set_ylabel("ms (median, one layer)")
+    ax.set_title(f"H200, Llama-3.1-8B attention (32/8 heads, d 128, bf16), {args.inputs} input, gamma {args.gamma}")
+    ax.title.set_fontsize(9)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(args.out, dpi=120)
+    print(f"wrote {args.out} ({len(ns)} lengths)")
+
+
+if __name__ == "__main__":
+    main()
