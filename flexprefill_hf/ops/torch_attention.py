@@ -16,8 +16,8 @@ import torch.nn.functional as F
 
 from .block_structure import BlockStructure, structure_to_block_mask
 
-# Bytes of boolean mask built per chunk of query rows.
-_MASK_CHUNK_BYTES = 1 << 27
+# Bytes of mask built per chunk of query rows.
+_MASK_CHUNK_BYTES = 1 << 28
 
 
 def _flash_attn_func():
@@ -59,7 +59,10 @@ def block_sparse_attention(
     softmax_scale: float,
     key_start: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """The function of the Triton kernel, in PyTorch: causal attention over the selected blocks only."""
+    """The function of the Triton kernel, in PyTorch: causal attention over the selected blocks only.
+
+    Assumes what ``select_blocks`` guarantees: every real query row's diagonal block is selected.
+    """
     return masked_attention(q, k, v, softmax_scale, key_start, structure)
 
 
@@ -71,34 +74,58 @@ def masked_attention(
     key_start: Optional[torch.Tensor],
     structure: Optional[BlockStructure],
 ) -> torch.Tensor:
-    """Causal (and, given a structure, block-sparse) attention, one chunk of query rows at a time."""
+    """Causal (and, given a structure, block-sparse) attention, one chunk of query rows at a time.
+
+    Masks go to SDPA as additive float biases (on CPU about twice as fast as a bool mask). With a
+    structure, a chunk is a run of whole query blocks and its bias is the block mask blown up tile by
+    tile (one copy), rather than gathered element by element.
+    """
     batch, q_len, q_heads, _ = q.shape
     n = k.shape[1]
     cache = n - q_len
     device = q.device
     key_pos = torch.arange(n, device=device)
     key_valid = None if key_start is None else key_pos[None, :] >= key_start.to(device)[:, None]  # [B, n]
-    if structure is not None:
-        grid = structure.grid
-        block_mask = structure_to_block_mask(structure)  # [B, Hq, nqb, nb]
-        key_block = (key_pos + grid.pad) // grid.block_size
-    heads_in_mask = q_heads if structure is not None else 1
-    chunk = max(1, min(q_len, _MASK_CHUNK_BYTES // max(1, batch * heads_in_mask * n)))
     kh, vh = k.transpose(1, 2), v.transpose(1, 2)
     out = torch.empty_like(q)
-    for r0 in range(0, q_len, chunk):
-        r1 = min(r0 + chunk, q_len)
+    heads_in_mask = q_heads if structure is not None else 1
+    rows_per_chunk = max(1, _MASK_CHUNK_BYTES // max(1, 4 * batch * heads_in_mask * n))
+    if structure is None:
+        bounds = [(r0, min(r0 + rows_per_chunk, q_len)) for r0 in range(0, q_len, rows_per_chunk)]
+    else:
+        grid = structure.grid
+        bs, pad = grid.block_size, grid.pad
+        # Additive bias per block pair, [B, Hq, nqb, nb]: 0 where computed, -inf elsewhere.
+        block_bias = torch.zeros(structure.counts.shape + (grid.num_blocks,), dtype=q.dtype, device=device)
+        block_bias.masked_fill_(~structure_to_block_mask(structure), float("-inf"))
+        blocks_per_chunk = max(1, rows_per_chunk // bs)
+        first_row = grid.first_query_block * bs - pad - cache  # query row of the first present block's row 0
+        bounds = []
+        for t0 in range(0, grid.num_query_blocks, blocks_per_chunk):
+            t1 = min(t0 + blocks_per_chunk, grid.num_query_blocks)
+            bounds.append((max(0, first_row + t0 * bs), min(q_len, first_row + t1 * bs), t0, t1))
+    for bound in bounds:
+        r0, r1 = bound[0], bound[1]
         q_pos = torch.arange(r0, r1, device=device) + cache
         mask = (key_pos[None, :] <= q_pos[:, None])[None, None]  # [1, 1, c, n]
         if key_valid is not None:
             mask = mask & key_valid[:, None, None, :]
-        if structure is not None:
-            q_block = (q_pos + grid.pad) // grid.block_size - grid.first_query_block
-            mask = mask & block_mask[:, :, q_block][..., key_block]  # [B, Hq, c, n]
+        if structure is None:
+            bias = torch.zeros(mask.shape, dtype=q.dtype, device=device).masked_fill_(~mask, float("-inf"))
+        else:
+            t0, t1 = bound[2], bound[3]
+            tiles = block_bias[:, :, t0:t1, None, :, None].expand(-1, -1, -1, bs, -1, bs)
+            bias = tiles.reshape(batch, q_heads, (t1 - t0) * bs, grid.num_blocks * bs)
+            row_lo = r0 - (first_row + t0 * bs)  # rows of the chunk's first block before the first query
+            bias = bias[:, :, row_lo : row_lo + (r1 - r0), pad:]  # a view of the fresh copy
+            bias.masked_fill_(~mask, float("-inf"))
         o = F.scaled_dot_product_attention(
-            q[:, r0:r1].transpose(1, 2), kh, vh, attn_mask=mask, scale=softmax_scale, enable_gqa=True
+            q[:, r0:r1].transpose(1, 2), kh, vh, attn_mask=bias, scale=softmax_scale, enable_gqa=True
         )
-        # A row with no key gives NaN in SDPA; the operator defines it as 0.
-        o = torch.where(mask.any(-1, keepdim=True), o, 0)
+        # A row with no key (a padding query) gives NaN in SDPA; the operator defines it as 0. Every
+        # real query sees at least itself: its diagonal block is always selected.
+        if key_start is not None:
+            real_row = q_pos[None, :] >= key_start.to(device)[:, None]  # [B, c]
+            o = torch.where(real_row[:, None, :, None], o, 0)
         out[:, r0:r1] = o.transpose(1, 2)
     return out
