@@ -48,6 +48,18 @@ def test_sparse_output_matches_reference_on_same_selection():
     assert (stats.computed_fraction < 1).any()
 
 
+def test_short_turn_on_a_cache_matches_reference_on_same_selection():
+    """q_len < block: the representative rows are all the new queries; padding is masked."""
+    q, k, v = structured_qkv(2, 900, 4, 2, 32, q_len=5, generator=seeded(8))
+    key_start = torch.tensor([300, 0])
+    config = FlexPrefillConfig(gamma=0.9, tau=0.2, **SMALL)
+    with poisoned_empty():
+        out = flexprefill_attention(q, k, v, config, key_start=key_start)
+    sel = selection.select_blocks(q, k, config, 1 / math.sqrt(32), key_start)
+    want, _ = reference.block_sparse_attention(q, k, v, sel.structure, 1 / math.sqrt(32), key_start)
+    assert relative_error(out, want) < 1e-5
+
+
 def test_every_real_row_keeps_sink_and_diagonal_and_has_keys():
     q, k, v = structured_qkv(2, 1100, 4, 2, 32, generator=seeded(6))
     key_start = torch.tensor([0, 333])
