@@ -16,8 +16,9 @@ import torch.nn.functional as F
 
 from .block_structure import BlockStructure, structure_to_block_mask
 
-# Bytes of mask built per chunk of query rows.
+# Bytes of mask built per chunk of query rows, and the most rows in a chunk.
 _MASK_CHUNK_BYTES = 1 << 28
+_MAX_CHUNK_ROWS = 512
 
 
 def _flash_attn_func():
@@ -89,7 +90,8 @@ def masked_attention(
     kh, vh = k.transpose(1, 2), v.transpose(1, 2)
     out = torch.empty_like(q)
     heads_in_mask = q_heads if structure is not None else 1
-    rows_per_chunk = max(1, _MASK_CHUNK_BYTES // max(1, 4 * batch * heads_in_mask * n))
+    # Small chunks let each one stop at its last visible key (the causal triangle: half the work).
+    rows_per_chunk = max(1, min(_MAX_CHUNK_ROWS, _MASK_CHUNK_BYTES // max(1, 4 * batch * heads_in_mask * n)))
     if structure is None:
         bounds = [(r0, min(r0 + rows_per_chunk, q_len)) for r0 in range(0, q_len, rows_per_chunk)]
     else:
@@ -106,21 +108,24 @@ def masked_attention(
             bounds.append((max(0, first_row + t0 * bs), min(q_len, first_row + t1 * bs), t0, t1))
     for bound in bounds:
         r0, r1 = bound[0], bound[1]
+        k_end = cache + r1  # keys after the chunk's last query are invisible to all of it
         q_pos = torch.arange(r0, r1, device=device) + cache
-        mask = (key_pos[None, :] <= q_pos[:, None])[None, None]  # [1, 1, c, n]
+        mask = (key_pos[None, :k_end] <= q_pos[:, None])[None, None]  # [1, 1, c, k_end]
         if key_valid is not None:
-            mask = mask & key_valid[:, None, None, :]
+            mask = mask & key_valid[:, None, None, :k_end]
         if structure is None:
             bias = torch.zeros(mask.shape, dtype=q.dtype, device=device).masked_fill_(~mask, float("-inf"))
         else:
             t0, t1 = bound[2], bound[3]
-            tiles = block_bias[:, :, t0:t1, None, :, None].expand(-1, -1, -1, bs, -1, bs)
-            bias = tiles.reshape(batch, q_heads, (t1 - t0) * bs, grid.num_blocks * bs)
+            blocks = grid.first_query_block + t1  # key blocks up to the chunk's last query block
+            tiles = block_bias[:, :, t0:t1, None, :blocks, None].expand(-1, -1, -1, bs, -1, bs)
+            bias = tiles.reshape(batch, q_heads, (t1 - t0) * bs, blocks * bs)
             row_lo = r0 - (first_row + t0 * bs)  # rows of the chunk's first block before the first query
-            bias = bias[:, :, row_lo : row_lo + (r1 - r0), pad:]  # a view of the fresh copy
+            bias = bias[:, :, row_lo : row_lo + (r1 - r0), pad : pad + k_end]  # a view of the fresh copy
             bias.masked_fill_(~mask, float("-inf"))
         o = F.scaled_dot_product_attention(
-            q[:, r0:r1].transpose(1, 2), kh, vh, attn_mask=bias, scale=softmax_scale, enable_gqa=True
+            q[:, r0:r1].transpose(1, 2), kh[:, :, :k_end], vh[:, :, :k_end], attn_mask=bias,
+            scale=softmax_scale, enable_gqa=True,
         )
         # A row with no key (a padding query) gives NaN in SDPA; the operator defines it as 0. Every
         # real query sees at least itself: its diagonal block is always selected.
