@@ -85,9 +85,11 @@ def test_error_shrinks_as_gamma_grows():
         out, stats = flexprefill_attention_with_stats(q, k, v, FlexPrefillConfig(gamma=gamma, tau=0.0, **SMALL))
         errors.append(relative_error(out, want))
         fractions.append(float(stats.computed_fraction.mean()))
-    assert all(later <= earlier + 1e-6 for earlier, later in zip(errors, errors[1:])), errors
-    assert all(later >= earlier for earlier, later in zip(fractions, fractions[1:])), fractions
-    assert errors[0] > 10 * errors[-1] and errors[-1] < 1e-5 and fractions[0] < 0.7
+    # On this input every step of gamma keeps more blocks and strictly lowers the error (measured:
+    # 0.28, 0.23, 0.20, 0.17, 0.10, then fp32 rounding at gamma = 1).
+    assert all(later < earlier for earlier, later in zip(errors, errors[1:])), errors
+    assert all(later > earlier for earlier, later in zip(fractions, fractions[1:])), fractions
+    assert errors[-1] < 1e-5 and fractions[0] < 0.7
 
 
 def test_left_padded_batch_equals_each_sequence_alone():

@@ -81,8 +81,8 @@ def patch_model(model: torch.nn.Module, config: ConfigLike = None, **overrides) 
         record = _PatchRecord()
         record.attn_implementations = [(c, _raw_attn_implementation(c)) for c in _configs_of(model)]
         record.set(model, PATCH_ATTRIBUTE, record)
-    for module, layer_config in zip(modules, configs):
-        record.set(module, CONFIG_ATTRIBUTE, layer_config)
+    for module, module_config in zip(modules, configs):
+        record.set(module, CONFIG_ATTRIBUTE, module_config)
     _set_attn_implementation(model, ATTENTION_NAME)
     return model
 

@@ -253,7 +253,7 @@ def select_head(
     q [q_len, D] (this head's queries), k [k_len, D] (its KV head), key_start: first real key.
     Returns (block mask bool [nqb, nb], query_aware, js_distance).
     """
-    n, bs = grid.k_len, grid.block_size
+    n = grid.k_len
     key_valid = torch.arange(n, device=k.device) >= key_start
     q_positions = torch.arange(grid.q_len, device=q.device) + grid.cache_len
     sink = grid.block_of_key(min(key_start, n - 1))

@@ -86,7 +86,8 @@ def masked_attention(
     cache = n - q_len
     device = q.device
     key_pos = torch.arange(n, device=device)
-    key_valid = None if key_start is None else key_pos[None, :] >= key_start.to(device)[:, None]  # [B, n]
+    key_start = None if key_start is None else key_start.to(device)
+    key_valid = None if key_start is None else key_pos[None, :] >= key_start[:, None]  # [B, n]
     kh, vh = k.transpose(1, 2), v.transpose(1, 2)
     out = torch.empty_like(q)
     heads_in_mask = q_heads if structure is not None else 1
@@ -130,7 +131,7 @@ def masked_attention(
         # A row with no key (a padding query) gives NaN in SDPA; the operator defines it as 0. Every
         # real query sees at least itself: its diagonal block is always selected.
         if key_start is not None:
-            real_row = q_pos[None, :] >= key_start.to(device)[:, None]  # [B, c]
+            real_row = q_pos[None, :] >= key_start[:, None]  # [B, c]
             o = torch.where(real_row[:, None, :, None], o, 0)
         out[:, r0:r1] = o.transpose(1, 2)
     return out
