@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import FlexPrefillConfig
-from .block_structure import BlockStructure, pack_block_mask
+from .block_structure import BlockStructure, MaskParts, causal_pair_index, compose_structure_torch
 from .grid import BlockGrid
 
 # Upper bound on the bytes of one chunk of representative scores (and its skewed copy).
@@ -177,6 +177,7 @@ def select_blocks(
     key_start: Optional[torch.Tensor] = None,
     *,
     scores_backend: Optional[str] = None,
+    structure_backend: Optional[str] = None,
 ) -> BlockSelection:
     """Choose, per sequence and query head, the key blocks each query block computes.
 
@@ -186,6 +187,9 @@ def select_blocks(
         key_start: optional int [B], first real key of each sequence (left padding).
         scores_backend: "triton" (fused kernels of ``selection_kernels.py``) or "torch" for the
             representative scores; default: triton for fp16/bf16 CUDA tensors, torch otherwise.
+        structure_backend: "triton" (``structure_kernels.py``: mask composed and packed in one
+            kernel) or "torch" (:func:`compose_structure_torch`); default: triton for CUDA tensors.
+            Both give the same structure exactly.
     Returns:
         BlockSelection with the structure int32 [B, Hq, nqb, nb] / counts [B, Hq, nqb].
     """
@@ -204,8 +208,6 @@ def select_blocks(
     j = torch.arange(nb, device=device)
     i = torch.arange(grid.first_query_block, nb, device=device)
     causal = (j[None, :] <= i[:, None])[None] & (j[None, None, :] >= sink[:, None, None])  # [B, nqb, nb]
-    allowed = causal[:, None]  # [B, 1, nqb, nb]
-    always = allowed & ((j[None, :] == i[:, None])[None, None] | (j == sink[:, None])[:, None, None, :])
 
     # Sections 1 and 3: scores of the representative queries.
     if scores_backend is None:
@@ -218,6 +220,14 @@ def select_blocks(
         a_v, a_s = representative_scores(q, k, grid, softmax_scale, key_valid)
     else:
         raise ValueError(f"scores_backend={scores_backend!r} is not supported; expected 'triton', 'torch' or None")
+    if structure_backend is None:
+        structure_backend = "triton" if q.is_cuda else "torch"
+    if structure_backend == "triton":
+        from .structure_kernels import compose_structure_triton as compose
+    elif structure_backend == "torch":
+        compose = compose_structure_torch
+    else:
+        raise ValueError(f"structure_backend={structure_backend!r} is not supported; expected 'triton', 'torch' or None")
 
     # Section 2: the pattern, from the true and the estimated block distributions.
     true_dist = pool_key_blocks(a_v, grid)  # [B, Hq, nb]
@@ -240,36 +250,35 @@ def select_blocks(
     kb_s = torch.where(query_aware, min_blocks, token_budget[1])
     vertical = top_blocks(true_dist.masked_fill(~real_block, -1.0), kb_v)  # [B, Hq, nb]
     slash = top_blocks(pool_offset_blocks(a_s, grid), kb_s)
-    offset = (i[:, None] - j[None, :]).clamp_min(0)  # [nqb, nb]
 
     # Section 4 needs the query-block means; section 5 the sequences short enough to run dense.
     q_valid = (positions[n - q_len :][None, :] >= starts[:, None]) if key_start is not None else None
     q_means, _ = _masked_means(q, q_valid, grid, dtype)
     q_means = q_means.permute(0, 2, 1, 3)[:, :, -nqb:]  # [B, Hq, nqb, D]
-    short = ((n - starts) <= config.effective_dense_threshold)[:, None, None, None]  # [B, 1, 1, 1]
+    short = (n - starts) <= config.effective_dense_threshold  # [B]
     kv_of_head = torch.arange(q_heads, device=device) // groups
 
     # The block masks are nb x nb per head: build them a chunk of query heads at a time.
-    packed = torch.empty(batch, q_heads, nqb, nb + 1, dtype=torch.int32, device=device)
+    blocked = ~causal[:, None]  # [B, 1, nqb, nb]
+    pair_index = causal_pair_index(grid, device)  # [P]: the block-causal pairs, row-major
+    indices = torch.empty(batch, q_heads, nqb, nb, dtype=torch.int32, device=device)
     counts = torch.empty(batch, q_heads, nqb, dtype=torch.int32, device=device)
     chunk = max(1, min(q_heads, _MASK_CHUNK_BYTES // (_MASK_BYTES_PER_PAIR * batch * nqb * nb)))
+    parts = MaskParts(vertical=vertical, slash=slash, query_aware=query_aware, short=short, sink=sink)
     for h0 in range(0, q_heads, chunk):
         h1 = min(h0 + chunk, q_heads)
-        mask = vertical[:, h0:h1, None, :] | slash[:, h0:h1][:, :, offset]  # [B, hc, nqb, nb]
-        # Section 4: global coverage of the block estimate, kept where the head is query-aware.
+        # Section 4: global coverage of the block estimate over the block-causal pairs (the others
+        # have probability 0 and are never kept): a gather keeps their row-major order, hence ties.
         k_means_h = k_means[:, kv_of_head[h0:h1]]  # [B, hc, nb, D]
         block_logits = q_means[:, h0:h1] @ k_means_h.transpose(-1, -2)  # [B, hc, nqb, nb]
-        block_probs = torch.softmax((block_logits * softmax_scale).masked_fill(~allowed, -math.inf), dim=-1)
-        flat = torch.nan_to_num(block_probs, nan=0.0).flatten(2)  # [B, hc, nqb * nb]
-        flat = flat / flat.sum(-1, keepdim=True).clamp_min(torch.finfo(dtype).tiny)
-        estimate = coverage_mask(flat, config.gamma).view_as(mask)
-        mask = mask | (estimate & query_aware[:, h0:h1, None, None])
-        # Section 5: diagonal and sink always, block-causal, and dense for sequences short alone.
-        mask = torch.where(short, allowed, (mask | always) & allowed)
-        pack_block_mask(mask, packed[:, h0:h1], counts[:, h0:h1])
+        block_probs = torch.softmax(block_logits.mul_(softmax_scale).masked_fill_(blocked, -math.inf), dim=-1)
+        pair_probs = torch.nan_to_num_(block_probs.flatten(2).index_select(-1, pair_index), nan=0.0)  # [B, hc, P]
+        pair_probs = pair_probs.div_(pair_probs.sum(-1, keepdim=True).clamp_min(torch.finfo(dtype).tiny))
+        estimate = coverage_mask(pair_probs, config.gamma)
+        compose(parts, estimate, grid, indices, counts, h0)
 
-    query_aware = query_aware & ~short[:, :, 0, 0]
-    distance = distance.masked_fill(short[:, :, 0, 0], math.nan)
+    query_aware = query_aware & ~short[:, None]
+    distance = distance.masked_fill(short[:, None], math.nan)
     causal_blocks = causal.sum((-1, -2), dtype=torch.int32)
-    structure = BlockStructure(indices=packed[..., :nb], counts=counts, grid=grid)
+    structure = BlockStructure(indices=indices, counts=counts, grid=grid)
     return BlockSelection(structure, query_aware, distance, causal_blocks)
