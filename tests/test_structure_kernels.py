@@ -78,12 +78,15 @@ def test_causal_pair_index_is_the_row_major_triangle():
         (1, 200, 1150, 3, 1, 128, None),  # prefix cache, a length not a multiple of the block
     ],
 )
-def test_select_blocks_structure_backends_agree(batch, q_len, k_len, hq, hkv, block, starts):
+@pytest.mark.parametrize("one_head_per_chunk", [False, True])
+def test_select_blocks_structure_backends_agree(batch, q_len, k_len, hq, hkv, block, starts, one_head_per_chunk, monkeypatch):
     q, k, _ = structured_qkv(batch, k_len, hq, hkv, 16, q_len=q_len, generator=seeded(k_len), dtype=torch.float32)
     q, k = q.to(DEVICE), k.to(DEVICE)
     config = FlexPrefillConfig(gamma=0.9, tau=0.3, block_size=block, min_budget=block)
     key_start = None if starts is None else torch.tensor(starts, device=DEVICE)
     scale = 1 / math.sqrt(16)
+    if one_head_per_chunk:
+        monkeypatch.setattr(selection, "_MASK_CHUNK_BYTES", 1)
     a = selection.select_blocks(q, k, config, scale, key_start, scores_backend="torch", structure_backend="torch")
     b = selection.select_blocks(q, k, config, scale, key_start, scores_backend="torch", structure_backend="triton")
     assert torch.equal(a.structure.indices, b.structure.indices)

@@ -1,8 +1,10 @@
 """FlexPrefill block selection for all sequences and query heads at once (ALGORITHM.md sections 1-5).
 
-Pure PyTorch, fixed shapes, no host synchronisation, no Python loop over batch or heads: the only
-loop is over chunks of KV heads, sized from the shapes so that the representative block's scores
-(``r x n`` per query head, fp32) never exist for all heads at once. Computes in float32 (float64 for
+PyTorch (with two Triton stages on CUDA: the representative scores, ``selection_kernels.py``, and
+the packed block structure, ``structure_kernels.py``), fixed shapes, no host synchronisation, no
+Python loop over batch or heads: the only loops are over chunks of heads, sized from the shapes so
+that the representative block's scores (``r x n`` per query head) and the ``nqb x nb`` block
+estimates never exist for all heads at once. Computes in float32 (float64 for
 float64 inputs, so that tests can compare with ``reference.select_blocks`` by exact equality).
 The grid is the end-aligned one of ``grid.py``; the output layout is ``block_structure.py``'s.
 """
@@ -23,7 +25,8 @@ from .grid import BlockGrid
 # Upper bound on the bytes of one chunk of representative scores (and its skewed copy).
 _SCORE_CHUNK_BYTES = 1 << 29
 # Upper bound on the temporaries of one chunk of block masks, and their bytes per (query block, key
-# block) pair and head: logits, probabilities, their sorted copy, int64 order, prefix sums, masks, slots.
+# block) pair and head: logits, probabilities, their sorted copy, int64 order, prefix sums, and the
+# torch composition's masks and slots (the Triton composition needs none of the latter).
 _MASK_CHUNK_BYTES = 1 << 32
 _MASK_BYTES_PER_PAIR = 48
 
@@ -146,11 +149,11 @@ def budget_blocks(tokens: torch.Tensor, grid: BlockGrid, config: FlexPrefillConf
 
 def js_distance(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     """sqrt(JSD(p, q)) over the last dim, natural log, 0·log 0 = 0."""
-    m = (p + q) / 2
-    zero = torch.zeros((), dtype=p.dtype, device=p.device)
-    kl_p = torch.where(p > 0, p * (torch.log(p) - torch.log(m)), zero).sum(-1)
-    kl_q = torch.where(q > 0, q * (torch.log(q) - torch.log(m)), zero).sum(-1)
-    return torch.sqrt((0.5 * kl_p + 0.5 * kl_q).clamp_min(0))
+    log_m = torch.log((p + q) / 2)
+    # KL(p||m) and KL(q||m) by the same kernels: stacked, so log m is computed once.
+    both = torch.stack([p, q])
+    kl = torch.where(both > 0, both * (torch.log(both) - log_m), 0.0).sum(-1)  # [2, ...]
+    return torch.sqrt((0.5 * kl[0] + 0.5 * kl[1]).clamp_min(0))
 
 
 def _masked_means(x: torch.Tensor, valid: Optional[torch.Tensor], grid: BlockGrid, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -246,10 +249,10 @@ def select_blocks(
     # Section 3: vertical-slash budgets (query-aware heads keep the minimum) and blocks.
     min_blocks = min(config.min_budget_blocks, nb)
     token_budget = budget_blocks(coverage_counts(torch.stack([a_v, a_s]), config.gamma), grid, config)  # [2, B, Hq]
-    kb_v = torch.where(query_aware, min_blocks, token_budget[0])
-    kb_s = torch.where(query_aware, min_blocks, token_budget[1])
-    vertical = top_blocks(true_dist.masked_fill(~real_block, -1.0), kb_v)  # [B, Hq, nb]
-    slash = top_blocks(pool_offset_blocks(a_s, grid), kb_s)
+    block_budget = torch.where(query_aware, min_blocks, token_budget)  # [2, B, Hq]
+    # Vertical and slash blocks by one sort: rows are independent.
+    block_scores = torch.stack([true_dist.masked_fill(~real_block, -1.0), pool_offset_blocks(a_s, grid)])
+    vertical, slash = top_blocks(block_scores, block_budget).unbind(0)  # [B, Hq, nb] each
 
     # Section 4 needs the query-block means; section 5 the sequences short enough to run dense.
     q_valid = (positions[n - q_len :][None, :] >= starts[:, None]) if key_start is not None else None
