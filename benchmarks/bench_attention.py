@@ -82,8 +82,9 @@ def flex_peer(q, k, v, structure):
     return lambda: compiled(qt, kt, vt, block_mask=block_mask, enable_gqa=True).transpose(1, 2)
 
 
-def run_case(n, inputs, gamma, head_dim, dtype, q_heads, kv_heads, with_flex, long_from):
+def run_case(n, inputs, gamma, head_dim, dtype, q_heads, kv_heads, with_flex, long_from, no_dense_from):
     torch.manual_seed(n)
+    torch.cuda.reset_peak_memory_stats()
     if inputs == "random":
         q = torch.randn(1, n, q_heads, head_dim, device="cuda", dtype=dtype)
         k = torch.randn(1, n, kv_heads, head_dim, device="cuda", dtype=dtype)
@@ -96,33 +97,38 @@ def run_case(n, inputs, gamma, head_dim, dtype, q_heads, kv_heads, with_flex, lo
     row = dict(n=n, inputs=inputs, gamma=gamma, head_dim=head_dim, dtype=str(dtype).replace("torch.", ""))
 
     timer = once_ms if n >= long_from else median_ms
-    dense = sdpa(q, k, v, SDPBackend.CUDNN_ATTENTION)
-    row["cudnn_ms"] = timer(lambda: sdpa(q, k, v, SDPBackend.CUDNN_ATTENTION))
+    with_dense = n < no_dense_from
+    if with_dense:
+        dense = sdpa(q, k, v, SDPBackend.CUDNN_ATTENTION)
+        row["cudnn_ms"] = timer(lambda: sdpa(q, k, v, SDPBackend.CUDNN_ATTENTION))
     if n < long_from:  # the flash backend is ~1.7x slower than cuDNN everywhere: skip it at long N
         row["flash_ms"] = median_ms(lambda: sdpa(q, k, v, SDPBackend.FLASH_ATTENTION))
     torch.cuda.synchronize()
     sel = select_blocks(q, k, config, scale)
     row["select_ms"] = timer(lambda: select_blocks(q, k, config, scale))
     row["kernel_ms"] = timer(lambda: block_sparse_attention(q, k, v, sel.structure, softmax_scale=scale))
-    out = flexprefill_attention(q, k, v, config)
     row["total_ms"] = timer(lambda: flexprefill_attention(q, k, v, config))
     row["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
     pairs = computed_pairs(sel.structure) * 1.0
     row["fraction"] = sel.structure.counts.sum().item() / (sel.causal_blocks.sum().item() * q_heads)
     row["query_aware"] = sel.query_aware.float().mean().item()
-    row["rel_err"] = ((out.float() - dense.float()).norm() / dense.float().norm()).item()
-    full_pairs = n * (n + 1) / 2 * q_heads
-    row["cudnn_tflops"] = 4 * head_dim * full_pairs / row["cudnn_ms"] / 1e9
     row["kernel_tflops"] = 4 * head_dim * pairs / row["kernel_ms"] / 1e9
-    row["speedup_vs_cudnn"] = row["cudnn_ms"] / row["total_ms"]
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        flexprefill_attention(q, k, v, config)
-        row["host_sync_free"] = True
-    except RuntimeError:
-        row["host_sync_free"] = False
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
+    if with_dense:
+        out = flexprefill_attention(q, k, v, config)
+        row["rel_err"] = ((out.float() - dense.float()).norm() / dense.float().norm()).item()
+        full_pairs = n * (n + 1) / 2 * q_heads
+        row["cudnn_tflops"] = 4 * head_dim * full_pairs / row["cudnn_ms"] / 1e9
+        row["speedup_vs_cudnn"] = row["cudnn_ms"] / row["total_ms"]
+        del out, dense
+    if n < long_from:  # the same code path at every length; one more call costs seconds at 1M
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            flexprefill_attention(q, k, v, config)
+            row["host_sync_free"] = True
+        except RuntimeError:
+            row["host_sync_free"] = False
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
     if with_flex:
         try:
             peer = flex_peer(q, k, v, sel.structure)
@@ -131,7 +137,7 @@ def run_case(n, inputs, gamma, head_dim, dtype, q_heads, kv_heads, with_flex, lo
             row["flex_tflops"] = 4 * head_dim * pairs / row["flex_ms"] / 1e9
         except Exception as exc:  # the peer is optional; say why it is missing
             row["flex_error"] = f"{type(exc).__name__}: {str(exc)[:120]}"
-    del q, k, v, dense, out, sel
+    del q, k, v, sel
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     return row
@@ -150,6 +156,8 @@ def main(argv=None):
     parser.add_argument("--out", default=None, help="write the rows as JSON here")
     parser.add_argument("--long-from", type=int, default=524288,
                         help="from this N on, time one call (after a warm-up) instead of a median, skip flash")
+    parser.add_argument("--no-dense-from", type=int, default=1 << 40,
+                        help="from this N on, skip dense SDPA (and the error and speed-up against it)")
     args = parser.parse_args(argv)
     dtype = getattr(torch, args.dtype)
     env = dict(
@@ -162,7 +170,8 @@ def main(argv=None):
         for inputs in args.inputs:
             for gamma in args.gamma:
                 for head_dim in args.head_dim:
-                    row = run_case(n, inputs, gamma, head_dim, dtype, args.q_heads, args.kv_heads, args.flex, args.long_from)
+                    row = run_case(n, inputs, gamma, head_dim, dtype, args.q_heads, args.kv_heads, args.flex,
+                                   args.long_from, args.no_dense_from)
                     rows.append(row)
                     print(json.dumps(row), flush=True)
                     if args.out:

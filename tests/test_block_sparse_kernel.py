@@ -123,8 +123,13 @@ SUBTILE_CASES = {
 }
 
 
+# K/V loads: pointers, pointers with the block index loaded one iteration ahead, tensor descriptors.
+LOAD_VARIANTS = {"pointers": (False, False), "prefetch": (False, True), "tma-prefetch": (True, True)}
+
+
+@pytest.mark.parametrize("loads", LOAD_VARIANTS.values(), ids=LOAD_VARIANTS.keys())
 @pytest.mark.parametrize("case", SUBTILE_CASES.values(), ids=SUBTILE_CASES.keys())
-def test_subtiles_match_reference(case):
+def test_subtiles_match_reference(case, loads):
     q_len, k_len, block_m, block_n, dtype, key_start = case
     q, k, v = generate_inputs(2, q_len, k_len, 4, 2, 96, dtype, seed=1)
     grid = BlockGrid(q_len, k_len, 128)
@@ -132,7 +137,10 @@ def test_subtiles_match_reference(case):
     if key_start is not None:
         key_start = torch.tensor(key_start, device=DEVICE, dtype=torch.int32)
     config = triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n})
-    out, lse = _block_sparse_attention_fwd(q, k, v, structure, None, key_start, True, config)
+    use_tma, prefetch = loads
+    out, lse = _block_sparse_attention_fwd(
+        q, k, v, structure, None, key_start, True, config, use_tma=use_tma, prefetch_index=prefetch
+    )
     assert_close_to_reference(out, lse, q, k, v, structure, key_start=key_start)
 
 

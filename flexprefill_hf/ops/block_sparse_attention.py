@@ -11,7 +11,9 @@ has log-sum-exp ``-inf``. The oracle is ``reference.block_sparse_attention``.
 One program computes ``BLOCK_M`` rows of one query block for one (batch, query head). Its key list splits
 into three ranges because it is ascending: leading blocks that hold padding (``t < key_start`` or the
 virtual left padding of the grid), middle blocks that are wholly visible (no element mask: the fast,
-pipelined loop) and trailing blocks at or after the query block (the causal diagonal).
+pipelined loop) and trailing blocks at or after the query block (the causal diagonal). Per tile config,
+the wholly visible loop may load each block index one iteration ahead (``PREFETCH_INDEX``) and may read
+K/V through tensor descriptors (``USE_TMA``, off by default: no gain measured on the H200).
 """
 
 from __future__ import annotations
@@ -23,31 +25,44 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .block_structure import BlockStructure
 
 SUPPORTED_BLOCK_SIZES = (64, 128)
+# Set from the H200 measurements in benchmarks/RESULTS.md.
+_USE_TMA_BY_DEFAULT = False
 MAX_HEAD_DIM = 256
 
 
 @triton.jit
 def _attend_blocks(
     acc, l_i, m_i, q, idx_row, stride_ik, k_head, v_head, stride_kn, stride_vn, k_offs, v_offs, d_mask,
-    offs_m, m_last, key_lo, pad, qk_scale, j_start, j_end, n_lo, n_hi,
-    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_D: tl.constexpr, MASKED: tl.constexpr,
-    UPCAST: tl.constexpr, LOOP_STAGES: tl.constexpr,
+    offs_m, m_last, key_lo, pad, qk_scale, j_start, j_end, n_lo, n_hi, k_desc, v_desc, off_b, off_kvh,
+    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
+    MASKED: tl.constexpr, UPCAST: tl.constexpr, LOOP_STAGES: tl.constexpr, USE_TMA: tl.constexpr,
+    WARP_SPECIALIZE: tl.constexpr, PREFETCH_INDEX: tl.constexpr,
 ):
     """Online softmax over key sub-tiles ``j_start .. j_end - 1`` (``BLOCK_SIZE // BLOCK_N`` per listed block).
 
     MASKED: the sub-tiles of the masked entries ``[0, n_lo)`` then ``[n_hi, count)``, with the causal and
     padding element mask; otherwise the wholly visible entries ``[n_lo, n_hi)`` with no mask at all.
+    USE_TMA (unmasked only): K and V tiles come through tensor descriptors (Hopper's copy engine).
     """
     TILES_N: tl.constexpr = BLOCK_SIZE // BLOCK_N
-    for j in tl.range(j_start, j_end, num_stages=LOOP_STAGES):
+    if PREFETCH_INDEX:
+        kb_next = tl.load(idx_row + (j_start // TILES_N) * stride_ik, mask=j_start < j_end, other=0).to(tl.int64)
+    for j in tl.range(j_start, j_end, num_stages=LOOP_STAGES, warp_specialize=WARP_SPECIALIZE):
         entry = j // TILES_N
         if MASKED:
             entry = tl.where(entry < n_lo, entry, entry - n_lo + n_hi)
-        kb = tl.load(idx_row + entry * stride_ik).to(tl.int64)
+        if PREFETCH_INDEX:
+            # The tile's block index was loaded one iteration ahead: its K/V loads depend on a loop-carried
+            # value instead of a load in the same iteration, which the pipeliner can schedule early.
+            kb = kb_next
+            kb_next = tl.load(idx_row + ((j + 1) // TILES_N) * stride_ik, mask=j + 1 < j_end, other=0).to(tl.int64)
+        else:
+            kb = tl.load(idx_row + entry * stride_ik).to(tl.int64)
         n_start = kb * BLOCK_SIZE - pad + (j % TILES_N) * BLOCK_N
         offs_n = n_start + tl.arange(0, BLOCK_N)  # [BN] key positions
         k_ptrs = k_head + n_start * stride_kn + k_offs
@@ -56,6 +71,8 @@ def _attend_blocks(
             # Never read keys no row may see: virtual padding (negative positions) or past the last row.
             n_mask = (offs_n >= key_lo) & (offs_n <= m_last)
             k = tl.load(k_ptrs, mask=d_mask[:, None] & n_mask[None, :], other=0.0)
+        elif USE_TMA:
+            k = k_desc.load([off_b, n_start.to(tl.int32), off_kvh, 0]).reshape(BLOCK_N, BLOCK_D).T
         elif EVEN_D:
             k = tl.load(k_ptrs)
         else:
@@ -79,6 +96,8 @@ def _attend_blocks(
         acc = acc * alpha[:, None]
         if MASKED:
             v = tl.load(v_ptrs, mask=n_mask[:, None] & d_mask[None, :], other=0.0)
+        elif USE_TMA:
+            v = v_desc.load([off_b, n_start.to(tl.int32), off_kvh, 0]).reshape(BLOCK_N, BLOCK_D)
         elif EVEN_D:
             v = tl.load(v_ptrs)
         else:
@@ -92,7 +111,7 @@ def _attend_blocks(
 
 @triton.jit
 def _block_sparse_attention_fwd_kernel(
-    Q, K, V, Out, Lse, Indices, Counts, KeyStart,
+    Q, K, V, Out, Lse, Indices, Counts, KeyStart, KDesc, VDesc,
     stride_qb, stride_qm, stride_qh, stride_qd,
     stride_kb, stride_kn, stride_kh, stride_kd,
     stride_vb, stride_vn, stride_vh, stride_vd,
@@ -100,10 +119,11 @@ def _block_sparse_attention_fwd_kernel(
     stride_ib, stride_ih, stride_iq, stride_ik,
     stride_cb, stride_ch, stride_cq,
     num_heads, num_kv_groups, q_len, k_len, pad, first_query_block, num_query_blocks, qk_scale,
-    length_bucket,  # only an autotune key: the best tiles differ between 4K and 128K tokens
+    length_bucket,  # only an autotune key: the best tiles differ between 4K and 32K tokens
     HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_KEY_START: tl.constexpr, STORE_LSE: tl.constexpr, UPCAST: tl.constexpr,
+    USE_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, PREFETCH_INDEX: tl.constexpr,
 ):
     tl.static_assert(BLOCK_SIZE % BLOCK_M == 0, "BLOCK_M must divide the block size")
     # torch.compile may hand float scalars over as fp64; keep the softmax state in fp32.
@@ -176,12 +196,14 @@ def _block_sparse_attention_fwd_kernel(
     acc, l_i, m_i = _attend_blocks(
         acc, l_i, m_i, q, idx_row, stride_ik, k_head, v_head, stride_kn, stride_vn, k_offs, v_offs, d_mask,
         offs_m, m_start + BLOCK_M - 1, key_lo, pad, qk_scale, n_lo * TILES_N, n_hi * TILES_N, n_lo, n_hi,
-        BLOCK_SIZE, BLOCK_N, EVEN_D, False, UPCAST, None,
+        KDesc, VDesc, off_b.to(tl.int32), off_kvh.to(tl.int32),
+        BLOCK_SIZE, BLOCK_N, BLOCK_D, EVEN_D, False, UPCAST, None, USE_TMA, WARP_SPECIALIZE, PREFETCH_INDEX,
     )
     acc, l_i, m_i = _attend_blocks(
         acc, l_i, m_i, q, idx_row, stride_ik, k_head, v_head, stride_kn, stride_vn, k_offs, v_offs, d_mask,
         offs_m, m_start + BLOCK_M - 1, key_lo, pad, qk_scale, 0, (n_lo + count - n_hi) * TILES_N, n_lo, n_hi,
-        BLOCK_SIZE, BLOCK_N, EVEN_D, True, UPCAST, 1,
+        KDesc, VDesc, off_b.to(tl.int32), off_kvh.to(tl.int32),
+        BLOCK_SIZE, BLOCK_N, BLOCK_D, EVEN_D, True, UPCAST, 1, False, False, False,
     )
 
     # Rows that saw no key have l_i = 0 and acc = 0: they output 0.
@@ -192,6 +214,17 @@ def _block_sparse_attention_fwd_kernel(
         # m_i is in log2 units (log2(e) is folded into qk_scale); empty rows get -inf.
         lse = (m_i + tl.math.log2(tl.where(l_i == 0.0, 1.0, l_i))) * 0.6931471805599453
         tl.store(Lse + pid_bh * q_len + rows, lse, mask=row_mask)
+
+
+# Tile configs measured best on an H200 from 32K tokens on (benchmarks/RESULTS.md, kernel sweep): with d 128
+# 128 x 128 tiles on 8 warps, 3 stages, index prefetch; with d 64 128 x 64 tiles on 4 warps without it.
+_LONG_CANDIDATES = {(128, 128, 8, 3, True), (128, 64, 4, 3, False)}
+# length_bucket from which only _LONG_CANDIDATES are tuned: every trial then costs a whole long call.
+_LONG_BUCKET = 256
+
+
+def _config_tuple(c) -> tuple:
+    return (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages, c.kwargs["PREFETCH_INDEX"])
 
 
 def _prune_configs(configs, named_args, **kwargs):
@@ -207,20 +240,49 @@ def _prune_configs(configs, named_args, **kwargs):
         return bm <= block_size and bn <= block_size and not spills and not slow
 
     # The smallest tile always fits: keep it so every head dim has a candidate.
-    return [c for c in configs if fits(c)] or [configs[-1]]
+    kept = [c for c in configs if fits(c)] or [configs[-1]]
+    if named_args.get("length_bucket", 0) >= _LONG_BUCKET:
+        kept = [c for c in kept if _config_tuple(c) in _LONG_CANDIDATES] or kept
+    return kept
 
 
-# BLOCK_M x BLOCK_N, warps, pipeline stages. Llama-3.1-8B shape on an H200 (bf16, d 128, block 128):
-# 128 x 128 on 8 warps was best (2 and 3 stages within 1 %), 64 x 64 on 4 warps 10 % behind.
+def _tuning_bench(kernel_call, quantiles):
+    """Autotuner timing: do_bench for short calls; one timed call (after a warm-up) for long ones, where
+    do_bench's ~7 calls per config would cost minutes at 1M tokens."""
+    kernel_call()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    kernel_call()
+    end.record()
+    end.synchronize()
+    ms = start.elapsed_time(end)
+    if ms < 20.0:
+        return triton.testing.do_bench(kernel_call, warmup=5, rep=50, quantiles=quantiles)
+    return [ms] * len(quantiles)
+
+
+def _set_descriptor_blocks(nargs) -> None:
+    """Autotune pre-hook: the K/V descriptors' tile shape follows the config's BLOCK_N."""
+    for name in ("KDesc", "VDesc"):
+        desc = nargs[name]
+        if isinstance(desc, TensorDescriptor):
+            desc.block_shape = [1, nargs["BLOCK_N"], 1, nargs["BLOCK_D"]]
+
+
+# BLOCK_M x BLOCK_N, warps, pipeline stages, index prefetch (see _attend_blocks). The prefetch gained 13 % with
+# 128 x 128 tiles, 3 stages, d 128 (H200), but cost 4x with 128 x 64 tiles on 4 warps: a per-config choice.
 _GPU_CONFIGS = [
-    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-    for bm, bn, w, s in [
-        (128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 8, 3), (128, 64, 4, 3),
-        (64, 64, 4, 3), (64, 64, 4, 2), (64, 64, 8, 2), (64, 32, 8, 2),
+    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "PREFETCH_INDEX": pf}, num_warps=w, num_stages=s,
+                  pre_hook=_set_descriptor_blocks)
+    for bm, bn, w, s, pf in [
+        (128, 128, 8, 3, True), (128, 128, 8, 2, False), (128, 128, 8, 3, False), (128, 64, 8, 3, False),
+        (128, 64, 4, 3, False), (64, 64, 4, 3, False), (64, 64, 4, 2, False), (64, 64, 8, 2, False),
+        (64, 32, 8, 2, False),
     ]
 ]
 _block_sparse_attention_fwd_tuned = triton.autotune(
-    configs=_GPU_CONFIGS, key=["HEAD_DIM", "BLOCK_SIZE", "length_bucket"], prune_configs_by={"early_config_prune": _prune_configs}
+    configs=_GPU_CONFIGS, key=["HEAD_DIM", "BLOCK_SIZE", "length_bucket"],
+    prune_configs_by={"early_config_prune": _prune_configs}, do_bench=_tuning_bench,
 )(_block_sparse_attention_fwd_kernel)
 
 
@@ -274,12 +336,24 @@ def _check_inputs(q, k, v, structure, key_start) -> None:
             )
 
 
+def _descriptor_ready(t: torch.Tensor) -> bool:
+    """Whether the copy engine can read ``t`` [B, N, H, D]: unit last stride, 16-byte aligned base and strides."""
+    size = t.element_size()
+    return (
+        t.stride(-1) == 1
+        and t.data_ptr() % 16 == 0
+        and all((s * size) % 16 == 0 for s in t.stride()[:-1])
+    )
+
+
 def _block_sparse_attention_fwd(
     q, k, v, structure: BlockStructure, softmax_scale, key_start, store_lse: bool,
-    config: Optional[triton.Config] = None,
+    config: Optional[triton.Config] = None, use_tma: Optional[bool] = None, warp_specialize: bool = False,
+    prefetch_index: Optional[bool] = None,
 ):
     """Validate, allocate and launch. ``config`` (BLOCK_M, BLOCK_N, warps, stages) pins the tiles for tests
-    and benchmarks; otherwise they are autotuned on the GPU."""
+    and benchmarks; otherwise they are autotuned on the GPU. ``use_tma``: read K/V tiles through tensor
+    descriptors (default: on CUDA when the layout allows it)."""
     _check_inputs(q, k, v, structure, key_start)
     batch, q_len, q_heads, head_dim = q.shape
     grid_geom = structure.grid
@@ -299,12 +373,18 @@ def _block_sparse_attention_fwd(
         # The interpreter computes bf16 arithmetic wrongly: upcast right after each load there.
         UPCAST=interpreting and q.dtype == torch.bfloat16,
     )
+    if use_tma is None:
+        use_tma = _USE_TMA_BY_DEFAULT and q.is_cuda and _descriptor_ready(k) and _descriptor_ready(v)
+    meta.update(USE_TMA=bool(use_tma), WARP_SPECIALIZE=bool(warp_specialize))
     if config is None and interpreting:
         # Autotuning needs a GPU. The interpreter's cost is per tile, barely by size: one tile per block.
-        config = triton.Config({"BLOCK_M": grid_geom.block_size, "BLOCK_N": grid_geom.block_size})
+        config = triton.Config({"BLOCK_M": grid_geom.block_size, "BLOCK_N": grid_geom.block_size, "PREFETCH_INDEX": True})
     if config is not None:
         kernel = _block_sparse_attention_fwd_kernel
         meta.update(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
+        if prefetch_index is not None:
+            meta["PREFETCH_INDEX"] = bool(prefetch_index)
+        meta.setdefault("PREFETCH_INDEX", False)
     else:
         kernel = _block_sparse_attention_fwd_tuned
 
@@ -315,13 +395,21 @@ def _block_sparse_attention_fwd(
         return (batch * q_heads, num_tiles)
 
     indices, counts = structure.indices, structure.counts
+    k_desc, v_desc = k, v  # unused unless USE_TMA
+    if use_tma:
+        # The tile shape is set per config: by the autotune pre-hook, or here for a pinned config.
+        block_n = config.kwargs["BLOCK_N"] if config is not None else grid_geom.block_size
+        block = [1, block_n, 1, meta["BLOCK_D"]]
+        k_desc = TensorDescriptor(k, list(k.shape), list(k.stride()), block)
+        v_desc = TensorDescriptor(v, list(v.shape), list(v.stride()), block)
     kernel[launch_grid](
-        q, k, v, out, lse, indices, counts, key_start if key_start is not None else counts,
+        q, k, v, out, lse, indices, counts, key_start if key_start is not None else counts, k_desc, v_desc,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *indices.stride(), *counts.stride(),
         q_heads, q_heads // k.shape[2], q_len, k.shape[1], grid_geom.pad, grid_geom.first_query_block,
         grid_geom.num_query_blocks,
         softmax_scale * 1.4426950408889634,
-        min(triton.next_power_of_2(grid_geom.num_query_blocks), 1024),
+        # 32K tokens and longer share one tuning (the same tiles won at 32K and 128K).
+        min(triton.next_power_of_2(grid_geom.num_query_blocks), _LONG_BUCKET),
         **meta,
     )
     return out, lse
