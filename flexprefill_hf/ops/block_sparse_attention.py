@@ -30,8 +30,6 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from .block_structure import BlockStructure
 
 SUPPORTED_BLOCK_SIZES = (64, 128)
-# Set from the H200 measurements in benchmarks/RESULTS.md.
-_USE_TMA_BY_DEFAULT = False
 MAX_HEAD_DIM = 256
 
 
@@ -261,29 +259,21 @@ def _tuning_bench(kernel_call, quantiles):
     return [ms] * len(quantiles)
 
 
-def _set_descriptor_blocks(nargs) -> None:
-    """Autotune pre-hook: the K/V descriptors' tile shape follows the config's BLOCK_N."""
-    for name in ("KDesc", "VDesc"):
-        desc = nargs[name]
-        if isinstance(desc, TensorDescriptor):
-            desc.block_shape = [1, nargs["BLOCK_N"], 1, nargs["BLOCK_D"]]
-
-
 # BLOCK_M x BLOCK_N, warps, pipeline stages, index prefetch (see _attend_blocks). The prefetch gained 13 % with
 # 128 x 128 tiles, 3 stages, d 128 (H200), but cost 4x with 128 x 64 tiles on 4 warps: a per-config choice.
 _GPU_CONFIGS = [
-    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "PREFETCH_INDEX": pf}, num_warps=w, num_stages=s,
-                  pre_hook=_set_descriptor_blocks)
+    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "PREFETCH_INDEX": pf}, num_warps=w, num_stages=s)
     for bm, bn, w, s, pf in [
         (128, 128, 8, 3, True), (128, 128, 8, 2, False), (128, 128, 8, 3, False), (128, 64, 8, 3, False),
         (128, 64, 4, 3, False), (64, 64, 4, 3, False), (64, 64, 4, 2, False), (64, 64, 8, 2, False),
         (64, 32, 8, 2, False),
     ]
 ]
-_block_sparse_attention_fwd_tuned = triton.autotune(
-    configs=_GPU_CONFIGS, key=["HEAD_DIM", "BLOCK_SIZE", "length_bucket"],
-    prune_configs_by={"early_config_prune": _prune_configs}, do_bench=_tuning_bench,
-)(_block_sparse_attention_fwd_kernel)
+_TUNING = dict(configs=_GPU_CONFIGS, key=["HEAD_DIM", "BLOCK_SIZE", "length_bucket"],
+               prune_configs_by={"early_config_prune": _prune_configs})
+_block_sparse_attention_fwd_tuned = triton.autotune(**_TUNING, do_bench=_tuning_bench)(_block_sparse_attention_fwd_kernel)
+# Under torch.compile the user kernel is tuned by inductor: hand it a plain autotuner.
+_block_sparse_attention_fwd_tuned_plain = triton.autotune(**_TUNING)(_block_sparse_attention_fwd_kernel)
 
 
 def _check_inputs(q, k, v, structure, key_start) -> None:
@@ -353,7 +343,8 @@ def _block_sparse_attention_fwd(
 ):
     """Validate, allocate and launch. ``config`` (BLOCK_M, BLOCK_N, warps, stages) pins the tiles for tests
     and benchmarks; otherwise they are autotuned on the GPU. ``use_tma``: read K/V tiles through tensor
-    descriptors (default: on CUDA when the layout allows it)."""
+    descriptors (pinned configs only; the H200 sweep measured no gain, so the default path never does).
+    ``prefetch_index`` overrides the config's ``PREFETCH_INDEX``."""
     _check_inputs(q, k, v, structure, key_start)
     batch, q_len, q_heads, head_dim = q.shape
     grid_geom = structure.grid
@@ -373,8 +364,10 @@ def _block_sparse_attention_fwd(
         # The interpreter computes bf16 arithmetic wrongly: upcast right after each load there.
         UPCAST=interpreting and q.dtype == torch.bfloat16,
     )
-    if use_tma is None:
-        use_tma = _USE_TMA_BY_DEFAULT and q.is_cuda and _descriptor_ready(k) and _descriptor_ready(v)
+    if use_tma and (config is None or not (_descriptor_ready(k) and _descriptor_ready(v))):
+        # A descriptor's tile shape is fixed at creation: it cannot follow the autotuner's BLOCK_N (a pre-hook
+        # could, but torch.compile refuses autotune hooks).
+        raise ValueError("use_tma=True needs a pinned config and K/V with unit last stride and 16-byte alignment")
     meta.update(USE_TMA=bool(use_tma), WARP_SPECIALIZE=bool(warp_specialize))
     if config is None and interpreting:
         # Autotuning needs a GPU. The interpreter's cost is per tile, barely by size: one tile per block.
@@ -385,6 +378,8 @@ def _block_sparse_attention_fwd(
         if prefetch_index is not None:
             meta["PREFETCH_INDEX"] = bool(prefetch_index)
         meta.setdefault("PREFETCH_INDEX", False)
+    elif torch.compiler.is_compiling():
+        kernel = _block_sparse_attention_fwd_tuned_plain
     else:
         kernel = _block_sparse_attention_fwd_tuned
 
@@ -397,9 +392,7 @@ def _block_sparse_attention_fwd(
     indices, counts = structure.indices, structure.counts
     k_desc, v_desc = k, v  # unused unless USE_TMA
     if use_tma:
-        # The tile shape is set per config: by the autotune pre-hook, or here for a pinned config.
-        block_n = config.kwargs["BLOCK_N"] if config is not None else grid_geom.block_size
-        block = [1, block_n, 1, meta["BLOCK_D"]]
+        block = [1, config.kwargs["BLOCK_N"], 1, meta["BLOCK_D"]]
         k_desc = TensorDescriptor(k, list(k.shape), list(k.stride()), block)
         v_desc = TensorDescriptor(v, list(v.shape), list(v.stride()), block)
     kernel[launch_grid](
