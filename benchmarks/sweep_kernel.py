@@ -19,23 +19,13 @@ import torch.nn.functional as F
 import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from check_kernel_gpu import generate_structure  # benchmarks/ is on the path when run as a script
 from flexprefill_hf.ops import block_sparse_attention as bsa
-from flexprefill_hf.ops.block_structure import block_mask_to_structure
 from flexprefill_hf.ops.grid import BlockGrid
 
 CONFIGS = [
     (128, 128, 8, 2), (128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 128, 8, 4),
 ]
-
-
-def structure_of_density(heads, grid, density, device):
-    rows = torch.arange(grid.num_query_blocks, device=device)[:, None] + grid.first_query_block
-    cols = torch.arange(grid.num_blocks, device=device)[None, :]
-    mask = torch.rand(1, heads, grid.num_query_blocks, grid.num_blocks, device=device) < density
-    mask = (mask & (cols <= rows)) | (cols == rows) | (cols == 0)
-    bs = grid.block_size
-    pairs = mask.sum().item() * bs * bs - mask.diagonal(dim1=-2, dim2=-1).sum().item() * bs * (bs - 1) // 2
-    return block_mask_to_structure(mask, grid), pairs
 
 
 def bench(fn, rep=150) -> float:
@@ -74,7 +64,7 @@ def measure(n, head_dim, dtype, variants, rows, densities):
         ref_dense = dense().transpose(1, 2)
     cudnn_tflops = 4 * head_dim * causal_pairs / cudnn_ms * 1e-9
     for density in densities:
-        structure, pairs = structure_of_density(heads, grid, density, "cuda")
+        structure, pairs = generate_structure(heads, grid, density, "cuda")
         baseline = None
         for variant in variants:
             row = dict(seq=n, head_dim=head_dim, dtype=str(dtype).split(".")[-1], density=density,
