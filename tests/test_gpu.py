@@ -72,5 +72,14 @@ def test_short_prompts_route_dense_on_cuda():
 
 def test_torch_compile_fullgraph():
     q, k, v = _inputs()
-    compiled = torch.compile(lambda q, k, v: flexprefill_attention(q, k, v, CONFIG), fullgraph=True)
-    torch.testing.assert_close(compiled(q, k, v), flexprefill_attention(q, k, v, CONFIG), rtol=2e-2, atol=2e-2)
+
+    def run(q, k, v):
+        out, stats = flexprefill_attention_with_stats(q, k, v, CONFIG)
+        return out, stats.query_aware, stats.computed_blocks
+
+    out, query_aware, blocks = torch.compile(run, fullgraph=True)(q, k, v)
+    want_out, want_query_aware, want_blocks = run(q, k, v)
+    # The same choices per head, then the same attention up to bf16 rounding (inductor may tune the
+    # kernel's tiles differently, which changes the summation order).
+    assert torch.equal(query_aware, want_query_aware) and torch.equal(blocks, want_blocks)
+    torch.testing.assert_close(out, want_out, rtol=1.6e-2, atol=1e-3)
