@@ -6,13 +6,13 @@ import pytest
 import torch
 
 from flexprefill_hf import FlexPrefillConfig
-from flexprefill_hf.ops import selection
+from flexprefill_hf.ops import selection, selection_kernels
 from flexprefill_hf.ops.block_structure import structure_to_block_mask
 from flexprefill_hf.ops.grid import BlockGrid
 from flexprefill_hf.ops.selection_kernels import representative_scores_triton
 from flexprefill_hf.testing import structured_qkv
 
-from helpers import random_qkv, seeded
+from helpers import poisoned_empty, random_qkv, seeded
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -27,7 +27,8 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
         (1, 130, 700, 4, 4, 96, 128, None, torch.bfloat16),
     ],
 )
-def test_representative_scores_match_torch(batch, q_len, k_len, hq, hkv, d, block, starts, dtype):
+@pytest.mark.parametrize("splits", [None, 5])
+def test_representative_scores_match_torch(batch, q_len, k_len, hq, hkv, d, block, starts, dtype, splits, monkeypatch):
     q, k, _ = random_qkv(batch, q_len, k_len, hq, hkv, d, dtype=dtype, scale=1.5, seed=q_len + d)
     q, k = q.to(DEVICE), k.to(DEVICE)
     key_start = None if starts is None else torch.tensor(starts, device=DEVICE)
@@ -36,7 +37,10 @@ def test_representative_scores_match_torch(batch, q_len, k_len, hq, hkv, d, bloc
     key_valid = torch.arange(k_len, device=DEVICE)[None, :] >= starts_t[:, None]
     scale = 1 / math.sqrt(d)
     want_v, want_s = selection.representative_scores(q, k, grid, scale, key_valid)
-    got_v, got_s = representative_scores_triton(q, k, grid, scale, key_start)
+    # Several programs per head: their partial log-sum-exps are combined two rows at a time.
+    monkeypatch.setattr(selection_kernels, "_SPLIT_CHUNK", 2)
+    with poisoned_empty():  # the kernels must write every output and read no scratch they did not write
+        got_v, got_s = representative_scores_triton(q, k, grid, scale, key_start, splits=splits)
     # Same half-precision inputs, fp32 arithmetic in both: only the summation order differs.
     torch.testing.assert_close(got_v, want_v, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(got_s, want_s, rtol=1e-4, atol=1e-6)

@@ -53,12 +53,12 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def representative_scores(
     q: torch.Tensor, k: torch.Tensor, grid: BlockGrid, softmax_scale: float, key_valid: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> torch.Tensor:
     """Vertical and slash scores of the representative queries (sections 1 and 3).
 
     q [B, q_len, Hq, D], k [B, n, Hkv, D], key_valid bool [B, n].
-    Returns a_v, a_s: [B, Hq, n] in the compute dtype; a_v[j] is the mean attention of key j, a_s[o]
-    the mean attention along diagonal offset o (query position minus key position).
+    Returns [2, B, Hq, n] in the compute dtype: a_v, a_s. a_v[j] is the mean attention of key j,
+    a_s[o] the mean attention along diagonal offset o (query position minus key position).
     """
     batch, _, q_heads, head_dim = q.shape
     n, kv_heads = k.shape[1], k.shape[2]
@@ -71,20 +71,19 @@ def representative_scores(
 
     bytes_per_kv_head = 2 * batch * groups * r * (n + r) * torch.finfo(dtype).bits // 8
     chunk = max(1, min(kv_heads, _SCORE_CHUNK_BYTES // max(bytes_per_kv_head, 1)))
-    a_v = torch.empty(batch, q_heads, n, dtype=dtype, device=q.device)
-    a_s = torch.empty(batch, q_heads, n, dtype=dtype, device=q.device)
+    a_v, a_s = scores = torch.empty(2, batch, q_heads, n, dtype=dtype, device=q.device)
     q_rep = q[:, n - r - grid.cache_len :].unflatten(2, (kv_heads, groups))  # [B, r, Hkv, G, D]
     for h0 in range(0, kv_heads, chunk):
         h1 = min(h0 + chunk, kv_heads)
         qh = q_rep[:, :, h0:h1].permute(0, 2, 3, 1, 4).to(dtype).flatten(2, 3)  # [B, hc, G*r, D]
         kh = k[:, :, h0:h1].transpose(1, 2).to(dtype)  # [B, hc, n, D]
-        scores = (qh @ kh.transpose(-1, -2)).unflatten(2, (groups, r)) * softmax_scale  # [B, hc, G, r, n]
-        scores = scores.masked_fill(~allowed[:, None, None], -math.inf)
-        attn = torch.nan_to_num(torch.softmax(scores, dim=-1), nan=0.0)
+        logits = (qh @ kh.transpose(-1, -2)).unflatten(2, (groups, r)) * softmax_scale  # [B, hc, G, r, n]
+        logits = logits.masked_fill(~allowed[:, None, None], -math.inf)
+        attn = torch.nan_to_num(torch.softmax(logits, dim=-1), nan=0.0)
         denom = real_rows.to(dtype)[:, None, None, None]
         a_v[:, h0 * groups : h1 * groups] = (attn.sum(dim=-2) / denom).flatten(1, 2)
         a_s[:, h0 * groups : h1 * groups] = (_diagonal_sums(attn) / denom).flatten(1, 2)
-    return a_v, a_s
+    return scores
 
 
 def _diagonal_sums(attn: torch.Tensor) -> torch.Tensor:
@@ -218,11 +217,12 @@ def select_blocks(
     if scores_backend == "triton":
         from .selection_kernels import representative_scores_triton
 
-        a_v, a_s = representative_scores_triton(q, k, grid, softmax_scale, key_start)
+        rep_scores = representative_scores_triton(q, k, grid, softmax_scale, key_start)
     elif scores_backend == "torch":
-        a_v, a_s = representative_scores(q, k, grid, softmax_scale, key_valid)
+        rep_scores = representative_scores(q, k, grid, softmax_scale, key_valid)
     else:
         raise ValueError(f"scores_backend={scores_backend!r} is not supported; expected 'triton', 'torch' or None")
+    a_v, a_s = rep_scores  # [B, Hq, n] each
     if structure_backend is None:
         structure_backend = "triton" if q.is_cuda else "torch"
     if structure_backend == "triton":
@@ -248,7 +248,7 @@ def select_blocks(
 
     # Section 3: vertical-slash budgets (query-aware heads keep the minimum) and blocks.
     min_blocks = min(config.min_budget_blocks, nb)
-    token_budget = budget_blocks(coverage_counts(torch.stack([a_v, a_s]), config.gamma), grid, config)  # [2, B, Hq]
+    token_budget = budget_blocks(coverage_counts(rep_scores, config.gamma), grid, config)  # [2, B, Hq]
     block_budget = torch.where(query_aware, min_blocks, token_budget)  # [2, B, Hq]
     # Vertical and slash blocks by one sort: rows are independent.
     block_scores = torch.stack([true_dist.masked_fill(~real_block, -1.0), pool_offset_blocks(a_s, grid)])

@@ -5,25 +5,33 @@ column sums (vertical scores a_v) and the diagonal sums (slash scores a_s) of th
 probabilities, so two passes over the keys reduce them on the fly and no r x n tensor is stored:
 
 1. ``_representative_lse_kernel``: each program runs an online softmax over a range of key tiles
-   and writes a partial (max, sum) per row; the host combines the partials into each row's log-sum-exp.
-2. ``_representative_scores_kernel``: recomputes the probabilities tile by tile, writes the column
-   sums of each tile, and the tile's diagonal sums as 2*BLOCK partial sums that the launcher adds
-   with the neighbour tile's (deterministic, no atomics). The diagonals are gathered by a scatter
-   of the tile into a small per-program scratch, skewed so that each diagonal becomes a column.
+   and writes a partial (max, sum) per row.
+2. ``_representative_scores_kernel``: combines its head's partials into each row's log-sum-exp,
+   recomputes the probabilities tile by tile, writes the column sums of each tile, and the tile's
+   diagonal sums as 2*BLOCK partial sums (deterministic, no atomics). The diagonals are gathered by
+   a scatter of the tile into a small per-program scratch, skewed so that each diagonal becomes a
+   column.
+3. ``_slash_scores_kernel``: adds each tile's partial diagonal sums to its neighbour's and writes
+   them by offset.
+
+Three launches and no other device work: the selection's fixed cost on CUDA is mostly launches.
 
 Layouts as in ``selection.representative_scores``: q [B, q_len, Hq, D], k [B, n, Hkv, D], any strides.
 """
 
 from __future__ import annotations
 
-import math
 import os
+from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
 from .grid import BlockGrid
+
+# Partial (max, sum) rows one program of the scores kernel loads at once.
+_SPLIT_CHUNK = 32
 
 
 @triton.jit
@@ -91,12 +99,37 @@ def _representative_lse_kernel(
 
 
 @triton.jit
+def _combine_partials(PartMax, PartSum, pid_bh, num_splits, BLOCK: tl.constexpr, SPLIT_CHUNK: tl.constexpr):
+    """Row log-sum-exps (log2 units) of head pid_bh from its [num_splits, BLOCK] partial (max, sum)s;
+    +inf for rows with no key, so that their probabilities exp2(-inf - lse) are 0, not NaN."""
+    offs_s = tl.arange(0, SPLIT_CHUNK)
+    offs_r = tl.arange(0, BLOCK)
+    base = pid_bh * num_splits * BLOCK + offs_r[None, :]
+    top = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
+    for s0 in range(0, num_splits, SPLIT_CHUNK):
+        rows = s0 + offs_s
+        part_max = tl.load(PartMax + base + rows[:, None] * BLOCK, mask=(rows < num_splits)[:, None], other=float("-inf"))
+        top = tl.maximum(top, tl.max(part_max, 0))
+    top_sub = tl.where(top == float("-inf"), 0.0, top)
+    total = tl.zeros([BLOCK], dtype=tl.float32)
+    for s0 in range(0, num_splits, SPLIT_CHUNK):
+        rows = s0 + offs_s
+        ptrs = base + rows[:, None] * BLOCK
+        valid = (rows < num_splits)[:, None]
+        part_max = tl.load(PartMax + ptrs, mask=valid, other=float("-inf"))  # [SC, BR]
+        part_sum = tl.load(PartSum + ptrs, mask=valid, other=0.0)
+        total += tl.sum(part_sum * tl.math.exp2(part_max - top_sub[None, :]), 0)
+    has_key = total > 0
+    return tl.where(has_key, tl.math.log2(tl.where(has_key, total, 1.0)) + top_sub, float("inf"))
+
+
+@triton.jit
 def _representative_scores_kernel(
-    Q, K, KeyStart, Lse2, RowScale, Vertical, Diagonal, Scratch,
+    Q, K, KeyStart, PartMax, PartSum, Vertical, Diagonal, Scratch,
     stride_qb, stride_qm, stride_qh, stride_qd, stride_kb, stride_kn, stride_kh, stride_kd,
-    num_heads, num_kv_groups, q_len, n, r, num_tiles, tiles_per_program, qk_scale,
+    num_heads, num_kv_groups, q_len, n, r, num_tiles, tiles_per_program, num_splits, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr, HAS_KEY_START: tl.constexpr,
-    UPCAST: tl.constexpr, ROW_CHUNK: tl.constexpr,
+    UPCAST: tl.constexpr, ROW_CHUNK: tl.constexpr, SPLIT_CHUNK: tl.constexpr,
 ):
     WIDTH: tl.constexpr = 2 * BLOCK
     # torch.compile may hand float scalars over as fp64; keep the softmax state in fp32.
@@ -114,12 +147,14 @@ def _representative_scores_kernel(
     pos = tl.where(offs_r < r, n - r + offs_r, -1)  # rows past r (q_len < block) see no key
     q = _load_rep_queries(Q, off_b, off_h, stride_qb, stride_qm, stride_qh, stride_qd, q_len, r,
                           BLOCK, BLOCK_D, HEAD_DIM, UPCAST)
-    lse2 = tl.load(Lse2 + pid_bh * BLOCK + offs_r)  # [BR], -inf for rows with no key
-    lse2 = tl.where(lse2 == float("-inf"), float("inf"), lse2)  # so that exp2(-inf - inf) = 0, not NaN
-    row_scale = tl.load(RowScale + off_b)  # 1 / (number of real representative rows)
+    lse2 = _combine_partials(PartMax, PartSum, pid_bh, num_splits, BLOCK, SPLIT_CHUNK)  # [BR]
+    # 1 / (number of real representative rows, at least 1), rounded as torch rounds it.
+    real_rows = tl.maximum(n - tl.maximum(key_lo, n - r), 1)
+    row_scale = tl.math.div_rn(tl.full([], 1.0, tl.float32), real_rows.to(tl.float32))
     scratch = Scratch + (pid_bh * tl.num_programs(1) + pid_s) * (BLOCK * WIDTH)
     # Element (i, j) of a tile lies on diagonal column j - i + BLOCK - 1 of the skewed scratch.
     skew = offs_r[:, None] * WIDTH + offs_n[None, :] - offs_r[:, None] + BLOCK - 1
+    offs_w = tl.arange(0, WIDTH)
     for t in range(pid_s * tiles_per_program, tl.minimum((pid_s + 1) * tiles_per_program, num_tiles)):
         qk = _tile_scores(q, K, off_b, off_kvh, stride_kb, stride_kn, stride_kh, stride_kd, t * BLOCK, n, key_lo,
                           pos, qk_scale, BLOCK, BLOCK_D, HEAD_DIM, UPCAST)
@@ -130,17 +165,39 @@ def _representative_scores_kernel(
         diag = tl.zeros([WIDTH], dtype=tl.float32)
         for c in tl.static_range(0, BLOCK, ROW_CHUNK):
             rows = c + tl.arange(0, ROW_CHUNK)
-            diag += tl.sum(tl.load(scratch + rows[:, None] * WIDTH + tl.arange(0, WIDTH)[None, :]), 0)
+            # Row i holds columns BLOCK-1-i .. 2*BLOCK-2-i; the rest is never written (uninitialised).
+            shift = offs_w[None, :] + rows[:, None]
+            written = (shift >= BLOCK - 1) & (shift < WIDTH - 1)
+            diag += tl.sum(tl.load(scratch + rows[:, None] * WIDTH + offs_w[None, :], mask=written, other=0.0), 0)
         tl.debug_barrier()
-        tl.store(Diagonal + (pid_bh * num_tiles + t) * WIDTH + tl.arange(0, WIDTH), diag)
+        tl.store(Diagonal + (pid_bh * num_tiles + t) * WIDTH + offs_w, diag)
+
+
+@triton.jit
+def _slash_scores_kernel(Diagonal, Slash, n, r, num_tiles, BLOCK: tl.constexpr, BLOCK_O: tl.constexpr):
+    """Slash score of offsets o: the first half of tile t's partial sums plus the second of tile t - 1."""
+    WIDTH: tl.constexpr = 2 * BLOCK
+    pid_bh = tl.program_id(0).to(tl.int64)
+    offs_o = tl.program_id(1).to(tl.int64) * BLOCK_O + tl.arange(0, BLOCK_O)
+    # Column u = t*BLOCK + c of the partial sums holds offset o = (n - r) + BLOCK - 1 - u.
+    u = n - r + BLOCK - 1 - offs_o
+    t = u // BLOCK
+    c = u % BLOCK
+    in_range = offs_o < n
+    diagonal = Diagonal + pid_bh * num_tiles * WIDTH
+    first = tl.load(diagonal + t * WIDTH + c, mask=in_range & (t < num_tiles), other=0.0)
+    second = tl.load(diagonal + (t - 1) * WIDTH + BLOCK + c, mask=in_range & (t >= 1), other=0.0)
+    tl.store(Slash + pid_bh * n + offs_o, first + second, mask=in_range)
 
 
 def representative_scores_triton(
-    q: torch.Tensor, k: torch.Tensor, grid: BlockGrid, softmax_scale: float, key_start
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Vertical and slash scores of the representative queries, fp32 [B, Hq, n] each.
+    q: torch.Tensor, k: torch.Tensor, grid: BlockGrid, softmax_scale: float, key_start, splits: Optional[int] = None
+) -> torch.Tensor:
+    """Vertical and slash scores of the representative queries, fp32 [2, B, Hq, n] (a_v, a_s).
 
     Same function as ``selection.representative_scores`` (up to fp32 rounding); key_start optional int [B].
+    splits: programs per head (each takes a range of key tiles); default: enough to fill the GPU, 1
+    when interpreting.
     """
     batch, q_len, q_heads, head_dim = q.shape
     n, kv_heads = k.shape[1], k.shape[2]
@@ -149,15 +206,18 @@ def representative_scores_triton(
     num_tiles = triton.cdiv(n, block)
     interpreting = os.environ.get("TRITON_INTERPRET", "0") == "1"
     # Enough programs to fill the GPU: split each head's key tiles into ranges.
-    splits = 1 if interpreting else max(1, min(num_tiles, triton.cdiv(1024, batch * q_heads)))
+    if splits is None:
+        splits = 1 if interpreting else triton.cdiv(1024, batch * q_heads)
+    splits = max(1, min(num_tiles, splits))
     per_program = triton.cdiv(num_tiles, splits)
     splits = triton.cdiv(num_tiles, per_program)
     device = q.device
-    starts = torch.zeros(batch, dtype=torch.long, device=device) if key_start is None else key_start.to(device, torch.long)
-    real_rows = (torch.arange(n - r, n, device=device)[None, :] >= starts[:, None]).sum(-1).clamp_min(1)
+    has_key_start = key_start is not None
+    # Without left padding the kernels never read KeyStart: any pointer will do.
+    starts = key_start.to(device, torch.long) if has_key_start else q
     meta = dict(
         HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), BLOCK=block,
-        HAS_KEY_START=key_start is not None, UPCAST=interpreting and q.dtype == torch.bfloat16,
+        HAS_KEY_START=has_key_start, UPCAST=interpreting and q.dtype == torch.bfloat16,
         num_warps=8 if block == 128 else 4,
     )
     qk_scale = softmax_scale * 1.4426950408889634
@@ -168,23 +228,17 @@ def representative_scores_triton(
     _representative_lse_kernel[(batch * q_heads, splits)](
         q, k, starts, part_max, part_sum, *common, per_program, splits, qk_scale, **meta
     )
-    top = part_max.amax(1, keepdim=True)
-    top_sub = torch.where(top == -math.inf, 0.0, top)
-    lse2 = torch.log2((part_sum * torch.exp2(part_max - top_sub)).sum(1)) + top_sub[:, 0]  # [BH, block]
 
-    vertical = torch.empty(batch, q_heads, n, dtype=torch.float32, device=device)
+    scores = torch.empty(2, batch, q_heads, n, dtype=torch.float32, device=device)
     diagonal = torch.empty(batch * q_heads, num_tiles, 2 * block, dtype=torch.float32, device=device)
-    scratch = torch.zeros(batch * q_heads * splits * block * 2 * block, dtype=torch.float32, device=device)
+    # The kernel reads back only the scratch entries it wrote.
+    scratch = torch.empty(batch * q_heads * splits * block * 2 * block, dtype=torch.float32, device=device)
     _representative_scores_kernel[(batch * q_heads, splits)](
-        q, k, starts, lse2.contiguous(), (1.0 / real_rows.float()).contiguous(), vertical, diagonal, scratch,
-        *common, num_tiles, per_program, qk_scale, ROW_CHUNK=min(block, 32), **meta,
+        q, k, starts, part_max, part_sum, scores[0], diagonal, scratch, *common, num_tiles, per_program, splits,
+        qk_scale, ROW_CHUNK=min(block, 32), SPLIT_CHUNK=min(_SPLIT_CHUNK, max(2, triton.next_power_of_2(splits))), **meta,
     )
-    # Tile t's column c is u = t*block + c; the second half of tile t overlaps the first of t + 1.
-    halves = diagonal.view(batch * q_heads, num_tiles, 2, block)
-    by_u = torch.zeros(batch * q_heads, num_tiles + 1, block, dtype=torch.float32, device=device)
-    by_u[:, :num_tiles] += halves[:, :, 0]
-    by_u[:, 1:] += halves[:, :, 1]
-    # u = (n - r) + block - 1 - offset  (key j = t*block + jj, row position n - r + i, c = jj - i + block - 1)
-    u0 = n - r + block - 1
-    slash = by_u.flatten(1)[:, u0 - torch.arange(n, device=device)]
-    return vertical, slash.view(batch, q_heads, n)
+    block_o = 1024
+    _slash_scores_kernel[(batch * q_heads, triton.cdiv(n, block_o))](
+        diagonal, scores[1], n, r, num_tiles, BLOCK=block, BLOCK_O=block_o, num_warps=4,
+    )
+    return scores
