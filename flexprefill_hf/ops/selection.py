@@ -102,6 +102,8 @@ def pool_key_blocks(x: torch.Tensor, grid: BlockGrid, dim: int = -1, dtype: Opti
     """Sum ``x`` over the key blocks of the end-aligned grid along ``dim`` (length n -> nb)."""
     dim = dim % x.dim()
     bs, first = grid.block_size, grid.block_size - grid.pad  # block 0 holds the first `first` tokens
+    if first == bs:  # no partial block: one reduction
+        return x.unflatten(dim, (grid.num_blocks, bs)).sum(dim + 1, dtype=dtype)
     head = x.narrow(dim, 0, first).sum(dim, keepdim=True, dtype=dtype)
     rest = x.narrow(dim, first, x.shape[dim] - first).unflatten(dim, (grid.num_blocks - 1, bs)).sum(dim + 1, dtype=dtype)
     return torch.cat([head, rest], dim=dim)
@@ -140,10 +142,9 @@ def top_blocks(scores: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
 
 def budget_blocks(tokens: torch.Tensor, grid: BlockGrid, config: FlexPrefillConfig) -> torch.Tensor:
     """Token budget -> blocks: floor(tokens / B) + 1 clamped to [min blocks, nb], then to max blocks."""
-    blocks = (tokens // grid.block_size + 1).clamp(min=config.min_budget_blocks).clamp(max=grid.num_blocks)
-    if config.max_budget_blocks is not None:
-        blocks = blocks.clamp(max=config.max_budget_blocks)
-    return blocks
+    most = grid.num_blocks if config.max_budget_blocks is None else min(grid.num_blocks, config.max_budget_blocks)
+    # One clamp: when min > max, torch.clamp gives max, as clamping to min and then to max does.
+    return (tokens // grid.block_size + 1).clamp(min=config.min_budget_blocks, max=most)
 
 
 def js_distance(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
@@ -152,23 +153,24 @@ def js_distance(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     # KL(p||m) and KL(q||m) by the same kernels: stacked, so log m is computed once.
     both = torch.stack([p, q])
     kl = torch.where(both > 0, both * (torch.log(both) - log_m), 0.0).sum(-1)  # [2, ...]
-    return torch.sqrt((0.5 * kl[0] + 0.5 * kl[1]).clamp_min(0))
+    return torch.sqrt((kl.sum(0) * 0.5).clamp_min(0))
 
 
-def _masked_means(x: torch.Tensor, valid: Optional[torch.Tensor], grid: BlockGrid, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """Block means of x [B, L, H, D] laid on the grid from its end (L <= n). Returns (means, counts [B, blocks])."""
-    if valid is not None:
-        x = x * valid[:, :, None, None]
-        counts = valid.to(dtype)
-    else:
-        counts = torch.ones(x.shape[:2], dtype=dtype, device=x.device)
+def _masked_means(x: torch.Tensor, valid: Optional[torch.Tensor], grid: BlockGrid, dtype: torch.dtype) -> torch.Tensor:
+    """Block means [B, blocks, H, D] of x [B, L, H, D] laid on the grid from its end (L <= n)."""
     # Lay the L rows on the last blocks of the grid: pad the front up to the block boundary.
-    front = (-x.shape[1]) % grid.block_size
     sub = BlockGrid(x.shape[1], x.shape[1], grid.block_size)
-    assert sub.pad == front
-    sums = pool_key_blocks(x, sub, dim=1, dtype=dtype)  # [B, blocks, H, D]
-    counts = pool_key_blocks(counts, sub, dim=1)  # [B, blocks]
-    return sums / counts.clamp_min(1)[:, :, None, None], counts
+    if valid is None:
+        sums = pool_key_blocks(x, sub, dim=1, dtype=dtype)  # [B, blocks, H, D]
+        if sub.pad == 0:
+            return sums / grid.block_size
+        # Every block is full but the first: the counts are known without looking at the data.
+        counts = torch.full((sub.num_blocks,), grid.block_size, dtype=dtype, device=x.device)
+        counts[0] = grid.block_size - sub.pad
+        return sums / counts[:, None, None]
+    sums = pool_key_blocks(x * valid[:, :, None, None], sub, dim=1, dtype=dtype)
+    counts = pool_key_blocks(valid.to(dtype), sub, dim=1)  # [B, blocks]
+    return sums / counts.clamp_min(1)[:, :, None, None]
 
 
 def select_blocks(
@@ -203,13 +205,20 @@ def select_blocks(
     dtype = compute_dtype(q.dtype)
     device = q.device
 
-    positions = torch.arange(n, device=device)
-    starts = torch.zeros(batch, dtype=torch.long, device=device) if key_start is None else key_start.to(device, torch.long)
-    key_valid = positions[None, :] >= starts[:, None]  # [B, n]
-    sink = (starts.clamp(max=n - 1) + grid.pad) // bs  # [B]
+    # Small per-sequence values, once. Without left padding the sink is block 0 (the grid's pad < B).
     j = torch.arange(nb, device=device)
     i = torch.arange(grid.first_query_block, nb, device=device)
-    causal = (j[None, :] <= i[:, None])[None] & (j[None, None, :] >= sink[:, None, None])  # [B, nqb, nb]
+    blocked = (j[None, :] > i[:, None])[None]  # [1 or B, nqb, nb]: outside the block-causal triangle
+    if key_start is None:
+        starts = sink = torch.zeros(batch, dtype=torch.long, device=device)
+        key_valid = padding_block = None
+    else:
+        starts = key_start.to(device, torch.long)
+        sink = (starts.clamp(max=n - 1) + grid.pad) // bs  # [B]
+        key_valid = torch.arange(n, device=device)[None, :] >= starts[:, None]  # [B, n]
+        padding_block = (j < sink[:, None])[:, None, :]  # [B, 1, nb]: blocks of padding only
+        blocked = blocked | padding_block
+    short = starts >= n - config.effective_dense_threshold  # [B]: real length at or below the threshold
 
     # Sections 1 and 3: scores of the representative queries.
     if scores_backend is None:
@@ -219,7 +228,8 @@ def select_blocks(
 
         rep_scores = representative_scores_triton(q, k, grid, softmax_scale, key_start)
     elif scores_backend == "torch":
-        rep_scores = representative_scores(q, k, grid, softmax_scale, key_valid)
+        valid = torch.ones(batch, n, dtype=torch.bool, device=device) if key_valid is None else key_valid
+        rep_scores = representative_scores(q, k, grid, softmax_scale, valid)
     else:
         raise ValueError(f"scores_backend={scores_backend!r} is not supported; expected 'triton', 'torch' or None")
     a_v, a_s = rep_scores  # [B, Hq, n] each
@@ -233,16 +243,24 @@ def select_blocks(
         raise ValueError(f"structure_backend={structure_backend!r} is not supported; expected 'triton', 'torch' or None")
 
     # Section 2: the pattern, from the true and the estimated block distributions.
-    true_dist = pool_key_blocks(a_v, grid)  # [B, Hq, nb]
-    k_means, _ = _masked_means(k, key_valid if key_start is not None else None, grid, dtype)  # [B, nb, Hkv, D]
-    k_means = k_means.permute(0, 2, 1, 3)  # [B, Hkv, nb, D]
+    if grid.pad == 0:  # key blocks and offset blocks coincide: pool a_v and a_s by one reduction
+        pooled = rep_scores.unflatten(-1, (nb, bs)).sum(-1)  # [2, B, Hq, nb]
+        true_dist = pooled[0]
+    else:
+        true_dist = pool_key_blocks(a_v, grid)  # [B, Hq, nb]
+    k_means = _masked_means(k, key_valid, grid, dtype).permute(0, 2, 1, 3)  # [B, Hkv, nb, D]
     r = grid.num_representative
-    rep_valid = (positions[n - r :][None, :] >= starts[:, None]).to(dtype)  # [B, r]
-    q_rep = q[:, q_len - r :].to(dtype) * rep_valid[:, :, None, None]
-    q_rep_mean = q_rep.sum(1) / rep_valid.sum(1).clamp_min(1)[:, None, None]  # [B, Hq, D]
+    q_rep = q[:, q_len - r :].to(dtype)
+    if key_start is None and r & (r - 1) == 0:  # dividing by a power of two is exact, however it is done
+        q_rep_mean = q_rep.sum(1) / r  # [B, Hq, D]
+    else:
+        rep_valid = (torch.arange(n - r, n, device=device)[None, :] >= starts[:, None]).to(dtype)  # [B, r]
+        q_rep_mean = (q_rep * rep_valid[:, :, None, None]).sum(1) / rep_valid.sum(1).clamp_min(1)[:, None, None]
     est_logits = (q_rep_mean.unflatten(1, (kv_heads, groups)) @ k_means.transpose(-1, -2)).flatten(1, 2)
-    real_block = (j[None, :] >= sink[:, None])[:, None, :]  # [B, 1, nb]
-    est_dist = torch.softmax((est_logits * softmax_scale).masked_fill(~real_block, -math.inf), dim=-1)
+    est_logits = est_logits * softmax_scale
+    if padding_block is not None:
+        est_logits = est_logits.masked_fill(padding_block, -math.inf)
+    est_dist = torch.softmax(est_logits, dim=-1)
     distance = js_distance(est_dist, true_dist)  # [B, Hq]
     query_aware = distance < config.tau
 
@@ -250,19 +268,23 @@ def select_blocks(
     min_blocks = min(config.min_budget_blocks, nb)
     token_budget = budget_blocks(coverage_counts(rep_scores, config.gamma), grid, config)  # [2, B, Hq]
     block_budget = torch.where(query_aware, min_blocks, token_budget)  # [2, B, Hq]
-    # Vertical and slash blocks by one sort: rows are independent.
-    block_scores = torch.stack([true_dist.masked_fill(~real_block, -1.0), pool_offset_blocks(a_s, grid)])
+    # Vertical and slash blocks by one sort: rows are independent. Padding blocks are never candidates.
+    if grid.pad == 0:
+        block_scores = pooled
+        if padding_block is not None:
+            block_scores[0].masked_fill_(padding_block, -1.0)  # true_dist is not needed any more
+    else:
+        vertical_scores = true_dist if padding_block is None else true_dist.masked_fill(padding_block, -1.0)
+        block_scores = torch.stack([vertical_scores, pool_offset_blocks(a_s, grid)])
     vertical, slash = top_blocks(block_scores, block_budget).unbind(0)  # [B, Hq, nb] each
 
-    # Section 4 needs the query-block means; section 5 the sequences short enough to run dense.
-    q_valid = (positions[n - q_len :][None, :] >= starts[:, None]) if key_start is not None else None
-    q_means, _ = _masked_means(q, q_valid, grid, dtype)
-    q_means = q_means.permute(0, 2, 1, 3)[:, :, -nqb:]  # [B, Hq, nqb, D]
-    short = (n - starts) <= config.effective_dense_threshold  # [B]
-    kv_of_head = torch.arange(q_heads, device=device) // groups
+    # Section 4 needs the query-block means.
+    q_valid = None if key_valid is None else key_valid[:, n - q_len :]
+    q_means = _masked_means(q, q_valid, grid, dtype).permute(0, 2, 1, 3)[:, :, -nqb:]  # [B, Hq, nqb, D]
+    # Each query head's KV-head means, by one copy.
+    k_means = k_means[:, :, None].expand(-1, -1, groups, -1, -1).flatten(1, 2)  # [B, Hq, nb, D]
 
     # The block masks are nb x nb per head: build them a chunk of query heads at a time.
-    blocked = ~causal[:, None]  # [B, 1, nqb, nb]
     pair_index = causal_pair_index(grid, device)  # [P]: the block-causal pairs, row-major
     indices = torch.empty(batch, q_heads, nqb, nb, dtype=torch.int32, device=device)
     counts = torch.empty(batch, q_heads, nqb, dtype=torch.int32, device=device)
@@ -272,16 +294,15 @@ def select_blocks(
         h1 = min(h0 + chunk, q_heads)
         # Section 4: global coverage of the block estimate over the block-causal pairs (the others
         # have probability 0 and are never kept): a gather keeps their row-major order, hence ties.
-        k_means_h = k_means[:, kv_of_head[h0:h1]]  # [B, hc, nb, D]
-        block_logits = q_means[:, h0:h1] @ k_means_h.transpose(-1, -2)  # [B, hc, nqb, nb]
-        block_probs = torch.softmax(block_logits.mul_(softmax_scale).masked_fill_(blocked, -math.inf), dim=-1)
+        block_logits = q_means[:, h0:h1] @ k_means[:, h0:h1].transpose(-1, -2)  # [B, hc, nqb, nb]
+        block_probs = torch.softmax(block_logits.mul_(softmax_scale).masked_fill_(blocked[:, None], -math.inf), dim=-1)
         pair_probs = torch.nan_to_num_(block_probs.flatten(2).index_select(-1, pair_index), nan=0.0)  # [B, hc, P]
         pair_probs = pair_probs.div_(pair_probs.sum(-1, keepdim=True).clamp_min(torch.finfo(dtype).tiny))
         estimate = coverage_mask(pair_probs, config.gamma)
         compose(parts, estimate, grid, indices, counts, h0)
 
-    query_aware = query_aware & ~short[:, None]
+    query_aware = torch.where(short[:, None], False, query_aware)
     distance = distance.masked_fill(short[:, None], math.nan)
-    causal_blocks = causal.sum((-1, -2), dtype=torch.int32)
+    causal_blocks = nqb * nb - blocked.sum((-1, -2), dtype=torch.int32)
     structure = BlockStructure(indices=indices, counts=counts, grid=grid)
     return BlockSelection(structure, query_aware, distance, causal_blocks)
