@@ -7,6 +7,7 @@ import torch
 
 from flexprefill_hf import FlexPrefillConfig, flexprefill_attention, flexprefill_attention_with_stats
 from flexprefill_hf.ops import reference
+from flexprefill_hf.ops.selection import select_blocks
 from flexprefill_hf.testing import structured_qkv
 
 from helpers import relative_error, seeded
@@ -79,7 +80,15 @@ def test_torch_compile_fullgraph():
 
     out, query_aware, blocks = torch.compile(run, fullgraph=True)(q, k, v)
     want_out, want_query_aware, want_blocks = run(q, k, v)
-    # The same choices per head, then the same attention up to bf16 rounding (inductor may tune the
-    # kernel's tiles differently, which changes the summation order).
     assert torch.equal(query_aware, want_query_aware) and torch.equal(blocks, want_blocks)
-    torch.testing.assert_close(out, want_out, rtol=1.6e-2, atol=1e-3)
+    # The same choices per head. Inductor may tune the kernel's tiles differently (another summation order,
+    # other bf16 roundings of the probabilities: up to 3e-3 apart on the H200), so both are compared with
+    # float64 on eager's structure: the compiled output must be as accurate as the eager one.
+    scale = 1 / math.sqrt(q.shape[-1])
+    structure = select_blocks(q, k, CONFIG, scale).structure
+    assert torch.equal(structure.counts.sum(-1, dtype=torch.int32), want_blocks)
+    ref, _ = reference.block_sparse_attention(q, k, v, structure, scale, None)
+    eager_err = (want_out.double() - ref).abs().max().item()
+    err = (out.double() - ref).abs().max().item()
+    floor = torch.finfo(q.dtype).eps * ref.abs().max().item()
+    assert err <= 2 * eager_err + floor, f"compiled error {err:.3g} vs eager {eager_err:.3g} (floor {floor:.3g})"
