@@ -23,6 +23,7 @@ CASES = [
     (1, 520, 1100, 4, 4, 64, 128, None, 0.95, 0.0, 256, None),
     (2, 640, 640, 4, 2, 16, 64, [0, 100], 0.7, 1.0, 64, 128),
     (2, 5, 600, 4, 2, 16, 64, [0, 150], 0.9, 0.2, 64, None),  # a short turn on a long cache
+    (2, 50, 300, 4, 2, 16, 64, None, 0.9, 0.1, 64, None),  # batch without padding, r = 50 rows
 ]
 
 
@@ -55,8 +56,10 @@ def test_selection_equals_reference(case, dtype):
     grid = BlockGrid(q_len, k_len, bs)
     # Section 5: diagonal and sink in every present query block at or after the sink.
     starts_t = torch.zeros(batch, dtype=torch.long) if key_start is None else key_start
+    assert got.causal_blocks.shape == (batch,) and got.causal_blocks.dtype == torch.int32
     for b in range(batch):
         sink = grid.block_of_key(int(starts_t[b]))
+        assert got.causal_blocks[b] == reference.block_causal_mask(grid, sink, "cpu").sum()
         for t in range(grid.num_query_blocks):
             i = grid.first_query_block + t
             if i >= sink:

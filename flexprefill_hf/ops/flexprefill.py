@@ -9,7 +9,7 @@ from typing import Optional
 import torch
 
 from ..config import FlexPrefillConfig
-from .grid import BlockGrid
+from .grid import BlockGrid, causal_block_counts
 from .selection import select_blocks
 from .torch_attention import block_sparse_attention as torch_block_sparse_attention
 from .torch_attention import dense_attention
@@ -109,8 +109,7 @@ def _dense_stats(q: torch.Tensor, k: torch.Tensor, config: FlexPrefillConfig, ke
     grid = BlockGrid(q_len, k.shape[1], config.block_size)
     starts = torch.zeros(batch, dtype=torch.long, device=q.device) if key_start is None else key_start.long()
     sink = (starts.clamp(max=k.shape[1] - 1) + grid.pad) // grid.block_size  # [B]
-    i = torch.arange(grid.first_query_block, grid.num_blocks, device=q.device)
-    causal = (i[None, :] - sink[:, None] + 1).clamp_min(0).sum(-1).to(torch.int32)  # [B]
+    causal = causal_block_counts(grid, sink)  # [B]
     return FlexPrefillStats(
         query_aware=torch.zeros(batch, q_heads, dtype=torch.bool, device=q.device),
         js_distance=torch.full((batch, q_heads), math.nan, device=q.device),

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import torch
+
 
 @dataclasses.dataclass(frozen=True)
 class BlockGrid:
@@ -59,3 +61,10 @@ class BlockGrid:
     def block_of_key(self, position: int) -> int:
         """Block index of key position ``position`` (tensor coordinates)."""
         return (position + self.pad) // self.block_size
+
+
+def causal_block_counts(grid: BlockGrid, sink: torch.Tensor) -> torch.Tensor:
+    """int32 [B]: (query block, key block) pairs with ``sink[b] <= key block <= query block`` over the present
+    query blocks -- the causal block triangle of each sequence (``sink``: int [B], its first real block)."""
+    i = torch.arange(grid.first_query_block, grid.num_blocks, device=sink.device)
+    return (i[None, :] - sink[:, None] + 1).clamp_min(0).sum(-1).to(torch.int32)

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from ..config import FlexPrefillConfig
 from .block_structure import BlockStructure, MaskParts, causal_pair_index, compose_structure_torch
-from .grid import BlockGrid
+from .grid import BlockGrid, causal_block_counts
 
 # Upper bound on the bytes of one chunk of representative scores (and its skewed copy).
 _SCORE_CHUNK_BYTES = 1 << 29
@@ -303,6 +303,6 @@ def select_blocks(
 
     query_aware = torch.where(short[:, None], False, query_aware)
     distance = distance.masked_fill(short[:, None], math.nan)
-    causal_blocks = nqb * nb - blocked.sum((-1, -2), dtype=torch.int32)
+    causal_blocks = causal_block_counts(grid, sink)
     structure = BlockStructure(indices=indices, counts=counts, grid=grid)
     return BlockSelection(structure, query_aware, distance, causal_blocks)
