@@ -1,5 +1,5 @@
 """Sweep the sparse kernel's variants on a GPU: tile configs x K/V loads (pointers or tensor descriptors) x
-warp specialisation, each checked against the pointer variant and timed against SDPA-cuDNN in the same run.
+block-index prefetch, each checked against the first variant and timed against SDPA-cuDNN in the same run.
 
     python benchmarks/sweep_kernel.py --seq 32768 131072 --out sweep.json
 
@@ -35,16 +35,16 @@ def bench(fn, rep=150) -> float:
 def run_variant(q, k, v, structure, variant):
     if variant == "autotuned":
         return lambda: bsa._block_sparse_attention_fwd(q, k, v, structure, None, None, False)
-    (bm, bn, w, s), tma, ws, pf = variant
+    (bm, bn, w, s), tma, pf = variant
     config = triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-    return lambda: bsa._block_sparse_attention_fwd(q, k, v, structure, None, None, False, config, tma, ws, pf)
+    return lambda: bsa._block_sparse_attention_fwd(q, k, v, structure, None, None, False, config, tma, pf)
 
 
 def name_of(variant):
     if variant == "autotuned":
         return "autotuned"
-    (bm, bn, w, s), tma, ws, pf = variant
-    return f"{bm}x{bn} w{w} s{s} {'tma' if tma else 'ptr'}{' ws' if ws else ''}{' pf' if pf else ''}"
+    (bm, bn, w, s), tma, pf = variant
+    return f"{bm}x{bn} w{w} s{s} {'tma' if tma else 'ptr'}{' pf' if pf else ''}"
 
 
 def measure(n, head_dim, dtype, variants, rows, densities):
@@ -105,7 +105,6 @@ def main(argv=None) -> None:
     parser.add_argument("--seq", type=int, nargs="+", default=[32768, 131072])
     parser.add_argument("--densities", type=float, nargs="+", default=[0.25, 1.0])
     parser.add_argument("--tma", type=int, nargs="+", default=[0, 1])
-    parser.add_argument("--ws", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--prefetch", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--configs", type=int, nargs="+", default=None, help="indices into CONFIGS")
     parser.add_argument("--more", action="store_true", help="stage 2: head_dim 64 and fp16 with the best variants")
@@ -116,7 +115,7 @@ def main(argv=None) -> None:
     rows = []
     configs = CONFIGS if args.configs is None else [CONFIGS[i] for i in args.configs]
     variants = [
-        (c, bool(t), bool(w), bool(p)) for c in configs for t in args.tma for w in args.ws for p in args.prefetch
+        (c, bool(t), bool(p)) for c in configs for t in args.tma for p in args.prefetch
     ] + ["autotuned"]
     for n in args.seq:
         densities = [d for d in args.densities if d < 1.0 or n <= 32768]  # dense 128K: too slow to sweep

@@ -25,7 +25,6 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
-from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .block_structure import BlockStructure
 
@@ -39,7 +38,7 @@ def _attend_blocks(
     offs_m, m_last, key_lo, pad, qk_scale, j_start, j_end, n_lo, n_hi, k_desc, v_desc, off_b, off_kvh,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
     MASKED: tl.constexpr, UPCAST: tl.constexpr, LOOP_STAGES: tl.constexpr, USE_TMA: tl.constexpr,
-    WARP_SPECIALIZE: tl.constexpr, PREFETCH_INDEX: tl.constexpr,
+    PREFETCH_INDEX: tl.constexpr,
 ):
     """Online softmax over key sub-tiles ``j_start .. j_end - 1`` (``BLOCK_SIZE // BLOCK_N`` per listed block).
 
@@ -50,7 +49,7 @@ def _attend_blocks(
     TILES_N: tl.constexpr = BLOCK_SIZE // BLOCK_N
     if PREFETCH_INDEX:
         kb_next = tl.load(idx_row + (j_start // TILES_N) * stride_ik, mask=j_start < j_end, other=0).to(tl.int64)
-    for j in tl.range(j_start, j_end, num_stages=LOOP_STAGES, warp_specialize=WARP_SPECIALIZE):
+    for j in tl.range(j_start, j_end, num_stages=LOOP_STAGES):
         entry = j // TILES_N
         if MASKED:
             entry = tl.where(entry < n_lo, entry, entry - n_lo + n_hi)
@@ -121,7 +120,7 @@ def _block_sparse_attention_fwd_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_KEY_START: tl.constexpr, STORE_LSE: tl.constexpr, UPCAST: tl.constexpr,
-    USE_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, PREFETCH_INDEX: tl.constexpr,
+    USE_TMA: tl.constexpr, PREFETCH_INDEX: tl.constexpr,
 ):
     tl.static_assert(BLOCK_SIZE % BLOCK_M == 0, "BLOCK_M must divide the block size")
     # torch.compile may hand float scalars over as fp64; keep the softmax state in fp32.
@@ -195,13 +194,13 @@ def _block_sparse_attention_fwd_kernel(
         acc, l_i, m_i, q, idx_row, stride_ik, k_head, v_head, stride_kn, stride_vn, k_offs, v_offs, d_mask,
         offs_m, m_start + BLOCK_M - 1, key_lo, pad, qk_scale, n_lo * TILES_N, n_hi * TILES_N, n_lo, n_hi,
         KDesc, VDesc, off_b.to(tl.int32), off_kvh.to(tl.int32),
-        BLOCK_SIZE, BLOCK_N, BLOCK_D, EVEN_D, False, UPCAST, None, USE_TMA, WARP_SPECIALIZE, PREFETCH_INDEX,
+        BLOCK_SIZE, BLOCK_N, BLOCK_D, EVEN_D, False, UPCAST, None, USE_TMA, PREFETCH_INDEX,
     )
     acc, l_i, m_i = _attend_blocks(
         acc, l_i, m_i, q, idx_row, stride_ik, k_head, v_head, stride_kn, stride_vn, k_offs, v_offs, d_mask,
         offs_m, m_start + BLOCK_M - 1, key_lo, pad, qk_scale, 0, (n_lo + count - n_hi) * TILES_N, n_lo, n_hi,
         KDesc, VDesc, off_b.to(tl.int32), off_kvh.to(tl.int32),
-        BLOCK_SIZE, BLOCK_N, BLOCK_D, EVEN_D, True, UPCAST, 1, False, False, False,
+        BLOCK_SIZE, BLOCK_N, BLOCK_D, EVEN_D, True, UPCAST, 1, False, False,
     )
 
     # Rows that saw no key have l_i = 0 and acc = 0: they output 0.
@@ -217,7 +216,8 @@ def _block_sparse_attention_fwd_kernel(
 # Tile configs measured best on an H200 from 32K tokens on (benchmarks/RESULTS.md, kernel sweep): with d 128
 # 128 x 128 tiles on 8 warps, 3 stages, index prefetch; with d 64 128 x 64 tiles on 4 warps without it.
 _LONG_CANDIDATES = {(128, 128, 8, 3, True), (128, 64, 4, 3, False)}
-# length_bucket from which only _LONG_CANDIDATES are tuned: every trial then costs a whole long call.
+# length_bucket (query blocks, rounded up to a power of two) from which only _LONG_CANDIDATES are tuned:
+# more than 128 query blocks, i.e. beyond 16K tokens at block 128, where every trial costs a long call.
 _LONG_BUCKET = 256
 
 
@@ -338,12 +338,11 @@ def _descriptor_ready(t: torch.Tensor) -> bool:
 
 def _block_sparse_attention_fwd(
     q, k, v, structure: BlockStructure, softmax_scale, key_start, store_lse: bool,
-    config: Optional[triton.Config] = None, use_tma: Optional[bool] = None, warp_specialize: bool = False,
-    prefetch_index: Optional[bool] = None,
+    config: Optional[triton.Config] = None, use_tma: bool = False, prefetch_index: Optional[bool] = None,
 ):
-    """Validate, allocate and launch. ``config`` (BLOCK_M, BLOCK_N, warps, stages) pins the tiles for tests
-    and benchmarks; otherwise they are autotuned on the GPU. ``use_tma``: read K/V tiles through tensor
-    descriptors (pinned configs only; the H200 sweep measured no gain, so the default path never does).
+    """Validate, allocate and launch. ``config`` (BLOCK_M, BLOCK_N, optionally PREFETCH_INDEX; warps, stages)
+    pins the tiles for tests and benchmarks; otherwise they are autotuned on the GPU. ``use_tma``: read K/V
+    tiles through tensor descriptors (pinned configs only; in the H200 sweep it never beat the best config).
     ``prefetch_index`` overrides the config's ``PREFETCH_INDEX``."""
     _check_inputs(q, k, v, structure, key_start)
     batch, q_len, q_heads, head_dim = q.shape
@@ -368,7 +367,7 @@ def _block_sparse_attention_fwd(
         # A descriptor's tile shape is fixed at creation: it cannot follow the autotuner's BLOCK_N (a pre-hook
         # could, but torch.compile refuses autotune hooks).
         raise ValueError("use_tma=True needs a pinned config and K/V with unit last stride and 16-byte alignment")
-    meta.update(USE_TMA=bool(use_tma), WARP_SPECIALIZE=bool(warp_specialize))
+    meta.update(USE_TMA=bool(use_tma))
     if config is None and interpreting:
         # Autotuning needs a GPU. The interpreter's cost is per tile, barely by size: one tile per block.
         config = triton.Config({"BLOCK_M": grid_geom.block_size, "BLOCK_N": grid_geom.block_size, "PREFETCH_INDEX": True})
@@ -392,6 +391,8 @@ def _block_sparse_attention_fwd(
     indices, counts = structure.indices, structure.counts
     k_desc, v_desc = k, v  # unused unless USE_TMA
     if use_tma:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
         block = [1, config.kwargs["BLOCK_N"], 1, meta["BLOCK_D"]]
         k_desc = TensorDescriptor(k, list(k.shape), list(k.stride()), block)
         v_desc = TensorDescriptor(v, list(v.shape), list(v.stride()), block)
@@ -401,7 +402,7 @@ def _block_sparse_attention_fwd(
         q_heads, q_heads // k.shape[2], q_len, k.shape[1], grid_geom.pad, grid_geom.first_query_block,
         grid_geom.num_query_blocks,
         softmax_scale * 1.4426950408889634,
-        # 32K tokens and longer share one tuning (the same tiles won at 32K and 128K).
+        # Beyond 128 query blocks (16K tokens at block 128) one tuning for all: the same tiles won at 32K and 128K.
         min(triton.next_power_of_2(grid_geom.num_query_blocks), _LONG_BUCKET),
         **meta,
     )
