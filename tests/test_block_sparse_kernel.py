@@ -120,6 +120,8 @@ SUBTILE_CASES = {
     "q77-k333-64x64": (77, 333, 64, 64, torch.float16, [0, 40]),
     "q10-k333-64x32": (10, 333, 64, 32, torch.bfloat16, None),
     "q333-k333-32x64": (333, 333, 32, 64, torch.float16, [0, 150]),
+    # Tiles as large as the block: the pointer loop without prefetch runs only pinned (the GPU tunes it).
+    "q333-k333-128x128": (333, 333, 128, 128, torch.bfloat16, [0, 150]),
 }
 
 

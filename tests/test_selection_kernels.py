@@ -25,6 +25,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
         (1, 1000, 1000, 7, 1, 128, 128, None, torch.float16),
         (2, 1, 200, 2, 1, 16, 64, [5, 190], torch.float16),
         (1, 130, 700, 4, 4, 96, 128, None, torch.bfloat16),
+        (1, 64, 1100, 2, 1, 32, 64, None, torch.float16),  # more than 1024 offsets: two slash programs
     ],
 )
 @pytest.mark.parametrize("splits", [None, 5])

@@ -92,6 +92,8 @@ def test_select_blocks_structure_backends_agree(batch, q_len, k_len, hq, hkv, bl
     assert torch.equal(a.structure.indices, b.structure.indices)
     assert torch.equal(a.structure.counts, b.structure.counts)
     assert torch.equal(a.query_aware, b.query_aware)
+    if batch > 1:  # the case is meant to exercise both patterns
+        assert a.query_aware.any() and not a.query_aware.all()
 
 
 def test_unknown_structure_backend_is_rejected():

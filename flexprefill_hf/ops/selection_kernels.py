@@ -148,7 +148,7 @@ def _representative_scores_kernel(
     q = _load_rep_queries(Q, off_b, off_h, stride_qb, stride_qm, stride_qh, stride_qd, q_len, r,
                           BLOCK, BLOCK_D, HEAD_DIM, UPCAST)
     lse2 = _combine_partials(PartMax, PartSum, pid_bh, num_splits, BLOCK, SPLIT_CHUNK)  # [BR]
-    # 1 / (number of real representative rows, at least 1), rounded as torch rounds it.
+    # 1 / (number of real representative rows, at least 1), correctly rounded (IEEE division, like torch on CPU).
     real_rows = tl.maximum(n - tl.maximum(key_lo, n - r), 1)
     row_scale = tl.math.div_rn(tl.full([], 1.0, tl.float32), real_rows.to(tl.float32))
     scratch = Scratch + (pid_bh * tl.num_programs(1) + pid_s) * (BLOCK * WIDTH)

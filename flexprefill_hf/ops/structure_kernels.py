@@ -33,7 +33,7 @@ def _compose_pack_kernel(
     num_heads, head_start, chunk_heads, num_blocks, num_query_blocks, first_query_block, num_pairs,
     BLOCK_N: tl.constexpr,
 ):
-    tl.static_assert(BLOCK_N >= 16)
+    tl.static_assert(BLOCK_N >= 16, "BLOCK_N must be at least 16 (tl.arange and cumsum tiles)")
     # Longest rows first: the last query blocks have the most key blocks.
     t = num_query_blocks - 1 - tl.program_id(0).to(tl.int64)
     pid_bh = tl.program_id(1).to(tl.int64)
