@@ -237,3 +237,23 @@ def test_rejects_bad_inputs(bad):
     structure, key_start = args.pop("structure"), args.pop("key_start", None)
     with pytest.raises(error, match=match):
         block_sparse_attention(args["q"], args["k"], args["v"], structure, key_start=key_start)
+
+
+@pytest.mark.parametrize("block_d,block_size,bucket,expected", [
+    (128, 128, 256, {(128, 128, 8, 3, True)}),  # long, d 128: the measured winner (128x64/4 warps would spill)
+    (64, 128, 1024, {(128, 128, 8, 3, True), (128, 64, 4, 3, False)}),  # long, d 64: both winners
+    (256, 128, 256, None),  # neither winner fits d 256: the ordinary candidates stay
+    (128, 64, 256, None),  # 128-row tiles do not fit block 64: likewise
+])
+def test_autotune_candidates(block_d, block_size, bucket, expected):
+    from flexprefill_hf.ops import block_sparse_attention as bsa
+
+    def prune(length_bucket):
+        return bsa._prune_configs(bsa._GPU_CONFIGS, {"length_bucket": length_bucket}, BLOCK_SIZE=block_size, BLOCK_D=block_d)
+
+    kept, short = prune(bucket), prune(1)
+    assert kept and all(c.kwargs["BLOCK_M"] <= block_size and c.kwargs["BLOCK_N"] <= block_size for c in kept)
+    if expected is None:
+        assert kept == short
+    else:
+        assert {bsa._config_tuple(c) for c in kept} == expected and len(short) > len(kept)
