@@ -60,8 +60,8 @@ def generate_block_mask(batch, heads, grid: BlockGrid, density: float, seed=0) -
 
 def reference_pair(q, k, v, structure, scale, key_start):
     """(float64 reference out, lse) and the error torch makes computing the same in q.dtype."""
-    ref_out, ref_lse = reference.block_sparse_attention(q, k, v, structure, scale, key_start)
-    low_out, _ = reference.block_sparse_attention(q, k, v, structure, scale, key_start, dtype=q.dtype)
+    ref_out, ref_lse = reference.block_sparse_attention_reference(q, k, v, structure, scale, key_start)
+    low_out, _ = reference.block_sparse_attention_reference(q, k, v, structure, scale, key_start, dtype=q.dtype)
     torch_err = (low_out.double() - ref_out).abs().max().item()
     return ref_out, ref_lse, torch_err
 

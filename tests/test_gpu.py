@@ -36,7 +36,7 @@ def test_prefill_path_has_no_host_sync():
 def test_sparse_output_close_to_dense_on_structured_input():
     q, k, v = _inputs()
     out = flexprefill_attention(q, k, v, FlexPrefillConfig(gamma=1.0, tau=0.0, block_size=128, min_budget=512, cuda_dense_below=0))
-    want, _ = reference.dense_attention(q.double(), k.double(), v.double(), 1 / math.sqrt(128))
+    want, _ = reference.dense_attention_reference(q.double(), k.double(), v.double(), 1 / math.sqrt(128))
     dense = torch.nn.functional.scaled_dot_product_attention(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=True
     ).transpose(1, 2)
@@ -87,7 +87,7 @@ def test_torch_compile_fullgraph():
     scale = 1 / math.sqrt(q.shape[-1])
     structure = select_blocks(q, k, CONFIG, scale).structure
     assert torch.equal(structure.counts.sum(-1, dtype=torch.int32), want_blocks)
-    ref, _ = reference.block_sparse_attention(q, k, v, structure, scale, None)
+    ref, _ = reference.block_sparse_attention_reference(q, k, v, structure, scale, None)
     eager_err = (want_out.double() - ref).abs().max().item()
     err = (out.double() - ref).abs().max().item()
     floor = torch.finfo(q.dtype).eps * ref.abs().max().item()

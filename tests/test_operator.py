@@ -27,7 +27,7 @@ def test_gamma_one_tau_zero_equals_dense(batch, q_len, k_len, hq, hkv, d, starts
         out, stats = flexprefill_attention_with_stats(
             q, k, v, FlexPrefillConfig(gamma=1.0, tau=0.0, **SMALL), key_start=key_start
         )
-    want, _ = reference.dense_attention(q, k, v, 1 / math.sqrt(d), key_start)
+    want, _ = reference.dense_attention_reference(q, k, v, 1 / math.sqrt(d), key_start)
     assert not stats.dense
     assert torch.equal(stats.computed_fraction, torch.ones_like(stats.computed_fraction))
     assert relative_error(out, want) < 1e-5
@@ -43,7 +43,7 @@ def test_sparse_output_matches_reference_on_same_selection():
     with poisoned_empty():
         out, stats = flexprefill_attention_with_stats(q, k, v, config, key_start=key_start)
     sel = selection.select_blocks(q, k, config, 1 / math.sqrt(32), key_start)
-    want, _ = reference.block_sparse_attention(q, k, v, sel.structure, 1 / math.sqrt(32), key_start)
+    want, _ = reference.block_sparse_attention_reference(q, k, v, sel.structure, 1 / math.sqrt(32), key_start)
     assert relative_error(out, want) < 1e-5
     assert (stats.computed_fraction < 1).any()
 
@@ -56,7 +56,7 @@ def test_short_turn_on_a_cache_matches_reference_on_same_selection():
     with poisoned_empty():
         out = flexprefill_attention(q, k, v, config, key_start=key_start)
     sel = selection.select_blocks(q, k, config, 1 / math.sqrt(32), key_start)
-    want, _ = reference.block_sparse_attention(q, k, v, sel.structure, 1 / math.sqrt(32), key_start)
+    want, _ = reference.block_sparse_attention_reference(q, k, v, sel.structure, 1 / math.sqrt(32), key_start)
     assert relative_error(out, want) < 1e-5
 
 
@@ -79,7 +79,7 @@ def test_every_real_row_keeps_sink_and_diagonal_and_has_keys():
 
 def test_error_shrinks_as_gamma_grows():
     q, k, v = structured_qkv(1, 1536, 8, 2, 32, generator=seeded(1))
-    want, _ = reference.dense_attention(q, k, v, 1 / math.sqrt(32))
+    want, _ = reference.dense_attention_reference(q, k, v, 1 / math.sqrt(32))
     errors, fractions = [], []
     for gamma in (0.6, 0.8, 0.9, 0.95, 0.99, 1.0):
         out, stats = flexprefill_attention_with_stats(q, k, v, FlexPrefillConfig(gamma=gamma, tau=0.0, **SMALL))
@@ -120,12 +120,12 @@ def test_prefill_on_cache_matches_the_rows_of_a_full_prefill_when_dense():
 def test_dense_routes_and_stats():
     q, k, v = random_qkv(2, 1, 900, 4, 2, 16, seed=2)
     out, stats = flexprefill_attention_with_stats(q, k, v, FlexPrefillConfig(**SMALL), key_start=torch.tensor([0, 50]))
-    want, _ = reference.dense_attention(q, k, v, 0.25, torch.tensor([0, 50]))
+    want, _ = reference.dense_attention_reference(q, k, v, 0.25, torch.tensor([0, 50]))
     assert stats.dense and relative_error(out, want) < 1e-5
     assert torch.isnan(stats.js_distance).all() and torch.equal(stats.computed_fraction, torch.ones(2, 4))
     q, k, v = random_qkv(1, 128, 128, 2, 2, 16, seed=2)  # at the threshold (2 * block_size)
     out, stats = flexprefill_attention_with_stats(q, k, v, FlexPrefillConfig(**SMALL))
-    assert stats.dense and relative_error(out, reference.dense_attention(q, k, v, 0.25)[0]) < 1e-5
+    assert stats.dense and relative_error(out, reference.dense_attention_reference(q, k, v, 0.25)[0]) < 1e-5
 
 
 def test_float64_and_strided_inputs():
@@ -140,7 +140,7 @@ def test_torch_dense_attention_matches_reference_with_padding():
     q, k, v = random_qkv(2, 90, 300, 6, 3, 16, seed=7)
     with poisoned_empty():
         out = torch_attention.dense_attention(q, k, v, 0.3, torch.tensor([250, 0]))
-    want, _ = reference.dense_attention(q, k, v, 0.3, torch.tensor([250, 0]))
+    want, _ = reference.dense_attention_reference(q, k, v, 0.3, torch.tensor([250, 0]))
     assert relative_error(out, want) < 1e-5
 
 

@@ -2,8 +2,10 @@
 
 Everything here is written for one (batch, query head) at a time where that reads closer to the paper,
 and computes in float64 by default. It materialises token-level masks and scores, so it is meant for
-test sizes (a few thousand tokens), never for the prefill path. Section numbers refer to
-``shared/ALGORITHM.md``; the grid (end-aligned blocks) is described in ``ops/grid.py``.
+test sizes (a few thousand tokens), never for the prefill path. Section numbers (§N) refer to
+``ops/README.md``; the grid (end-aligned blocks) is described in ``ops/grid.py``. Functions that are the
+oracle of a package function carry the suffix ``_reference`` (``block_sparse_attention_reference`` is
+the oracle of ``block_sparse_attention_triton`` and ``_torch``).
 """
 
 from __future__ import annotations
@@ -46,11 +48,11 @@ def block_mask_to_token_mask(block_mask: torch.Tensor, grid: BlockGrid) -> torch
 
 
 # ---------------------------------------------------------------------------------------------
-# Section 6: block-sparse attention given a block structure
+# ops/README.md §6: block-sparse attention given a block structure
 # ---------------------------------------------------------------------------------------------
 
 
-def masked_attention(
+def masked_attention_reference(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -78,7 +80,7 @@ def masked_attention(
     return (probs @ vh).transpose(1, 2), lse
 
 
-def block_sparse_attention(
+def block_sparse_attention_reference(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -87,21 +89,21 @@ def block_sparse_attention(
     key_start: Optional[torch.Tensor] = None,
     dtype: torch.dtype = torch.float64,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Causal attention over the selected key blocks only (ALGORITHM.md section 6).
+    """Causal attention over the selected key blocks only (ops/README.md §6).
 
     Query row r (position k_len - q_len + r) attends key t when t <= its position, t >= key_start[b],
     and t's block is in the structure's list for the row's query block. Shapes as in
-    :func:`masked_attention`. Returns (out, lse) in ``dtype``.
+    :func:`masked_attention_reference`. Returns (out, lse) in ``dtype``.
     """
     grid = structure.grid
     key_valid = key_positions_valid(grid.k_len, key_start, q.shape[0], q.device)
     token_mask = causal_token_mask(grid, key_valid)[:, None] & block_mask_to_token_mask(
         structure_to_block_mask(structure), grid
     )
-    return masked_attention(q, k, v, token_mask, softmax_scale, dtype)
+    return masked_attention_reference(q, k, v, token_mask, softmax_scale, dtype)
 
 
-def dense_attention(
+def dense_attention_reference(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -112,18 +114,18 @@ def dense_attention(
     """Dense bottom-right causal attention with left padding, in ``dtype``. Returns (out, lse)."""
     grid = BlockGrid(q.shape[1], k.shape[1], 64)
     key_valid = key_positions_valid(grid.k_len, key_start, q.shape[0], q.device)
-    return masked_attention(q, k, v, causal_token_mask(grid, key_valid)[:, None], softmax_scale, dtype)
+    return masked_attention_reference(q, k, v, causal_token_mask(grid, key_valid)[:, None], softmax_scale, dtype)
 
 
 # ---------------------------------------------------------------------------------------------
-# Sections 1-5: block selection, one (batch, query head) at a time
+# ops/README.md §1-§5: block selection, one (batch, query head) at a time
 # ---------------------------------------------------------------------------------------------
 
 
 def representative_attention(
     q_rep: torch.Tensor, k: torch.Tensor, q_positions: torch.Tensor, key_valid: torch.Tensor, softmax_scale: float
 ) -> torch.Tensor:
-    """Section 1: Â = softmax(s · Q̂ Kᵀ), causal, over real keys.
+    """§1: Â = softmax(s · Q̂ Kᵀ), causal, over real keys.
 
     q_rep [r, D], k [n, D], q_positions int [r], key_valid bool [n] -> Â [r, n]. A row with no key is 0.
     """
@@ -134,13 +136,13 @@ def representative_attention(
 
 
 def vertical_scores(attn: torch.Tensor) -> torch.Tensor:
-    """Section 3: a_v[j] = mean over the real rows of Â[:, j]. attn [r, n] -> [n]."""
+    """§3: a_v[j] = mean over the real rows of Â[:, j]. attn [r, n] -> [n]."""
     real_rows = (attn.sum(dim=-1) > 0).sum().clamp_min(1)
     return attn.sum(dim=0) / real_rows
 
 
 def slash_scores(attn: torch.Tensor, q_positions: torch.Tensor) -> torch.Tensor:
-    """Section 3: a_s[o] = (sum of Â[i, pos_i - o] over rows i) / rows, for offsets o in [0, n)."""
+    """§3: a_s[o] = (sum of Â[i, pos_i - o] over rows i) / rows, for offsets o in [0, n)."""
     r, n = attn.shape
     real_rows = (attn.sum(dim=-1) > 0).sum().clamp_min(1)
     a_s = torch.zeros(n, dtype=attn.dtype, device=attn.device)
@@ -171,8 +173,8 @@ def block_means(x: torch.Tensor, valid: torch.Tensor, grid: BlockGrid) -> torch.
     return sums / counts.clamp_min(1)[:, None]
 
 
-def js_distance(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """Section 2: sqrt(JSD(p, q)), natural log, with 0·log 0 = 0."""
+def js_distance_reference(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """§2: sqrt(JSD(p, q)), natural log, with 0·log 0 = 0."""
     m = (p + q) / 2
 
     def kl(a: torch.Tensor) -> torch.Tensor:
@@ -191,15 +193,15 @@ def coverage_count(scores: torch.Tensor, gamma: float) -> int:
     return int((before < gamma).sum())
 
 
-def budget_blocks(tokens: int, grid: BlockGrid, config) -> int:
-    """Section 3: a token budget -> blocks: floor(tokens / B) + 1, clamped to [min blocks, nb] and max."""
+def budget_blocks_reference(tokens: int, grid: BlockGrid, config) -> int:
+    """§3: a token budget -> blocks: floor(tokens / B) + 1, clamped to [min blocks, nb] and max."""
     blocks = min(max(tokens // grid.block_size + 1, config.min_budget_blocks), grid.num_blocks)
     if config.max_budget_blocks is not None:
         blocks = min(blocks, config.max_budget_blocks)
     return blocks
 
 
-def top_blocks(scores: torch.Tensor, count: int) -> torch.Tensor:
+def top_blocks_reference(scores: torch.Tensor, count: int) -> torch.Tensor:
     """bool [nb]: the ``count`` highest scores (ties go to the lower index)."""
     order = torch.sort(scores, descending=True, stable=True).indices
     chosen = torch.zeros_like(scores, dtype=torch.bool)
@@ -215,7 +217,7 @@ def block_causal_mask(grid: BlockGrid, sink_block: int, device) -> torch.Tensor:
 
 
 def expand_vertical_slash(vertical: torch.Tensor, slash: torch.Tensor, grid: BlockGrid) -> torch.Tensor:
-    """Section 3: bool [nqb, nb]: j is a chosen vertical block, or i - j a chosen slash offset block."""
+    """§3: bool [nqb, nb]: j is a chosen vertical block, or i - j a chosen slash offset block."""
     mask = torch.zeros(grid.num_query_blocks, grid.num_blocks, dtype=torch.bool, device=vertical.device)
     for t in range(grid.num_query_blocks):
         i = grid.first_query_block + t
@@ -227,7 +229,7 @@ def expand_vertical_slash(vertical: torch.Tensor, slash: torch.Tensor, grid: Blo
 def query_aware_mask(
     q_means: torch.Tensor, k_means: torch.Tensor, allowed: torch.Tensor, softmax_scale: float, gamma: float
 ) -> torch.Tensor:
-    """Section 4: global coverage over (query block, key block) pairs of P = row-softmax(s · Q̄ K̄ᵀ).
+    """§4: global coverage over (query block, key block) pairs of P = row-softmax(s · Q̄ K̄ᵀ).
 
     q_means [nqb, D], k_means [nb, D], allowed bool [nqb, nb] -> bool [nqb, nb].
     """
@@ -240,7 +242,7 @@ def query_aware_mask(
     return chosen.view(allowed.shape)
 
 
-def select_head(
+def select_head_reference(
     q: torch.Tensor,
     k: torch.Tensor,
     key_start: int,
@@ -248,7 +250,7 @@ def select_head(
     config,
     softmax_scale: float,
 ) -> tuple[torch.Tensor, bool, torch.Tensor]:
-    """Sections 1-5 for one sequence and one query head.
+    """§1-§5 for one sequence and one query head.
 
     q [q_len, D] (this head's queries), k [k_len, D] (its KV head), key_start: first real key.
     Returns (block mask bool [nqb, nb], query_aware, js_distance).
@@ -256,6 +258,7 @@ def select_head(
     n = grid.k_len
     key_valid = torch.arange(n, device=k.device) >= key_start
     q_positions = torch.arange(grid.q_len, device=q.device) + grid.cache_len
+    # The sink-block formula, inline until grid.py's BlockGrid.sink_block lands (issue 8, A1).
     sink = grid.block_of_key(min(key_start, n - 1))
     allowed = block_causal_mask(grid, sink, q.device)
     diagonal = torch.zeros_like(allowed)
@@ -265,13 +268,13 @@ def select_head(
     if n - key_start <= config.effective_dense_threshold:  # this sequence alone would run dense
         return allowed, False, torch.tensor(float("nan"), dtype=q.dtype)
 
-    # Section 1: the representative queries are the last min(B, q_len) rows.
+    # ops/README.md §1: the representative queries are the last min(B, q_len) rows.
     r = grid.num_representative
     attn = representative_attention(q[-r:], k, q_positions[-r:], key_valid, softmax_scale)
     a_v = vertical_scores(attn)
     a_s = slash_scores(attn, q_positions[-r:])
 
-    # Section 2: the pattern.
+    # ops/README.md §2: the pattern.
     true_dist = pool_key_scores(a_v, grid)
     k_means = block_means(k, key_valid, grid)
     real_block = torch.arange(grid.num_blocks, device=q.device) >= sink
@@ -279,23 +282,23 @@ def select_head(
     q_rep_mean = (q[-r:] * real_rep[:, None]).sum(0) / real_rep.sum().clamp_min(1)
     est_logits = ((k_means @ q_rep_mean) * softmax_scale).masked_fill(~real_block, -math.inf)
     est_dist = torch.softmax(est_logits, dim=-1)
-    distance = js_distance(est_dist, true_dist)
+    distance = js_distance_reference(est_dist, true_dist)
     query_aware = bool(distance < config.tau)
 
-    # Section 3: vertical-slash budget and blocks. Padding blocks are never candidates.
+    # ops/README.md §3: vertical-slash budget and blocks. Padding blocks are never candidates.
     vertical_pool = pool_key_scores(a_v, grid).masked_fill(~real_block, -1.0)
     slash_pool = pool_offset_scores(a_s, grid)
     min_blocks = min(config.min_budget_blocks, grid.num_blocks)
     if query_aware:
         kb_v = kb_s = min_blocks
     else:
-        kb_v = budget_blocks(coverage_count(a_v, config.gamma), grid, config)
-        kb_s = budget_blocks(coverage_count(a_s, config.gamma), grid, config)
-    vertical = top_blocks(vertical_pool, kb_v)
-    slash = top_blocks(slash_pool, kb_s)
+        kb_v = budget_blocks_reference(coverage_count(a_v, config.gamma), grid, config)
+        kb_s = budget_blocks_reference(coverage_count(a_s, config.gamma), grid, config)
+    vertical = top_blocks_reference(vertical_pool, kb_v)
+    slash = top_blocks_reference(slash_pool, kb_s)
     mask = expand_vertical_slash(vertical, slash, grid)
 
-    # Section 4: query-aware heads add the global coverage of the block estimate.
+    # ops/README.md §4: query-aware heads add the global coverage of the block estimate.
     if query_aware:
         q_valid = q_positions >= key_start
         q_means_all = block_means(torch.cat([q.new_zeros(grid.cache_len, q.shape[1]), q]),
@@ -303,11 +306,11 @@ def select_head(
         q_means = q_means_all[grid.first_query_block:]
         mask = mask | query_aware_mask(q_means, k_means, allowed, softmax_scale, config.gamma)
 
-    # Section 5: diagonal and sink always; block-causal and real blocks only.
+    # ops/README.md §5: diagonal and sink always; block-causal and real blocks only.
     return (mask | always) & allowed, query_aware, distance
 
 
-def select_blocks(
+def select_blocks_reference(
     q: torch.Tensor,
     k: torch.Tensor,
     config,
@@ -327,7 +330,7 @@ def select_blocks(
     for b in range(batch):
         start = 0 if key_start is None else int(key_start[b])
         for h in range(q_heads):
-            mask, query_aware, distance = select_head(
+            mask, query_aware, distance = select_head_reference(
                 q[b, :, h].to(dtype), k[b, :, h // groups].to(dtype), start, grid, config, softmax_scale
             )
             masks.append(mask)
