@@ -6,7 +6,7 @@ import dataclasses
 import math
 from typing import Optional
 
-SUPPORTED_BLOCK_SIZES = (64, 128)
+from .ops.runtime import SUPPORTED_BLOCK_SIZES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,7 +42,8 @@ class FlexPrefillConfig:
         _check_number("tau", self.tau)
         if not self.tau >= 0.0:
             raise ValueError(f"tau={self.tau!r} is not supported; expected tau >= 0")
-        if isinstance(self.block_size, bool) or self.block_size not in SUPPORTED_BLOCK_SIZES:
+        _check_count("block_size", self.block_size, minimum=1)
+        if self.block_size not in SUPPORTED_BLOCK_SIZES:
             raise ValueError(
                 f"block_size={self.block_size!r} is not supported; expected one of {SUPPORTED_BLOCK_SIZES}"
             )
@@ -73,7 +74,7 @@ class FlexPrefillConfig:
 
     @property
     def effective_dense_threshold(self) -> int:
-        """Prompts of at most this many tokens use dense attention (ALGORITHM.md section 5)."""
+        """Prompts of at most this many tokens use dense attention (ops/README.md §5)."""
         if self.dense_threshold is not None:
             return self.dense_threshold
         return max(2 * self.block_size, self.min_budget_blocks * self.block_size)

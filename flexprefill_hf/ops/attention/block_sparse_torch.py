@@ -1,58 +1,32 @@
-"""Attention in plain PyTorch (SDPA): dense causal attention, and block-sparse attention on CPU.
+"""Block-sparse causal attention in plain PyTorch (SDPA): the CPU path of the operator (ops/README.md §6).
 
-Used for decode, short prompts and dtypes the Triton kernel does not take, and as the CPU path of
-the operator. Masks are built one chunk of query rows at a time, so memory stays O(chunk * n),
-never O(n^2). Layout everywhere: q [B, q_len, Hq, D], k/v [B, n, Hkv, D], queries at the last
-q_len positions (bottom-right causal), query head h reads KV head h // (Hq // Hkv).
+The function of the Triton kernel (``block_sparse_triton.py``), computed with SDPA on masks built one chunk
+of query rows at a time, so memory stays O(chunk * n), never O(n^2). Layout everywhere: q [B, q_len, Hq, D],
+k/v [B, n, Hkv, D], queries at the last q_len positions (bottom-right causal), query head h reads KV head
+h // (Hq // Hkv). These functions do not validate: their callers (the operator) pass inputs checked by
+``ops/validation.check_attention_inputs``. FlexPrefill is a prefill (inference) method: the operator
+refuses inputs that require grad.
+
+NaN/Inf inputs are not masked out: masks are additive -inf biases, and 0 * NaN is NaN, so a NaN in a key or
+value of a chunk's visible range can reach every row of that chunk, also rows for which it is in the future
+or padding (as in SDPA's math path). Rows of chunks that never compute its block stay unaffected.
 """
 
 from __future__ import annotations
 
-import importlib.util
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-from .block_structure import BlockStructure, structure_to_block_mask
+from ..block_structure import BlockStructure, structure_to_block_mask
 
 # Bytes of mask built per chunk of query rows, and the most rows in a chunk.
 _MASK_CHUNK_BYTES = 1 << 28
 _MAX_CHUNK_ROWS = 512
 
 
-def _flash_attn_func():
-    if importlib.util.find_spec("flash_attn") is None:
-        return None
-    from flash_attn import flash_attn_func
-
-    return flash_attn_func
-
-
-def dense_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    softmax_scale: float,
-    key_start: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
-    """Dense causal attention -> [B, q_len, Hq, D] in q's dtype; rows with no real key are 0.
-
-    flash-attn when importable (CUDA, fp16/bf16, no padding), else torch SDPA with ``enable_gqa``.
-    """
-    if key_start is None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
-        flash = _flash_attn_func()
-        if flash is not None:
-            return flash(q, k, v, softmax_scale=softmax_scale, causal=True)  # bottom-right aligned
-    if key_start is None and q.shape[1] == k.shape[1]:
-        out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, scale=softmax_scale, enable_gqa=True
-        )
-        return out.transpose(1, 2)
-    return masked_attention(q, k, v, softmax_scale, key_start, None)
-
-
-def block_sparse_attention(
+def block_sparse_attention_torch(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -62,12 +36,14 @@ def block_sparse_attention(
 ) -> torch.Tensor:
     """The function of the Triton kernel, in PyTorch: causal attention over the selected blocks only.
 
+    q [B, q_len, Hq, D], k/v [B, k_len, Hkv, D] in any float dtype; structure on the (q_len, k_len) grid;
+    key_start int [B] or None. Returns [B, q_len, Hq, D] in q's dtype; rows with no real key are 0.
     Assumes what ``select_blocks`` guarantees: every real query row's diagonal block is selected.
     """
-    return masked_attention(q, k, v, softmax_scale, key_start, structure)
+    return masked_attention_torch(q, k, v, softmax_scale, key_start, structure)
 
 
-def masked_attention(
+def masked_attention_torch(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -76,6 +52,10 @@ def masked_attention(
     structure: Optional[BlockStructure],
 ) -> torch.Tensor:
     """Causal (and, given a structure, block-sparse) attention, one chunk of query rows at a time.
+
+    q [B, q_len, Hq, D], k/v [B, k_len, Hkv, D] (any float dtype, one device); key_start int [B] or None;
+    structure None (dense causal) or on the (q_len, k_len) grid. Returns [B, q_len, Hq, D] in q's dtype;
+    rows with no real key (padding queries) are 0.
 
     Masks go to SDPA as additive float biases (on CPU about twice as fast as a bool mask). With a
     structure, a chunk is a run of whole query blocks and its bias is the block mask blown up tile by

@@ -1,4 +1,4 @@
-"""Block-sparse causal attention forward (ALGORITHM.md section 6): Triton kernel and host launchers.
+"""Block-sparse causal attention forward (ops/README.md §6): Triton kernel and its host entries.
 
 Layout: q ``[B, q_len, Hq, D]``, k and v ``[B, k_len, Hkv, D]`` in fp16 or bf16 with any strides (Hugging
 Face's transposed views are read in place). Query head ``h`` reads KV head ``h // (Hq // Hkv)``. Query row
@@ -6,45 +6,46 @@ Face's transposed views are read in place). Query head ``h`` reads KV head ``h /
 ``ops/grid.py``; ``structure`` (``ops/block_structure.py``) lists, per (batch, query head, present query
 block), the ascending key blocks to compute. A row attends key ``t`` iff ``t <= position``,
 ``t >= key_start[b]`` and ``block(t)`` is listed for its query block; a row with no such key outputs 0 and
-has log-sum-exp ``-inf``. The oracle is ``reference.block_sparse_attention``.
+has log-sum-exp ``-inf``. The oracle is ``reference.block_sparse_attention_reference``; the same function
+in PyTorch is ``block_sparse_torch.block_sparse_attention_torch``.
 
 One program computes ``BLOCK_M`` rows of one query block for one (batch, query head). Its key list splits
 into three ranges because it is ascending: leading blocks that hold padding (``t < key_start`` or the
 virtual left padding of the grid), middle blocks that are wholly visible (no element mask: the fast,
 pipelined loop) and trailing blocks at or after the query block (the causal diagonal). Per tile config,
-the wholly visible loop may load each block index one iteration ahead (``PREFETCH_INDEX``) and may read
-K/V through tensor descriptors (``USE_TMA``, off by default: no gain measured on the H200).
+the wholly visible loop may load each block index one iteration ahead (``PREFETCH_INDEX``).
+
+Forward only: FlexPrefill is a prefill (inference) method, and the entries refuse inputs that require grad.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
-import os
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
-from .block_structure import BlockStructure
+from ..block_structure import BlockStructure
+from ..runtime import LN2, LOG2E, interpreting, is_hopper
+from ..validation import check_attention_inputs, check_softmax_scale, check_structure
 
-SUPPORTED_BLOCK_SIZES = (64, 128)
-MAX_HEAD_DIM = 256
+_LN2 = tl.constexpr(LN2)
 
 
 @triton.jit
 def _attend_blocks(
     acc, l_i, m_i, q, idx_row, stride_ik, k_head, v_head, stride_kn, stride_vn, k_offs, v_offs, d_mask,
-    offs_m, m_last, key_lo, pad, qk_scale, j_start, j_end, n_lo, n_hi, k_desc, v_desc, off_b, off_kvh,
+    offs_m, m_last, key_lo, pad, qk_scale, j_start, j_end, n_lo, n_hi,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
-    MASKED: tl.constexpr, UPCAST: tl.constexpr, LOOP_STAGES: tl.constexpr, USE_TMA: tl.constexpr,
-    PREFETCH_INDEX: tl.constexpr,
+    MASKED: tl.constexpr, UPCAST: tl.constexpr, LOOP_STAGES: tl.constexpr, PREFETCH_INDEX: tl.constexpr,
 ):
     """Online softmax over key sub-tiles ``j_start .. j_end - 1`` (``BLOCK_SIZE // BLOCK_N`` per listed block).
 
     MASKED: the sub-tiles of the masked entries ``[0, n_lo)`` then ``[n_hi, count)``, with the causal and
     padding element mask; otherwise the wholly visible entries ``[n_lo, n_hi)`` with no mask at all.
-    USE_TMA (unmasked only): K and V tiles come through tensor descriptors (Hopper's copy engine).
     """
     TILES_N: tl.constexpr = BLOCK_SIZE // BLOCK_N
     if PREFETCH_INDEX:
@@ -68,8 +69,6 @@ def _attend_blocks(
             # Never read keys no row may see: virtual padding (negative positions) or past the last row.
             n_mask = (offs_n >= key_lo) & (offs_n <= m_last)
             k = tl.load(k_ptrs, mask=d_mask[:, None] & n_mask[None, :], other=0.0)
-        elif USE_TMA:
-            k = k_desc.load([off_b, n_start.to(tl.int32), off_kvh, 0]).reshape(BLOCK_N, BLOCK_D).T
         elif EVEN_D:
             k = tl.load(k_ptrs)
         else:
@@ -93,8 +92,6 @@ def _attend_blocks(
         acc = acc * alpha[:, None]
         if MASKED:
             v = tl.load(v_ptrs, mask=n_mask[:, None] & d_mask[None, :], other=0.0)
-        elif USE_TMA:
-            v = v_desc.load([off_b, n_start.to(tl.int32), off_kvh, 0]).reshape(BLOCK_N, BLOCK_D)
         elif EVEN_D:
             v = tl.load(v_ptrs)
         else:
@@ -108,7 +105,7 @@ def _attend_blocks(
 
 @triton.jit
 def _block_sparse_attention_fwd_kernel(
-    Q, K, V, Out, Lse, Indices, Counts, KeyStart, KDesc, VDesc,
+    Q, K, V, Out, Lse, Indices, Counts, KeyStart,
     stride_qb, stride_qm, stride_qh, stride_qd,
     stride_kb, stride_kn, stride_kh, stride_kd,
     stride_vb, stride_vn, stride_vh, stride_vd,
@@ -120,7 +117,7 @@ def _block_sparse_attention_fwd_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_KEY_START: tl.constexpr, STORE_LSE: tl.constexpr, UPCAST: tl.constexpr,
-    USE_TMA: tl.constexpr, PREFETCH_INDEX: tl.constexpr,
+    PREFETCH_INDEX: tl.constexpr,
 ):
     tl.static_assert(BLOCK_SIZE % BLOCK_M == 0, "BLOCK_M must divide the block size")
     # torch.compile may hand float scalars over as fp64; keep the softmax state in fp32.
@@ -193,14 +190,12 @@ def _block_sparse_attention_fwd_kernel(
     acc, l_i, m_i = _attend_blocks(
         acc, l_i, m_i, q, idx_row, stride_ik, k_head, v_head, stride_kn, stride_vn, k_offs, v_offs, d_mask,
         offs_m, m_start + BLOCK_M - 1, key_lo, pad, qk_scale, n_lo * TILES_N, n_hi * TILES_N, n_lo, n_hi,
-        KDesc, VDesc, off_b.to(tl.int32), off_kvh.to(tl.int32),
-        BLOCK_SIZE, BLOCK_N, BLOCK_D, EVEN_D, False, UPCAST, None, USE_TMA, PREFETCH_INDEX,
+        BLOCK_SIZE, BLOCK_N, BLOCK_D, EVEN_D, False, UPCAST, None, PREFETCH_INDEX,
     )
     acc, l_i, m_i = _attend_blocks(
         acc, l_i, m_i, q, idx_row, stride_ik, k_head, v_head, stride_kn, stride_vn, k_offs, v_offs, d_mask,
         offs_m, m_start + BLOCK_M - 1, key_lo, pad, qk_scale, 0, (n_lo + count - n_hi) * TILES_N, n_lo, n_hi,
-        KDesc, VDesc, off_b.to(tl.int32), off_kvh.to(tl.int32),
-        BLOCK_SIZE, BLOCK_N, BLOCK_D, EVEN_D, True, UPCAST, 1, False, False,
+        BLOCK_SIZE, BLOCK_N, BLOCK_D, EVEN_D, True, UPCAST, 1, False,
     )
 
     # Rows that saw no key have l_i = 0 and acc = 0: they output 0.
@@ -209,38 +204,97 @@ def _block_sparse_attention_fwd_kernel(
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_mask[:, None] & d_mask[None, :])
     if STORE_LSE:
         # m_i is in log2 units (log2(e) is folded into qk_scale); empty rows get -inf.
-        lse = (m_i + tl.math.log2(tl.where(l_i == 0.0, 1.0, l_i))) * 0.6931471805599453
+        lse = (m_i + tl.math.log2(tl.where(l_i == 0.0, 1.0, l_i))) * _LN2
         tl.store(Lse + pid_bh * q_len + rows, lse, mask=row_mask)
 
 
-# Tile configs measured best on an H200 from 32K tokens on (benchmarks/RESULTS.md, kernel sweep): with d 128
-# 128 x 128 tiles on 8 warps, 3 stages, index prefetch; with d 64 128 x 64 tiles on 4 warps without it.
-_LONG_CANDIDATES = {(128, 128, 8, 3, True), (128, 64, 4, 3, False)}
-# length_bucket (query blocks, rounded up to a power of two) from which only _LONG_CANDIDATES are tuned:
+@dataclasses.dataclass(frozen=True)
+class TileConfig:
+    """Pinned tiles for the sparse kernel (tests, benchmarks, sweeps); without one the GPU autotunes.
+
+    block_m: query rows per program; block_n: keys per inner step. Both powers of two in [16, 128] that
+    divide the grid's block size. num_warps: 1, 2, 4, 8 or 16. num_stages >= 1: software-pipeline depth of
+    the wholly visible loop. prefetch_index: load each key block's index one iteration ahead.
+    """
+
+    block_m: int = 128
+    block_n: int = 128
+    num_warps: int = 8
+    num_stages: int = 3
+    prefetch_index: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("block_m", "block_n", "num_warps", "num_stages"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{name}={value!r} has type {type(value).__name__}; expected an int")
+        for name in ("block_m", "block_n"):
+            value = getattr(self, name)
+            if value not in (16, 32, 64, 128):
+                raise ValueError(f"{name}={value} is not supported; expected one of (16, 32, 64, 128)")
+        if self.num_warps not in (1, 2, 4, 8, 16):
+            raise ValueError(f"num_warps={self.num_warps} is not supported; expected one of (1, 2, 4, 8, 16)")
+        if self.num_stages < 1:
+            raise ValueError(f"num_stages={self.num_stages} is not supported; expected an int >= 1")
+        if not isinstance(self.prefetch_index, bool):
+            raise TypeError(f"prefetch_index={self.prefetch_index!r} has type "
+                            f"{type(self.prefetch_index).__name__}; expected a bool")
+
+    def as_tuple(self) -> tuple:
+        return (self.block_m, self.block_n, self.num_warps, self.num_stages, self.prefetch_index)
+
+
+def _config(tiles: tuple) -> triton.Config:
+    bm, bn, warps, stages, prefetch = tiles
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "PREFETCH_INDEX": prefetch}, num_warps=warps, num_stages=stages)
+
+
+def _tiles_of(c: triton.Config) -> tuple:
+    return (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages, c.kwargs["PREFETCH_INDEX"])
+
+
+# Tuning tables measured on an H200 (compute capability 9.0, benchmarks/RESULTS.md kernel sweep); they apply
+# only there. BLOCK_M x BLOCK_N, warps, pipeline stages, index prefetch (see _attend_blocks). The prefetch
+# gained 13 % with 128 x 128 tiles, 3 stages, d 128, but cost 4x with 128 x 64 tiles on 4 warps: a per-config
+# choice.
+_H200_TILES = [
+    (128, 128, 8, 3, True), (128, 128, 8, 2, False), (128, 128, 8, 3, False), (128, 64, 8, 3, False),
+    (128, 64, 4, 3, False), (64, 64, 4, 3, False), (64, 64, 4, 2, False), (64, 64, 8, 2, False),
+    (64, 32, 8, 2, False),
+]
+# Measured best on the H200 from 32K tokens on: with d 128 128 x 128 tiles on 8 warps, 3 stages, index
+# prefetch; with d 64 128 x 64 tiles on 4 warps without it.
+_H200_LONG_CANDIDATES = {(128, 128, 8, 3, True), (128, 64, 4, 3, False)}
+# length_bucket (query blocks, rounded up to a power of two) from which only the long candidates are tuned:
 # more than 128 query blocks, i.e. beyond 16K tokens at block 128, where every trial costs a long call.
 _LONG_BUCKET = 256
-
-
-def _config_tuple(c) -> tuple:
-    return (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages, c.kwargs["PREFETCH_INDEX"])
+# Every other GPU: a plain list of common flash-attention tiles, all tried (nothing measured there).
+_DEFAULT_TILES = [
+    (128, 128, 8, 2, False), (128, 64, 4, 2, False), (64, 64, 4, 2, False), (64, 64, 4, 3, False),
+    (64, 32, 4, 2, False),
+]
+_ALL_CONFIGS = [_config(t) for t in dict.fromkeys(_H200_TILES + _DEFAULT_TILES)]
 
 
 def _prune_configs(configs, named_args, **kwargs):
     block_size, block_d = kwargs["BLOCK_SIZE"], kwargs["BLOCK_D"]
+    hopper = is_hopper(named_args["Q"])
+    listed = set(_H200_TILES if hopper else _DEFAULT_TILES)
 
     def fits(c):
         bm, bn, warps = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps
-        # More than 64 fp32 accumulator values per thread spill registers on Hopper (ptxas -v).
+        # More than 64 fp32 accumulator values per thread spill registers (ptxas -v on the H200; the
+        # register file per thread is the same on other recent GPUs).
         spills = bm * block_d > 64 * 32 * warps
-        # Narrow key tiles and 64-row tiles on 8 warps ran at 40 % of the best on an H200 with d 128;
-        # only heads too wide for 64 x 64 tiles on 4 warps need them.
-        slow = (bn < 64 or (bm < 128 and warps == 8)) and block_d <= 128
-        return bm <= block_size and bn <= block_size and not spills and not slow
+        # H200: narrow key tiles and 64-row tiles on 8 warps ran at 40 % of the best with d 128; only heads
+        # too wide for 64 x 64 tiles on 4 warps need them.
+        slow = hopper and (bn < 64 or (bm < 128 and warps == 8)) and block_d <= 128
+        return _tiles_of(c) in listed and bm <= block_size and bn <= block_size and not spills and not slow
 
     # The smallest tile always fits: keep it so every head dim has a candidate.
-    kept = [c for c in configs if fits(c)] or [configs[-1]]
-    if named_args.get("length_bucket", 0) >= _LONG_BUCKET:
-        kept = [c for c in kept if _config_tuple(c) in _LONG_CANDIDATES] or kept
+    kept = [c for c in configs if fits(c)] or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+    if hopper and named_args.get("length_bucket", 0) >= _LONG_BUCKET:
+        kept = [c for c in kept if _tiles_of(c) in _H200_LONG_CANDIDATES] or kept
     return kept
 
 
@@ -259,101 +313,32 @@ def _tuning_bench(kernel_call, quantiles):
     return [ms] * len(quantiles)
 
 
-# BLOCK_M x BLOCK_N, warps, pipeline stages, index prefetch (see _attend_blocks). The prefetch gained 13 % with
-# 128 x 128 tiles, 3 stages, d 128 (H200), but cost 4x with 128 x 64 tiles on 4 warps: a per-config choice.
-_GPU_CONFIGS = [
-    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "PREFETCH_INDEX": pf}, num_warps=w, num_stages=s)
-    for bm, bn, w, s, pf in [
-        (128, 128, 8, 3, True), (128, 128, 8, 2, False), (128, 128, 8, 3, False), (128, 64, 8, 3, False),
-        (128, 64, 4, 3, False), (64, 64, 4, 3, False), (64, 64, 4, 2, False), (64, 64, 8, 2, False),
-        (64, 32, 8, 2, False),
-    ]
-]
-_TUNING = dict(configs=_GPU_CONFIGS, key=["HEAD_DIM", "BLOCK_SIZE", "length_bucket"],
+_TUNING = dict(configs=_ALL_CONFIGS, key=["HEAD_DIM", "BLOCK_SIZE", "length_bucket"],
                prune_configs_by={"early_config_prune": _prune_configs})
 _block_sparse_attention_fwd_tuned = triton.autotune(**_TUNING, do_bench=_tuning_bench)(_block_sparse_attention_fwd_kernel)
 # Under torch.compile the user kernel is tuned by inductor: hand it a plain autotuner.
 _block_sparse_attention_fwd_tuned_plain = triton.autotune(**_TUNING)(_block_sparse_attention_fwd_kernel)
 
 
-def _check_inputs(q, k, v, structure, key_start) -> None:
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 4:
-            raise ValueError(f"{name} must have 4 dimensions [batch, seq, heads, head_dim], got shape {tuple(t.shape)}")
-        if t.dtype not in (torch.float16, torch.bfloat16):
-            raise TypeError(f"{name}.dtype={t.dtype} is not supported; expected torch.float16 or torch.bfloat16")
-        if t.device != q.device:
-            raise ValueError(f"{name} is on {t.device} but q is on {q.device}; all inputs must share a device")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    batch, q_len, q_heads, head_dim = q.shape
-    if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
-    if k.shape[0] != batch or k.shape[3] != head_dim:
-        raise ValueError(
-            f"k/v shape {tuple(k.shape)} does not match q shape {tuple(q.shape)} in batch or head_dim"
-        )
-    kv_heads, k_len = k.shape[2], k.shape[1]
-    if kv_heads == 0 or q_heads % kv_heads != 0:
-        raise ValueError(f"q heads ({q_heads}) must be a multiple of k/v heads ({kv_heads})")
-    if head_dim % 8 != 0 or not 16 <= head_dim <= MAX_HEAD_DIM:
-        raise ValueError(f"head_dim={head_dim} is not supported; expected a multiple of 8 in [16, {MAX_HEAD_DIM}]")
-    if q_len > k_len:
-        raise ValueError(f"q_len={q_len} must not exceed k_len={k_len} (queries are the last keys)")
-    grid = structure.grid
-    if grid.block_size not in SUPPORTED_BLOCK_SIZES:
-        raise ValueError(f"block_size={grid.block_size} is not supported; expected one of {SUPPORTED_BLOCK_SIZES}")
-    if (grid.q_len, grid.k_len) != (q_len, k_len):
-        raise ValueError(
-            f"structure grid has q_len={grid.q_len}, k_len={grid.k_len}; inputs have q_len={q_len}, k_len={k_len}"
-        )
-    expected = (batch, q_heads, grid.num_query_blocks, grid.num_blocks)
-    for name, t, shape in (("indices", structure.indices, expected), ("counts", structure.counts, expected[:3])):
-        if tuple(t.shape) != shape or t.dtype != torch.int32:
-            raise ValueError(
-                f"structure.{name} must be int32 of shape {shape}, got {t.dtype} of shape {tuple(t.shape)}"
-            )
-        if t.device != q.device:
-            raise ValueError(f"structure.{name} is on {t.device} but q is on {q.device}")
-    if key_start is not None:
-        if not isinstance(key_start, torch.Tensor) or key_start.dtype not in (torch.int32, torch.int64):
-            raise TypeError(f"key_start must be an int32 or int64 tensor, got {getattr(key_start, 'dtype', key_start)}")
-        if tuple(key_start.shape) != (batch,) or key_start.device != q.device:
-            raise ValueError(
-                f"key_start must have shape ({batch},) on {q.device}, got {tuple(key_start.shape)} on {key_start.device}"
-            )
-
-
-def _descriptor_ready(t: torch.Tensor) -> bool:
-    """Whether the copy engine can read ``t`` [B, N, H, D]: unit last stride, 16-byte aligned base and strides."""
-    size = t.element_size()
-    return (
-        t.stride(-1) == 1
-        and t.data_ptr() % 16 == 0
-        and all((s * size) % 16 == 0 for s in t.stride()[:-1])
-    )
-
-
-def _block_sparse_attention_fwd(
-    q, k, v, structure: BlockStructure, softmax_scale, key_start, store_lse: bool,
-    config: Optional[triton.Config] = None, use_tma: bool = False, prefetch_index: Optional[bool] = None,
-):
-    """Validate, allocate and launch. ``config`` (BLOCK_M, BLOCK_N, optionally PREFETCH_INDEX; warps, stages)
-    pins the tiles for tests and benchmarks; otherwise they are autotuned on the GPU. ``use_tma``: read K/V
-    tiles through tensor descriptors (pinned configs only; in the H200 sweep it never beat the best config).
-    ``prefetch_index`` overrides the config's ``PREFETCH_INDEX``."""
-    _check_inputs(q, k, v, structure, key_start)
+def _forward(q, k, v, structure: BlockStructure, softmax_scale, key_start, tile_config, store_lse: bool):
+    """Validate, allocate and launch; returns (out, lse) (lse is ``out`` itself when not stored)."""
+    check_attention_inputs(q, k, v, key_start, kernel=True)
+    check_structure(structure, q, k)
+    check_softmax_scale(softmax_scale)
+    if tile_config is not None and not isinstance(tile_config, TileConfig):
+        raise TypeError(f"tile_config has type {type(tile_config).__name__}; expected TileConfig or None")
     batch, q_len, q_heads, head_dim = q.shape
     grid_geom = structure.grid
+    if tile_config is not None and (grid_geom.block_size % tile_config.block_m or grid_geom.block_size % tile_config.block_n):
+        raise ValueError(
+            f"tile_config block_m={tile_config.block_m}, block_n={tile_config.block_n} do not divide "
+            f"block_size={grid_geom.block_size}; expected divisors of the block size"
+        )
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((batch, q_heads, q_len), dtype=torch.float32, device=q.device) if store_lse else out
     if q_len == 0 or batch == 0 or q_heads == 0:
         return out, lse
-    if softmax_scale is None:
-        softmax_scale = 1.0 / math.sqrt(head_dim)
-    interpreting = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    scale = 1.0 / math.sqrt(head_dim) if softmax_scale is None else float(softmax_scale)
     meta = dict(
         HEAD_DIM=head_dim,
         BLOCK_SIZE=grid_geom.block_size,
@@ -361,22 +346,15 @@ def _block_sparse_attention_fwd(
         HAS_KEY_START=key_start is not None,
         STORE_LSE=store_lse,
         # The interpreter computes bf16 arithmetic wrongly: upcast right after each load there.
-        UPCAST=interpreting and q.dtype == torch.bfloat16,
+        UPCAST=interpreting() and q.dtype == torch.bfloat16,
     )
-    if use_tma and (config is None or not (_descriptor_ready(k) and _descriptor_ready(v))):
-        # A descriptor's tile shape is fixed at creation: it cannot follow the autotuner's BLOCK_N (a pre-hook
-        # could, but torch.compile refuses autotune hooks).
-        raise ValueError("use_tma=True needs a pinned config and K/V with unit last stride and 16-byte alignment")
-    meta.update(USE_TMA=bool(use_tma))
-    if config is None and interpreting:
+    if tile_config is None and interpreting():
         # Autotuning needs a GPU. The interpreter's cost is per tile, barely by size: one tile per block.
-        config = triton.Config({"BLOCK_M": grid_geom.block_size, "BLOCK_N": grid_geom.block_size, "PREFETCH_INDEX": True})
-    if config is not None:
+        tile_config = TileConfig(grid_geom.block_size, grid_geom.block_size, 4, 1, True)
+    if tile_config is not None:
         kernel = _block_sparse_attention_fwd_kernel
-        meta.update(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
-        if prefetch_index is not None:
-            meta["PREFETCH_INDEX"] = bool(prefetch_index)
-        meta.setdefault("PREFETCH_INDEX", False)
+        meta.update(BLOCK_M=tile_config.block_m, BLOCK_N=tile_config.block_n, PREFETCH_INDEX=tile_config.prefetch_index,
+                    num_warps=tile_config.num_warps, num_stages=tile_config.num_stages)
     elif torch.compiler.is_compiling():
         kernel = _block_sparse_attention_fwd_tuned_plain
     else:
@@ -389,19 +367,12 @@ def _block_sparse_attention_fwd(
         return (batch * q_heads, num_tiles)
 
     indices, counts = structure.indices, structure.counts
-    k_desc, v_desc = k, v  # unused unless USE_TMA
-    if use_tma:
-        from triton.tools.tensor_descriptor import TensorDescriptor
-
-        block = [1, config.kwargs["BLOCK_N"], 1, meta["BLOCK_D"]]
-        k_desc = TensorDescriptor(k, list(k.shape), list(k.stride()), block)
-        v_desc = TensorDescriptor(v, list(v.shape), list(v.stride()), block)
     kernel[launch_grid](
-        q, k, v, out, lse, indices, counts, key_start if key_start is not None else counts, k_desc, v_desc,
+        q, k, v, out, lse, indices, counts, key_start if key_start is not None else counts,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *indices.stride(), *counts.stride(),
         q_heads, q_heads // k.shape[2], q_len, k.shape[1], grid_geom.pad, grid_geom.first_query_block,
         grid_geom.num_query_blocks,
-        softmax_scale * 1.4426950408889634,
+        scale * LOG2E,  # the kernel's softmax uses exp2
         # Beyond 128 query blocks (16K tokens at block 128) one tuning for all: the same tiles won at 32K and 128K.
         min(triton.next_power_of_2(grid_geom.num_query_blocks), _LONG_BUCKET),
         **meta,
@@ -409,7 +380,7 @@ def _block_sparse_attention_fwd(
     return out, lse
 
 
-def block_sparse_attention(
+def block_sparse_attention_triton(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -417,23 +388,29 @@ def block_sparse_attention(
     *,
     softmax_scale: Optional[float] = None,
     key_start: Optional[torch.Tensor] = None,
+    tile_config: Optional[TileConfig] = None,
 ) -> torch.Tensor:
-    """Causal attention over the key blocks selected in ``structure``.
+    """Causal attention over the key blocks selected in ``structure``, forward only (no gradients).
 
     Args:
         q: [B, q_len, Hq, D] fp16/bf16, any strides. k, v: [B, k_len, Hkv, D], same dtype and device;
-            Hq a multiple of Hkv; q_len <= k_len; D a multiple of 8 up to 256.
+            Hq a multiple of Hkv; q_len <= k_len; D a multiple of 8 in [16, 256].
         structure: the selected key blocks, grid block size 64 or 128, ``grid.q_len == q_len`` and
             ``grid.k_len == k_len``; indices int32 [B, Hq, nqb, nb], counts int32 [B, Hq, nqb].
         softmax_scale: defaults to 1 / sqrt(D).
-        key_start: optional int32/int64 [B]; keys before key_start[b] are (left) padding.
+        key_start: optional int32/int64 [B], 0 <= key_start[b] < k_len; keys before it are (left) padding.
+            On CUDA the range is checked by a device-side assert (no host sync; see ``ops/validation.py``).
+        tile_config: pin the tiles (:class:`TileConfig`); default: autotuned on the GPU (H200-measured
+            candidates on compute capability 9.0, a plain list elsewhere), one tile per block in the
+            Triton interpreter.
     Returns:
-        out [B, q_len, Hq, D] in the input dtype; rows with no visible key are 0.
+        out [B, q_len, Hq, D] in the input dtype; rows with no visible key are 0. A NaN or Inf in q, k or v
+        reaches every row whose computed blocks hold it (as in SDPA).
     """
-    return _block_sparse_attention_fwd(q, k, v, structure, softmax_scale, key_start, store_lse=False)[0]
+    return _forward(q, k, v, structure, softmax_scale, key_start, tile_config, store_lse=False)[0]
 
 
-def block_sparse_attention_with_lse(
+def block_sparse_attention_triton_with_lse(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -441,7 +418,8 @@ def block_sparse_attention_with_lse(
     *,
     softmax_scale: Optional[float] = None,
     key_start: Optional[torch.Tensor] = None,
+    tile_config: Optional[TileConfig] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """As :func:`block_sparse_attention`; also returns the natural log-sum-exp, fp32 [B, Hq, q_len]
+    """As :func:`block_sparse_attention_triton`; also returns the natural log-sum-exp, fp32 [B, Hq, q_len]
     (``-inf`` for rows with no visible key)."""
-    return _block_sparse_attention_fwd(q, k, v, structure, softmax_scale, key_start, store_lse=True)
+    return _forward(q, k, v, structure, softmax_scale, key_start, tile_config, store_lse=True)
