@@ -7,8 +7,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from flexprefill_hf import FlexPrefillConfig
-from flexprefill_hf.ops import reference, selection, torch_attention
+from flexprefill_hf.ops import reference
+from flexprefill_hf.ops.attention.block_sparse_torch import block_sparse_attention_torch
 from flexprefill_hf.ops.block_structure import structure_to_block_mask
+from flexprefill_hf.ops.selection import select_blocks
 from flexprefill_hf.testing import structured_qkv
 
 from helpers import seeded
@@ -39,8 +41,8 @@ def test_selection_equals_reference_on_random_problems(problem):
     q, k, _ = structured_qkv(batch, k_len, q_heads, kv_heads, 16, q_len=q_len, generator=seeded(seed), dtype=torch.float64)
     key_start = torch.tensor(starts)
     scale = 1 / math.sqrt(16)
-    want_mask, want_qa, want_js = reference.select_blocks(q, k, config, scale, key_start)
-    got = selection.select_blocks(q, k, config, scale, key_start)
+    want_mask, want_qa, want_js = reference.select_blocks_reference(q, k, config, scale, key_start)
+    got = select_blocks(q, k, config, scale, key_start)
     assert torch.equal(structure_to_block_mask(got.structure), want_mask)
     assert torch.equal(got.query_aware, want_qa)
     torch.testing.assert_close(got.js_distance, want_js, equal_nan=True)
@@ -53,7 +55,7 @@ def test_cpu_sparse_attention_equals_reference_on_random_problems(problem):
     q, k, v = structured_qkv(batch, k_len, q_heads, kv_heads, 16, q_len=q_len, generator=seeded(seed), dtype=torch.float64)
     key_start = torch.tensor(starts)
     scale = 1 / math.sqrt(16)
-    got = selection.select_blocks(q, k, config, scale, key_start)
-    out = torch_attention.block_sparse_attention(q, k, v, got.structure, scale, key_start)
-    want, _ = reference.block_sparse_attention(q, k, v, got.structure, scale, key_start)
+    got = select_blocks(q, k, config, scale, key_start)
+    out = block_sparse_attention_torch(q, k, v, got.structure, scale, key_start)
+    want, _ = reference.block_sparse_attention_reference(q, k, v, got.structure, scale, key_start)
     torch.testing.assert_close(out, want, rtol=1e-10, atol=1e-10)

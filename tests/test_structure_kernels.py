@@ -6,10 +6,11 @@ import pytest
 import torch
 
 from flexprefill_hf import FlexPrefillConfig
-from flexprefill_hf.ops import selection
-from flexprefill_hf.ops.block_structure import MaskParts, causal_pair_count, causal_pair_index, compose_structure_torch
+from flexprefill_hf.ops.block_structure import causal_pair_count, causal_pair_index
 from flexprefill_hf.ops.grid import BlockGrid
-from flexprefill_hf.ops.structure_kernels import compose_structure_triton
+from flexprefill_hf.ops.selection import select, select_blocks
+from flexprefill_hf.ops.selection.compose import MaskParts, compose_structure_torch
+from flexprefill_hf.ops.selection.compose_triton import compose_structure_triton
 from flexprefill_hf.testing import structured_qkv
 
 from helpers import seeded
@@ -26,14 +27,15 @@ def _random_parts(batch, q_heads, grid, starts, short, seed):
     slash = torch.rand(batch, q_heads, nb, generator=g) < density
     estimate = torch.rand(batch, q_heads, causal_pair_count(grid), generator=g) < density
     query_aware = torch.rand(batch, q_heads, generator=g) < 0.5
-    sink = (torch.tensor(starts) + grid.pad) // grid.block_size
+    sink = grid.sink_block(torch.tensor(starts))
     parts = MaskParts(*(t.to(DEVICE) for t in (vertical, slash, query_aware, torch.tensor(short), sink)))
     return parts, estimate.to(DEVICE)
 
 
-def _poisoned_outputs(batch, q_heads, grid):
-    indices = torch.full((batch, q_heads, grid.num_query_blocks, grid.num_blocks), 7777, dtype=torch.int32, device=DEVICE)
-    counts = torch.full((batch, q_heads, grid.num_query_blocks), 7777, dtype=torch.int32, device=DEVICE)
+def _fresh_outputs(batch, q_heads, grid):
+    """Fresh structure buffers (sentinel-filled under the poison_empty fixture)."""
+    indices = torch.empty(batch, q_heads, grid.num_query_blocks, grid.num_blocks, dtype=torch.int32, device=DEVICE)
+    counts = torch.empty(batch, q_heads, grid.num_query_blocks, dtype=torch.int32, device=DEVICE)
     return indices, counts
 
 
@@ -47,11 +49,14 @@ def _poisoned_outputs(batch, q_heads, grid):
         (2, 2300, 2300, 2, 128, [1000, 2299], [False, False], 2, None),  # sink past the first query rows
     ],
 )
-def test_compose_structure_triton_equals_torch(batch, q_len, k_len, q_heads, block, starts, short, chunk, block_n):
+def test_compose_structure_triton_equals_torch(
+    batch, q_len, k_len, q_heads, block, starts, short, chunk, block_n, poison_empty
+):
     grid = BlockGrid(q_len, k_len, block)
     parts, estimate = _random_parts(batch, q_heads, grid, starts, short, seed=k_len)
-    want, want_counts = _poisoned_outputs(batch, q_heads, grid)
-    got, got_counts = _poisoned_outputs(batch, q_heads, grid)
+    want, want_counts = _fresh_outputs(batch, q_heads, grid)
+    got, got_counts = _fresh_outputs(batch, q_heads, grid)
+    assert (got < -1).all()  # poisoned: every entry the kernel leaves unwritten stays visible
     for h0 in range(0, q_heads, chunk):
         part = estimate[:, h0 : h0 + chunk].contiguous()
         compose_structure_torch(parts, part, grid, want, want_counts, h0)
@@ -79,16 +84,18 @@ def test_causal_pair_index_is_the_row_major_triangle():
     ],
 )
 @pytest.mark.parametrize("one_head_per_chunk", [False, True])
-def test_select_blocks_structure_backends_agree(batch, q_len, k_len, hq, hkv, block, starts, one_head_per_chunk, monkeypatch):
+def test_select_blocks_structure_backends_agree(
+    batch, q_len, k_len, hq, hkv, block, starts, one_head_per_chunk, monkeypatch, poison_empty
+):
     q, k, _ = structured_qkv(batch, k_len, hq, hkv, 16, q_len=q_len, generator=seeded(k_len), dtype=torch.float32)
     q, k = q.to(DEVICE), k.to(DEVICE)
     config = FlexPrefillConfig(gamma=0.9, tau=0.3, block_size=block, min_budget=block)
     key_start = None if starts is None else torch.tensor(starts, device=DEVICE)
     scale = 1 / math.sqrt(16)
     if one_head_per_chunk:
-        monkeypatch.setattr(selection, "_MASK_CHUNK_BYTES", 1)
-    a = selection.select_blocks(q, k, config, scale, key_start, scores_backend="torch", structure_backend="torch")
-    b = selection.select_blocks(q, k, config, scale, key_start, scores_backend="torch", structure_backend="triton")
+        monkeypatch.setattr(select, "_MASK_CHUNK_BYTES", 1)
+    a = select_blocks(q, k, config, scale, key_start, scores_backend="torch", structure_backend="torch")
+    b = select_blocks(q, k, config, scale, key_start, scores_backend="torch", structure_backend="triton")
     assert torch.equal(a.structure.indices, b.structure.indices)
     assert torch.equal(a.structure.counts, b.structure.counts)
     assert torch.equal(a.query_aware, b.query_aware)
@@ -99,4 +106,4 @@ def test_select_blocks_structure_backends_agree(batch, q_len, k_len, hq, hkv, bl
 def test_unknown_structure_backend_is_rejected():
     q = torch.randn(1, 300, 2, 16)
     with pytest.raises(ValueError, match="structure_backend='cuda' is not supported"):
-        selection.select_blocks(q, q, FlexPrefillConfig(block_size=64, min_budget=64), 0.25, structure_backend="cuda")
+        select_blocks(q, q, FlexPrefillConfig(block_size=64, min_budget=64), 0.25, structure_backend="cuda")

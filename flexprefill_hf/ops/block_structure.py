@@ -5,8 +5,9 @@ Layout (see ``ops/README.md``):
              of each present query block, padded at the end with -1.
     counts:  int32 ``[batch, q_heads, num_query_blocks]`` -- how many leading entries are valid.
 Query block row ``t`` is grid block ``grid.first_query_block + t`` (see ``ops/grid.py``).
-Built from a boolean block mask by a prefix sum, without host synchronisation (here in PyTorch; on
-CUDA ``structure_kernels.py`` composes and packs the selection's mask in one kernel).
+Built from a boolean block mask by a prefix sum, without host synchronisation. Which blocks the
+selection puts in the mask is the selection's business (``ops/selection/compose.py``); this file
+holds only the layout and its conversions.
 
 The block-causal pairs ``(t, j)`` with ``j <= first_query_block + t`` are also given a flat
 "triangle" layout (:func:`causal_pair_index`): the selection's query-aware estimate lives there.
@@ -19,26 +20,6 @@ import dataclasses
 import torch
 
 from .grid import BlockGrid
-
-
-@dataclasses.dataclass(frozen=True)
-class MaskParts:
-    """What the selection's block mask is made of, for all heads (sections 3-5).
-
-    vertical, slash: bool [B, Hq, nb] -- chosen key blocks, chosen offset blocks (slash[i - j]);
-    query_aware: bool [B, Hq]; short: bool [B] -- the sequence runs dense; sink: int [B] -- key block
-    of the first real key. With the query-aware estimate ``e`` (bool over the block-causal pairs),
-    query block i computes key block j when
-
-        sink <= j <= i  and  (short or vertical[j] or slash[i - j] or (query_aware and e[i, j])
-                              or j == i or j == sink).
-    """
-
-    vertical: torch.Tensor
-    slash: torch.Tensor
-    query_aware: torch.Tensor
-    short: torch.Tensor
-    sink: torch.Tensor
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,35 +68,6 @@ def causal_pair_index(grid: BlockGrid, device) -> torch.Tensor:
     """
     rows, cols = torch.tril_indices(grid.num_query_blocks, grid.num_blocks, offset=grid.first_query_block, device=device)
     return rows * grid.num_blocks + cols
-
-
-def compose_structure_torch(
-    parts: MaskParts, estimate: torch.Tensor, grid: BlockGrid, indices: torch.Tensor, counts: torch.Tensor,
-    head_start: int = 0,
-) -> None:
-    """The block mask of query heads ``head_start .. head_start + hc`` (:class:`MaskParts`), packed.
-
-    estimate: bool [B, hc, P], the query-aware coverage of those heads over the block-causal pairs
-    (:func:`causal_pair_index`). Writes indices int32 [B, Hq, nqb, nb] and counts int32 [B, Hq, nqb]
-    at those heads. The reference of ``structure_kernels.compose_structure_triton``, which computes
-    the same bits without storing the mask.
-    """
-    batch, chunk = estimate.shape[:2]
-    h0, h1 = head_start, head_start + chunk
-    device = estimate.device
-    nb, nqb = grid.num_blocks, grid.num_query_blocks
-    j = torch.arange(nb, device=device)
-    i = torch.arange(grid.first_query_block, nb, device=device)
-    sink = parts.sink
-    allowed = (j[None, :] <= i[:, None])[None] & (j[None, None, :] >= sink[:, None, None])  # [B, nqb, nb]
-    always = (j[None, :] == i[:, None])[None] | (j == sink[:, None])[:, None, :]
-    offset = (i[:, None] - j[None, :]).clamp_min(0)  # [nqb, nb]
-    estimate_mask = torch.zeros(batch, chunk, nqb * nb, dtype=torch.bool, device=device)
-    estimate_mask.index_copy_(-1, causal_pair_index(grid, device), estimate)
-    mask = parts.vertical[:, h0:h1, None, :] | parts.slash[:, h0:h1][:, :, offset]  # [B, hc, nqb, nb]
-    mask |= estimate_mask.view(batch, chunk, nqb, nb) & parts.query_aware[:, h0:h1, None, None]
-    mask = torch.where(parts.short[:, None, None, None], allowed[:, None], (mask | always[:, None]) & allowed[:, None])
-    pack_block_mask(mask, indices[:, h0:h1], counts[:, h0:h1])
 
 
 def structure_to_block_mask(structure: BlockStructure) -> torch.Tensor:

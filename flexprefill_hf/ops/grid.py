@@ -62,6 +62,16 @@ class BlockGrid:
         """Block index of key position ``position`` (tensor coordinates)."""
         return (position + self.pad) // self.block_size
 
+    def sink_block(self, key_start: torch.Tensor) -> torch.Tensor:
+        """int64 [B]: the sink of each sequence, the block holding its first real key.
+
+        ``key_start``: int [B], the first real key of each sequence (left padding), any int dtype. A
+        start past the last key is clamped to it (such a sequence is all padding and is rejected by
+        the operator's validation; the clamp keeps the index inside the grid). The one place this
+        formula is written: selection, stats and tests use it.
+        """
+        return (key_start.long().clamp(max=self.k_len - 1) + self.pad) // self.block_size
+
 
 def causal_block_counts(grid: BlockGrid, sink: torch.Tensor) -> torch.Tensor:
     """int32 [B]: (query block, key block) pairs with ``sink[b] <= key block <= query block`` over the present

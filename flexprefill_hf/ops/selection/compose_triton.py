@@ -23,8 +23,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .block_structure import MaskParts, causal_pair_count
-from .grid import BlockGrid
+from ..block_structure import causal_pair_count
+from ..grid import BlockGrid
+from .compose import MaskParts
 
 
 @triton.jit

@@ -21,14 +21,14 @@ Layouts as in ``selection.representative_scores``: q [B, q_len, Hq, D], k [B, n,
 
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
-from .grid import BlockGrid
+from ..grid import BlockGrid
+from ..runtime import LOG2E, interpreting
 
 # Partial (max, sum) rows one program of the scores kernel loads at once.
 _SPLIT_CHUNK = 32
@@ -204,10 +204,10 @@ def representative_scores_triton(
     r = grid.num_representative
     block = grid.block_size
     num_tiles = triton.cdiv(n, block)
-    interpreting = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    interpret = interpreting()
     # Enough programs to fill the GPU: split each head's key tiles into ranges.
     if splits is None:
-        splits = 1 if interpreting else triton.cdiv(1024, batch * q_heads)
+        splits = 1 if interpret else triton.cdiv(1024, batch * q_heads)
     splits = max(1, min(num_tiles, splits))
     per_program = triton.cdiv(num_tiles, splits)
     splits = triton.cdiv(num_tiles, per_program)
@@ -217,10 +217,10 @@ def representative_scores_triton(
     starts = key_start.to(device, torch.long) if has_key_start else q
     meta = dict(
         HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), BLOCK=block,
-        HAS_KEY_START=has_key_start, UPCAST=interpreting and q.dtype == torch.bfloat16,
+        HAS_KEY_START=has_key_start, UPCAST=interpret and q.dtype == torch.bfloat16,
         num_warps=8 if block == 128 else 4,
     )
-    qk_scale = softmax_scale * 1.4426950408889634
+    qk_scale = softmax_scale * LOG2E
     common = (*q.stride(), *k.stride(), q_heads, q_heads // kv_heads, q_len, n, r)
 
     part_max = torch.empty(batch * q_heads, splits, block, dtype=torch.float32, device=device)

@@ -1,0 +1,269 @@
+"""FlexPrefill block selection for all sequences and query heads at once (ops/README.md §1-§5).
+
+:func:`select_blocks` runs the algorithm's steps in order, one private function each:
+
+    _sequences               per-sequence values: sink block, padding, the dense rule (§5)
+    _representative_scores   §1: vertical and slash scores of the last r queries (scores.py / scores_triton.py)
+    _block_scores            §2/§3: those scores pooled into key blocks and offset blocks
+    _pattern                 §2: JS distance of the estimated and the true block distribution -> query-aware
+    _vertical_slash_blocks   §3: budgets by γ-coverage, then the best vertical and slash blocks
+    _query_aware_coverage    §4: global γ-coverage of the block estimate (one chunk of heads)
+    _compose                 §5: sink, diagonal and block-causal rules, the mask packed (compose.py / compose_triton.py)
+
+Fixed shapes, no host synchronisation, no Python loop over batch or heads: the only loops are over
+chunks of heads, sized from the shapes so that the representative block's scores (``r x n`` per
+query head) and the ``nqb x nb`` block estimates never exist for all heads at once. Computes in
+float32 (float64 for float64 inputs, so that tests can compare with
+``reference.select_blocks_reference`` by exact equality). The grid is the end-aligned one of
+``ops/grid.py``; the output layout is ``ops/block_structure.py``'s.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Callable, Optional
+
+import torch
+
+from ...config import FlexPrefillConfig
+from ..block_structure import BlockStructure, causal_pair_index
+from ..grid import BlockGrid, causal_block_counts
+from ..runtime import KERNEL_DTYPES
+from .compose import MaskParts, compose_structure_torch
+from .coverage import budget_blocks, coverage_counts, coverage_mask, js_distance, top_blocks
+from .scores import block_means, compute_dtype, pool_key_blocks, pool_offset_blocks, representative_scores
+
+# Upper bound on the temporaries of one chunk of block masks, and their bytes per (query block, key
+# block) pair and head: logits, probabilities, their sorted copy, int64 order, prefix sums, and the
+# torch composition's masks and slots (the Triton composition needs none of the latter).
+_MASK_CHUNK_BYTES = 1 << 32
+_MASK_BYTES_PER_PAIR = 48
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSelection:
+    """Result of :func:`select_blocks`.
+
+    structure: the selected key blocks (``BlockStructure``: indices int32 [B, Hq, nqb, nb], counts int32 [B, Hq, nqb]).
+    query_aware: bool [B, Hq] -- pattern chosen per head (False for sequences short enough to run dense).
+    js_distance: [B, Hq] in the compute dtype -- sqrt(JSD); NaN for sequences short enough to run dense.
+    causal_blocks: int32 [B] -- blocks of the causal block triangle of each sequence (for fractions).
+    """
+
+    structure: BlockStructure
+    query_aware: torch.Tensor
+    js_distance: torch.Tensor
+    causal_blocks: torch.Tensor
+
+
+@dataclasses.dataclass(frozen=True)
+class _Sequences:
+    """Per-sequence values of one call, computed once.
+
+    starts: int64 [B], first real key; sink: int64 [B], its block (``BlockGrid.sink_block``);
+    key_valid: bool [B, n], or None without left padding; padding_block: bool [B, 1, nb], blocks of
+    padding only, or None; blocked: bool [1 or B, nqb, nb], pairs outside the block-causal triangle
+    or in padding; short: bool [B], real length at or below the dense threshold (§5).
+    """
+
+    starts: torch.Tensor
+    sink: torch.Tensor
+    key_valid: Optional[torch.Tensor]
+    padding_block: Optional[torch.Tensor]
+    blocked: torch.Tensor
+    short: torch.Tensor
+
+
+def select_blocks(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    config: FlexPrefillConfig,
+    softmax_scale: float,
+    key_start: Optional[torch.Tensor] = None,
+    *,
+    scores_backend: Optional[str] = None,
+    structure_backend: Optional[str] = None,
+) -> BlockSelection:
+    """Choose, per sequence and query head, the key blocks each query block computes (ops/README.md §1-§5).
+
+    Args:
+        q: [B, q_len, Hq, D]; k: [B, n, Hkv, D] (n >= q_len, queries are the last positions); any strides.
+        config: hyper-parameters; softmax_scale: the attention scale.
+        key_start: optional int [B], first real key of each sequence (left padding).
+        scores_backend: "triton" (fused kernels of ``scores_triton.py``) or "torch" (``scores.py``)
+            for the representative scores; default: triton for fp16/bf16 CUDA tensors, torch otherwise.
+        structure_backend: "triton" (``compose_triton.py``: mask composed and packed in one kernel)
+            or "torch" (``compose.compose_structure_torch``); default: triton for CUDA tensors.
+            Both give the same structure exactly.
+    Returns:
+        BlockSelection with the structure int32 [B, Hq, nqb, nb] / counts [B, Hq, nqb].
+    """
+    scores_backend, compose = _backends(q, scores_backend, structure_backend)
+    grid = BlockGrid(q.shape[1], k.shape[1], config.block_size)
+    dtype = compute_dtype(q.dtype)
+    seqs = _sequences(grid, q.shape[0], key_start, config, q.device)
+
+    rep_scores = _representative_scores(q, k, grid, softmax_scale, key_start, seqs, scores_backend)  # [2, B, Hq, n]
+    block_scores = _block_scores(rep_scores, grid)  # [2, B, Hq, nb]
+    k_means = block_means(k, seqs.key_valid, grid, dtype).permute(0, 2, 1, 3)  # [B, Hkv, nb, D]
+    distance, query_aware = _pattern(q, block_scores[0], k_means, grid, seqs, config, softmax_scale)
+    vertical, slash = _vertical_slash_blocks(rep_scores, block_scores, query_aware, grid, seqs, config)
+    parts = MaskParts(vertical=vertical, slash=slash, query_aware=query_aware, short=seqs.short, sink=seqs.sink)
+    structure = _compose(q, k_means, parts, grid, seqs, config, softmax_scale, compose)
+
+    # Dense sequences have no pattern to report.
+    query_aware = torch.where(seqs.short[:, None], False, query_aware)
+    distance = distance.masked_fill(seqs.short[:, None], math.nan)
+    return BlockSelection(structure, query_aware, distance, causal_block_counts(grid, seqs.sink))
+
+
+def _backends(q: torch.Tensor, scores_backend: Optional[str], structure_backend: Optional[str]) -> tuple[str, Callable]:
+    """Resolve the two backend arguments (defaults from q's device and dtype); the composition function."""
+    if scores_backend is None:
+        scores_backend = "triton" if q.is_cuda and q.dtype in KERNEL_DTYPES else "torch"
+    if scores_backend not in ("triton", "torch"):
+        raise ValueError(f"scores_backend={scores_backend!r} is not supported; expected 'triton', 'torch' or None")
+    if structure_backend is None:
+        structure_backend = "triton" if q.is_cuda else "torch"
+    if structure_backend == "triton":
+        from .compose_triton import compose_structure_triton
+
+        return scores_backend, compose_structure_triton
+    if structure_backend == "torch":
+        return scores_backend, compose_structure_torch
+    raise ValueError(f"structure_backend={structure_backend!r} is not supported; expected 'triton', 'torch' or None")
+
+
+def _sequences(grid: BlockGrid, batch: int, key_start: Optional[torch.Tensor], config: FlexPrefillConfig, device) -> _Sequences:
+    """Small per-sequence values, once; the left-padding masks only when there is padding."""
+    nb = grid.num_blocks
+    j = torch.arange(nb, device=device)
+    i = torch.arange(grid.first_query_block, nb, device=device)
+    blocked = (j[None, :] > i[:, None])[None]  # [1, nqb, nb]: outside the block-causal triangle
+    if key_start is None:
+        # Without left padding the sink is block 0 (the grid's pad < B).
+        starts = sink = torch.zeros(batch, dtype=torch.long, device=device)
+        key_valid = padding_block = None
+    else:
+        starts = key_start.to(device, torch.long)
+        sink = grid.sink_block(starts)  # [B]
+        key_valid = torch.arange(grid.k_len, device=device)[None, :] >= starts[:, None]  # [B, n]
+        padding_block = (j < sink[:, None])[:, None, :]  # [B, 1, nb]
+        blocked = blocked | padding_block  # [B, nqb, nb]
+    short = starts >= grid.k_len - config.effective_dense_threshold  # [B]
+    return _Sequences(starts, sink, key_valid, padding_block, blocked, short)
+
+
+def _representative_scores(
+    q: torch.Tensor, k: torch.Tensor, grid: BlockGrid, softmax_scale: float, key_start: Optional[torch.Tensor],
+    seqs: _Sequences, backend: str,
+) -> torch.Tensor:
+    """§1 (and the scores of §3): a_v, a_s [2, B, Hq, n] of the last r queries, in the compute dtype
+    (torch) or fp32 (triton, fp16/bf16 inputs)."""
+    if backend == "triton":
+        from .scores_triton import representative_scores_triton
+
+        return representative_scores_triton(q, k, grid, softmax_scale, key_start)
+    key_valid = seqs.key_valid
+    if key_valid is None:
+        key_valid = torch.ones(q.shape[0], grid.k_len, dtype=torch.bool, device=q.device)
+    return representative_scores(q, k, grid, softmax_scale, key_valid)
+
+
+def _block_scores(rep_scores: torch.Tensor, grid: BlockGrid) -> torch.Tensor:
+    """[2, B, Hq, nb]: a_v pooled into key blocks (â of §2, the vertical block scores of §3) and a_s
+    pooled into offset blocks (the slash block scores of §3)."""
+    if grid.pad == 0:  # key blocks and offset blocks coincide: both by one reduction
+        return rep_scores.unflatten(-1, (grid.num_blocks, grid.block_size)).sum(-1)
+    a_v, a_s = rep_scores
+    return torch.stack([pool_key_blocks(a_v, grid), pool_offset_blocks(a_s, grid)])
+
+
+def _pattern(
+    q: torch.Tensor, true_dist: torch.Tensor, k_means: torch.Tensor, grid: BlockGrid, seqs: _Sequences,
+    config: FlexPrefillConfig, softmax_scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """§2: (distance [B, Hq], query_aware bool [B, Hq]) from the true block distribution â
+    (true_dist [B, Hq, nb]) and the estimate ā = softmax(s · mean(Q̂) · K̄ᵀ) over real key blocks."""
+    q_heads, kv_heads = q.shape[2], k_means.shape[1]
+    n, r = grid.k_len, grid.num_representative
+    q_rep = q[:, grid.q_len - r :].to(k_means.dtype)  # [B, r, Hq, D]
+    if seqs.key_valid is None and r & (r - 1) == 0:  # dividing by a power of two is exact, however it is done
+        q_rep_mean = q_rep.sum(1) / r  # [B, Hq, D]
+    else:  # padding rows are left out of the mean
+        rep_valid = (torch.arange(n - r, n, device=q.device)[None, :] >= seqs.starts[:, None]).to(q_rep.dtype)  # [B, r]
+        q_rep_mean = (q_rep * rep_valid[:, :, None, None]).sum(1) / rep_valid.sum(1).clamp_min(1)[:, None, None]
+    est_logits = (q_rep_mean.unflatten(1, (kv_heads, q_heads // kv_heads)) @ k_means.transpose(-1, -2)).flatten(1, 2)
+    est_logits = est_logits * softmax_scale  # [B, Hq, nb]
+    if seqs.padding_block is not None:
+        est_logits = est_logits.masked_fill(seqs.padding_block, -math.inf)
+    distance = js_distance(torch.softmax(est_logits, dim=-1), true_dist)  # [B, Hq]
+    return distance, distance < config.tau
+
+
+def _vertical_slash_blocks(
+    rep_scores: torch.Tensor, block_scores: torch.Tensor, query_aware: torch.Tensor, grid: BlockGrid,
+    seqs: _Sequences, config: FlexPrefillConfig,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """§3: (vertical, slash) bool [B, Hq, nb] -- the kb_v best key blocks and kb_s best offset blocks.
+
+    Budgets by γ-coverage of the token scores rep_scores [2, B, Hq, n], turned into blocks and
+    clamped; query-aware heads keep the minimum budget. Overwrites block_scores[0] (â, not needed
+    after §2): padding blocks are set below every real block, so they are never candidates.
+    """
+    min_blocks = min(config.min_budget_blocks, grid.num_blocks)
+    token_budget = budget_blocks(coverage_counts(rep_scores, config.gamma), grid, config)  # [2, B, Hq]
+    block_budget = torch.where(query_aware, min_blocks, token_budget)  # [2, B, Hq]
+    if seqs.padding_block is not None:
+        block_scores[0].masked_fill_(seqs.padding_block, -1.0)
+    # Vertical and slash blocks by one sort: rows are independent.
+    vertical, slash = top_blocks(block_scores, block_budget).unbind(0)
+    return vertical, slash
+
+
+def _query_aware_coverage(
+    q_means: torch.Tensor, k_means: torch.Tensor, blocked: torch.Tensor, pair_index: torch.Tensor,
+    softmax_scale: float, gamma: float,
+) -> torch.Tensor:
+    """§4 for a chunk of hc heads: bool [B, hc, P], the global γ-coverage of P = row-softmax(s · Q̄K̄ᵀ).
+
+    q_means [B, hc, nqb, D], k_means [B, hc, nb, D]; blocked bool [1 or B, nqb, nb]; pair_index
+    int64 [P] (``causal_pair_index``). The coverage runs over the block-causal pairs only (the others
+    have probability 0 and are never kept): a gather keeps their row-major order, hence ties.
+    """
+    block_logits = q_means @ k_means.transpose(-1, -2)  # [B, hc, nqb, nb]
+    block_probs = torch.softmax(block_logits.mul_(softmax_scale).masked_fill_(blocked[:, None], -math.inf), dim=-1)
+    pair_probs = torch.nan_to_num_(block_probs.flatten(2).index_select(-1, pair_index), nan=0.0)  # [B, hc, P]
+    pair_probs = pair_probs.div_(pair_probs.sum(-1, keepdim=True).clamp_min(torch.finfo(pair_probs.dtype).tiny))
+    return coverage_mask(pair_probs, gamma)
+
+
+def _compose(
+    q: torch.Tensor, k_means: torch.Tensor, parts: MaskParts, grid: BlockGrid, seqs: _Sequences,
+    config: FlexPrefillConfig, softmax_scale: float, compose: Callable,
+) -> BlockStructure:
+    """§5: the packed structure from ``parts`` and the §4 estimate, a chunk of query heads at a time.
+
+    The block masks are nqb x nb per head: each chunk's estimate (§4) is computed, then composed with
+    the vertical/slash blocks, sink, diagonal and block-causal rules into ``indices`` / ``counts``.
+    k_means: [B, Hkv, nb, D], the key-block means.
+    """
+    batch, q_len, q_heads, _ = q.shape
+    nb, nqb = grid.num_blocks, grid.num_query_blocks
+    groups = q_heads // k_means.shape[1]
+    q_valid = None if seqs.key_valid is None else seqs.key_valid[:, grid.k_len - q_len :]
+    q_means = block_means(q, q_valid, grid, k_means.dtype).permute(0, 2, 1, 3)[:, :, -nqb:]  # [B, Hq, nqb, D]
+    # Each query head's KV-head means, by one copy.
+    k_means = k_means[:, :, None].expand(-1, -1, groups, -1, -1).flatten(1, 2)  # [B, Hq, nb, D]
+    pair_index = causal_pair_index(grid, q.device)  # [P]: the block-causal pairs, row-major
+    indices = torch.empty(batch, q_heads, nqb, nb, dtype=torch.int32, device=q.device)
+    counts = torch.empty(batch, q_heads, nqb, dtype=torch.int32, device=q.device)
+    chunk = max(1, min(q_heads, _MASK_CHUNK_BYTES // (_MASK_BYTES_PER_PAIR * batch * nqb * nb)))
+    for h0 in range(0, q_heads, chunk):
+        h1 = min(h0 + chunk, q_heads)
+        estimate = _query_aware_coverage(
+            q_means[:, h0:h1], k_means[:, h0:h1], seqs.blocked, pair_index, softmax_scale, config.gamma
+        )
+        compose(parts, estimate, grid, indices, counts, h0)
+    return BlockStructure(indices=indices, counts=counts, grid=grid)
