@@ -1,6 +1,6 @@
-"""Triton kernel for the selection's last stage: compose each head's block mask and pack it (section 5).
+"""Triton kernel for the selection's last stage: compose each head's block mask and pack it (ops/README.md §5).
 
-``block_structure.compose_structure_torch`` builds the bool block mask of a chunk of heads
+``compose.compose_structure_torch`` builds the bool block mask of a chunk of heads
 (``[B, hc, nqb, nb]``) from its ``MaskParts`` and packs it with a prefix sum; here one program per
 (batch, head, query block) computes the same bits on the fly from the small inputs and compacts
 them with ``tl.cumsum`` and a running offset, so no nb x nb mask is ever stored. Bits of row ``t``
@@ -77,7 +77,7 @@ def compose_structure_triton(
     parts: MaskParts, estimate: torch.Tensor, grid: BlockGrid, indices: torch.Tensor, counts: torch.Tensor,
     head_start: int = 0, block_n: Optional[int] = None,
 ) -> None:
-    """``block_structure.compose_structure_torch`` in one kernel: the structure of query heads
+    """``compose.compose_structure_torch`` in one kernel: the structure of query heads
     ``head_start .. head_start + hc`` from :class:`MaskParts` and their estimate, bool [B, hc, P].
 
     Writes indices int32 [B, Hq, nqb, nb] (ascending, -1 padded) and counts int32 [B, Hq, nqb] at

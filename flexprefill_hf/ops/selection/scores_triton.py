@@ -1,4 +1,4 @@
-"""Triton kernels for the selection's heaviest stage: the representative block's scores (sections 1, 3).
+"""Triton kernels for the selection's heaviest stage: the representative block's scores (ops/README.md §1, §3).
 
 The representative queries (the last r <= B rows) attend to all n keys. Selection needs only the
 column sums (vertical scores a_v) and the diagonal sums (slash scores a_s) of those r x n
@@ -16,7 +16,7 @@ probabilities, so two passes over the keys reduce them on the fly and no r x n t
 
 Three launches and no other device work: the selection's fixed cost on CUDA is mostly launches.
 
-Layouts as in ``selection.representative_scores``: q [B, q_len, Hq, D], k [B, n, Hkv, D], any strides.
+Layouts as in ``scores.representative_scores`` (the PyTorch version, and the oracle of the tests): q [B, q_len, Hq, D], k [B, n, Hkv, D], any strides.
 """
 
 from __future__ import annotations
@@ -35,8 +35,22 @@ _SPLIT_CHUNK = 32
 
 
 @triton.jit
-def _load_rep_queries(Q, off_b, off_h, stride_qb, stride_qm, stride_qh, stride_qd, q_len, r,
+def _program_head(KeyStart, num_heads, num_kv_groups, HAS_KEY_START: tl.constexpr):
+    """This program's (sequence x query head) row, sequence, query head, KV head and first real key, int64."""
+    pid_bh = tl.program_id(0).to(tl.int64)
+    off_b = pid_bh // num_heads
+    off_h = pid_bh % num_heads
+    off_kvh = off_h // num_kv_groups
+    key_lo = tl.zeros([], dtype=tl.int64)
+    if HAS_KEY_START:
+        key_lo = tl.load(KeyStart + off_b).to(tl.int64)
+    return pid_bh, off_b, off_h, off_kvh, key_lo
+
+
+@triton.jit
+def _load_rep_queries(Q, off_b, off_h, stride_qb, stride_qm, stride_qh, stride_qd, q_len, n, r,
                       BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr, UPCAST: tl.constexpr):
+    """The representative rows [BLOCK, BLOCK_D] (0 past r) and their key positions (-1 past r: no key)."""
     offs_r = tl.arange(0, BLOCK)
     offs_d = tl.arange(0, BLOCK_D)
     rows = q_len - r + offs_r
@@ -44,7 +58,8 @@ def _load_rep_queries(Q, off_b, off_h, stride_qb, stride_qm, stride_qh, stride_q
     q = tl.load(ptrs, mask=(offs_r < r)[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
-    return q
+    pos = tl.where(offs_r < r, n - r + offs_r, -1)  # rows past r (q_len < block) see no key
+    return q, pos
 
 
 @triton.jit
@@ -72,18 +87,11 @@ def _representative_lse_kernel(
 ):
     # torch.compile may hand float scalars over as fp64; keep the softmax state in fp32.
     qk_scale = tl.full([], qk_scale, tl.float32)
-    pid_bh = tl.program_id(0).to(tl.int64)
+    pid_bh, off_b, off_h, off_kvh, key_lo = _program_head(KeyStart, num_heads, num_kv_groups, HAS_KEY_START)
     pid_s = tl.program_id(1).to(tl.int64)
-    off_b = pid_bh // num_heads
-    off_h = pid_bh % num_heads
-    off_kvh = off_h // num_kv_groups
-    key_lo = tl.zeros([], dtype=tl.int64)
-    if HAS_KEY_START:
-        key_lo = tl.load(KeyStart + off_b).to(tl.int64)
     offs_r = tl.arange(0, BLOCK)
-    pos = tl.where(offs_r < r, n - r + offs_r, -1)  # rows past r (q_len < block) see no key
-    q = _load_rep_queries(Q, off_b, off_h, stride_qb, stride_qm, stride_qh, stride_qd, q_len, r,
-                          BLOCK, BLOCK_D, HEAD_DIM, UPCAST)
+    q, pos = _load_rep_queries(Q, off_b, off_h, stride_qb, stride_qm, stride_qh, stride_qd, q_len, n, r,
+                               BLOCK, BLOCK_D, HEAD_DIM, UPCAST)
     m_i = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK], dtype=tl.float32)
     for t in range(pid_s * tiles_per_program, (pid_s + 1) * tiles_per_program):
@@ -134,19 +142,12 @@ def _representative_scores_kernel(
     WIDTH: tl.constexpr = 2 * BLOCK
     # torch.compile may hand float scalars over as fp64; keep the softmax state in fp32.
     qk_scale = tl.full([], qk_scale, tl.float32)
-    pid_bh = tl.program_id(0).to(tl.int64)
+    pid_bh, off_b, off_h, off_kvh, key_lo = _program_head(KeyStart, num_heads, num_kv_groups, HAS_KEY_START)
     pid_s = tl.program_id(1).to(tl.int64)
-    off_b = pid_bh // num_heads
-    off_h = pid_bh % num_heads
-    off_kvh = off_h // num_kv_groups
-    key_lo = tl.zeros([], dtype=tl.int64)
-    if HAS_KEY_START:
-        key_lo = tl.load(KeyStart + off_b).to(tl.int64)
     offs_r = tl.arange(0, BLOCK)
     offs_n = tl.arange(0, BLOCK)
-    pos = tl.where(offs_r < r, n - r + offs_r, -1)  # rows past r (q_len < block) see no key
-    q = _load_rep_queries(Q, off_b, off_h, stride_qb, stride_qm, stride_qh, stride_qd, q_len, r,
-                          BLOCK, BLOCK_D, HEAD_DIM, UPCAST)
+    q, pos = _load_rep_queries(Q, off_b, off_h, stride_qb, stride_qm, stride_qh, stride_qd, q_len, n, r,
+                               BLOCK, BLOCK_D, HEAD_DIM, UPCAST)
     lse2 = _combine_partials(PartMax, PartSum, pid_bh, num_splits, BLOCK, SPLIT_CHUNK)  # [BR]
     # 1 / (number of real representative rows, at least 1), correctly rounded (IEEE division, like torch on CPU).
     real_rows = tl.maximum(n - tl.maximum(key_lo, n - r), 1)
@@ -195,7 +196,8 @@ def representative_scores_triton(
 ) -> torch.Tensor:
     """Vertical and slash scores of the representative queries, fp32 [2, B, Hq, n] (a_v, a_s).
 
-    Same function as ``selection.representative_scores`` (up to fp32 rounding); key_start optional int [B].
+    q [B, q_len, Hq, D], k [B, n, Hkv, D] in fp16/bf16, any strides; key_start optional int [B]. Same
+    function as ``scores.representative_scores`` (up to fp32 rounding).
     splits: programs per head (each takes a range of key tiles); default: enough to fill the GPU, 1
     when interpreting.
     """
