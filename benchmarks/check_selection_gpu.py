@@ -11,8 +11,11 @@ For each --seq length (bf16, 32 query / 8 KV heads, head_dim 128, Llama-3.1-8B's
   3. no host synchronisation: one default call under torch.cuda.set_sync_debug_mode("error").
 A table comes last; with $OUT set, the results also go to $OUT/check_selection_gpu.json.
 
-    PYTHONPATH=. python benchmarks/check_selection_gpu.py               # 8K, 32K, 128K (~1-2 min on an H200)
-    PYTHONPATH=. python benchmarks/check_selection_gpu.py --seq 524288  # 512K
+After ``pip install -e .`` (from the repository root; on an offline machine add
+``--no-deps --no-build-isolation``):
+
+    python benchmarks/check_selection_gpu.py               # 8K, 32K, 128K (~1-2 min on an H200)
+    python benchmarks/check_selection_gpu.py --seq 524288  # 512K
 """
 
 from __future__ import annotations

@@ -1,4 +1,10 @@
-"""Where the selection's time goes: a torch.profiler table of select_blocks at a few lengths (GPU)."""
+"""Where the selection's time goes: a torch.profiler table of select_blocks at a few lengths (GPU).
+
+After ``pip install -e .``:
+
+    python benchmarks/profile_selection.py                  # 8K and 128K, default (Triton) path
+    python benchmarks/profile_selection.py --seq 32768 --torch   # the all-PyTorch path
+"""
 
 from __future__ import annotations
 
@@ -13,7 +19,7 @@ from flexprefill_hf.ops.selection import select_blocks
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seq", type=int, nargs="+", default=[8192, 131072])
     parser.add_argument("--rows", type=int, default=25)
     parser.add_argument("--torch", action="store_true", help="profile the all-PyTorch path (no Triton kernels)")
