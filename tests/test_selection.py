@@ -165,3 +165,13 @@ def test_head_chunking_does_not_change_the_selection(monkeypatch):
     assert torch.equal(whole.structure.indices, chunked.structure.indices)
     assert torch.equal(whole.structure.counts, chunked.structure.counts)
     assert torch.equal(whole.query_aware, chunked.query_aware)
+
+
+def test_sink_block_is_the_block_of_the_first_real_key():
+    grid = BlockGrid(100, 333, 64)  # pad 51: block 0 holds keys 0..12, block j keys 64j-51 .. 64j+12
+    starts = torch.tensor([0, 12, 13, 76, 77, 332], dtype=torch.int32)
+    got = grid.sink_block(starts)
+    assert got.dtype == torch.int64 and got.tolist() == [0, 0, 1, 1, 2, 5]
+    assert [grid.sink_block(int(s)) for s in starts] == got.tolist()
+    # A start past the last key (rejected by the operator) stays inside the grid.
+    assert int(grid.sink_block(torch.tensor([5000]))) == grid.sink_block(5000) == grid.num_blocks - 1

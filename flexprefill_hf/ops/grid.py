@@ -62,15 +62,16 @@ class BlockGrid:
         """Block index of key position ``position`` (tensor coordinates)."""
         return (position + self.pad) // self.block_size
 
-    def sink_block(self, key_start: torch.Tensor) -> torch.Tensor:
-        """int64 [B]: the sink of each sequence, the block holding its first real key.
+    def sink_block(self, key_start):
+        """The sink of each sequence: the block holding its first real key.
 
-        ``key_start``: int [B], the first real key of each sequence (left padding), any int dtype. A
-        start past the last key is clamped to it (such a sequence is all padding and is rejected by
-        the operator's validation; the clamp keeps the index inside the grid). The one place this
-        formula is written: selection, stats and tests use it.
+        ``key_start``: int tensor [B] (any int dtype) -> int64 [B]; or a Python int -> int (the
+        references' per-sequence form). A start past the last key is clamped to it (the operator rejects
+        such a start; the clamp keeps the index inside the grid). The one place this formula is written.
         """
-        return (key_start.long().clamp(max=self.k_len - 1) + self.pad) // self.block_size
+        if isinstance(key_start, torch.Tensor):
+            return (key_start.long().clamp(max=self.k_len - 1) + self.pad) // self.block_size
+        return self.block_of_key(min(int(key_start), self.k_len - 1))
 
 
 def causal_block_counts(grid: BlockGrid, sink: torch.Tensor) -> torch.Tensor:
