@@ -20,7 +20,10 @@ import torch
 from transformers import DynamicCache, TextStreamer
 
 import flexprefill_hf
-from flexprefill_hf.models import cache_kwarg, load_model
+from flexprefill_hf.models import cache_kwarg
+
+# The examples' shared argument checks (examples/_cli.py: this script's folder is on sys.path).
+from _cli import add_model_arguments, int_at_least, load
 
 
 class Chat:
@@ -91,19 +94,23 @@ class Chat:
         return f"[{where}: {fraction.item():.2f} of the blocks computed, {query_aware}/{heads} heads query-aware]"
 
 
-def main(argv=None) -> None:
+def parse_args(argv=None) -> argparse.Namespace:
+    """The command line, every value checked before a model loads (argparse exits with status 2 on a bad one)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=None, help="Hugging Face id or folder; default: embedded SmolLM2-135M")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"))
+    add_model_arguments(parser)
     parser.add_argument("--dense", action="store_true", help="plain SDPA attention, to compare")
     parser.add_argument("--stats", action="store_true", help="print the sparsity of each turn's prefill")
-    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--max-new-tokens", type=int_at_least(1), default=256)
     parser.add_argument("--context", type=Path, default=None, help="a text file placed before the first message")
     args = parser.parse_args(argv)
+    if args.context is not None and not args.context.is_file():
+        parser.error(f"argument --context: {str(args.context)!r} is not a readable file; expected a text file")
+    return args
 
-    dtype = getattr(torch, args.dtype) if args.dtype else None
-    model, tokenizer = load_model(args.model, device=args.device, dtype=dtype)
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    model, tokenizer = load(args)
     if not args.dense:
         flexprefill_hf.patch_model(model)
     chat = Chat(model, tokenizer, args.max_new_tokens, record_stats=not args.dense)

@@ -2,7 +2,8 @@
 
 The tokenizer pads on the left, as ``generate`` needs; FlexPrefill then runs per sequence on its real tokens.
 One prompt is a long document (``--long-tokens``) so that the sparse path runs beside short prompts that
-stay dense.
+stay dense. Progress bars follow the prefill (one step per decoder layer) and then the decoding (one step
+per new token); on 2 CPU cores the default run takes about a minute.
 
     python examples/generate.py
     python examples/generate.py --long-tokens 0 --max-new-tokens 16 "Why is the sky blue?" "Name a prime."
@@ -16,9 +17,14 @@ import random
 import time
 
 import torch
+from tqdm import tqdm
+from transformers.generation.streamers import BaseStreamer
 
 import flexprefill_hf
-from flexprefill_hf.models import load_model
+from flexprefill_hf.eval.needle import layer_progress
+
+# The examples' shared argument checks (examples/_cli.py: this script's folder is on sys.path).
+from _cli import add_model_arguments, int_at_least, load
 
 PROMPTS = (
     "What is the capital of France?",
@@ -47,19 +53,51 @@ def computed_fractions(stats, batch_size: int) -> list:
     return torch.stack(per_layer).mean(0).tolist()
 
 
-def main(argv=None) -> None:
+class GenerationProgress(BaseStreamer):
+    """Progress of one ``model.generate`` call, passed as its ``streamer``: a bar over the decoder layers
+    while the prompt is prefilled, then a bar over the new tokens.
+
+    ``generate`` calls ``put`` once with the prompt ids before the prefill, then once per decoding step with
+    the new tokens [B], and ``end`` when it stops.
+    """
+
+    def __init__(self, model, max_new_tokens: int):
+        self.max_new_tokens = max_new_tokens
+        self.prefill = contextlib.ExitStack()
+        self.prefill.enter_context(layer_progress(model, "prefill"))
+        self.decode = None
+        self.prompt_seen = False
+
+    def put(self, value) -> None:
+        if not self.prompt_seen:
+            self.prompt_seen = True
+            return
+        if self.decode is None:
+            self.prefill.close()  # the first new token ends the prefill: its bar and layer hooks go
+            self.decode = tqdm(total=self.max_new_tokens, desc="decode", unit="token", leave=False)
+        self.decode.update(1)
+
+    def end(self) -> None:
+        self.prefill.close()
+        if self.decode is not None:
+            self.decode.close()
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """The command line, every value checked before a model loads (argparse exits with status 2 on a bad one)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("prompts", nargs="*", help="prompts (default: three built-in questions)")
-    parser.add_argument("--model", default=None, help="Hugging Face id or folder; default: embedded SmolLM2-135M")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"))
+    add_model_arguments(parser)
     parser.add_argument("--dense", action="store_true", help="plain SDPA attention, to compare")
-    parser.add_argument("--long-tokens", type=int, default=2048, help="length of the extra long prompt; 0: none")
-    parser.add_argument("--max-new-tokens", type=int, default=48)
-    args = parser.parse_args(argv)
+    parser.add_argument("--long-tokens", type=int_at_least(0), default=2048,
+                        help="length of the extra long prompt (default 2048); 0: none")
+    parser.add_argument("--max-new-tokens", type=int_at_least(1), default=48)
+    return parser.parse_args(argv)
 
-    dtype = getattr(torch, args.dtype) if args.dtype else None
-    model, tokenizer = load_model(args.model, device=args.device, dtype=dtype)
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    model, tokenizer = load(args)
     if not args.dense:
         flexprefill_hf.patch_model(model)
 
@@ -82,6 +120,7 @@ def main(argv=None) -> None:
             max_new_tokens=args.max_new_tokens,
             do_sample=False,
             pad_token_id=tokenizer.pad_token_id,
+            streamer=GenerationProgress(model, args.max_new_tokens),
         )
     seconds = time.perf_counter() - start
     answers = tokenizer.batch_decode(output_ids[:, batch.input_ids.shape[1]:], skip_special_tokens=True)

@@ -7,7 +7,7 @@ blocks FlexPrefill computed, and a strict score.
 Free generation is a weak test of a sparse prefill: decoding is dense and can read the needle back from a
 damaged cache. The strict score therefore places the correct answer in the prompt and reads, in one forward
 pass over prompt + answer (teacher forcing), the log-probability of its digits and how many of them are the
-model's top choice.
+model's top choice. The prompt builder and the score are ``flexprefill_hf.eval.needle``.
 
     python examples/needle.py                          # the embedded SmolLM2-135M, 3072 tokens, depth 0.5
     python examples/needle.py --length 8000 --depth 0.1 0.9
@@ -22,89 +22,14 @@ import random
 import time
 
 import torch
-from tqdm import tqdm
 from transformers import DynamicCache
 
 import flexprefill_hf
-from flexprefill_hf.models import cache_kwarg, load_model
+from flexprefill_hf.eval.needle import QUESTION, build_haystack, encode_chat, layer_progress, strict_score
+from flexprefill_hf.models import cache_kwarg
 
-FILLER = (
-    "The morning train left the station a few minutes late because of the fog.",
-    "Most of the passengers read newspapers or looked out at the grey fields.",
-    "A farmer was repairing a fence near the river, where the water ran high after the rain.",
-    "In the village the bakery opened at six, and the smell of bread filled the square.",
-    "The library kept old maps of the region in a cabinet that nobody had opened for years.",
-    "Children walked to school in small groups, talking about the football match of the weekend.",
-    "The museum announced a new exhibition of paintings by local artists from the last century.",
-    "At noon the market was crowded with people buying apples, cheese and fresh fish.",
-    "The old bridge had been rebuilt twice, once after a flood and once after a storm.",
-    "A cat slept on the warm stones of the wall, ignoring the pigeons nearby.",
-    "The teacher explained how clouds form when warm air rises and cools.",
-    "In the afternoon the wind turned, and the boats in the harbour swung on their ropes.",
-    "The town council discussed the budget for new street lights and a larger car park.",
-    "A cyclist stopped at the fountain to fill her bottle before climbing the hill.",
-    "The hotel on the corner had twelve rooms, each named after a mountain in the Alps.",
-    "Tourists took photographs of the clock tower, which still rang every quarter hour.",
-    "The chemist closed early on Wednesdays, a custom nobody could explain.",
-    "Along the canal, tall poplars cast long shadows over the towpath.",
-    "The evening news reported light rain for the next three days.",
-    "A small orchestra rehearsed in the church hall for the concert on Sunday.",
-    "The gardener planted tulips along the path and covered the roses against the frost.",
-    "Near the forest a family of deer crossed the road just before sunset.",
-    "The restaurant by the lake served trout, potatoes and a salad of wild herbs.",
-    "At night the lights of the distant city made the clouds glow orange.",
-)
-NEEDLE = "The secret number is {number}."
-QUESTION = "What is the secret number mentioned in the text above? Answer with the number only."
-ANSWER = "The secret number is {number}."
-
-
-def build_haystack(tokenizer, length: int, depth: float, number: int, seed: int = 0) -> str:
-    """About ``length`` tokens of filler sentences, the needle sentence at ``depth`` (0 = start, 1 = end).
-
-    The question is not included: ``build_haystack(...) + "\n\n" + QUESTION`` is the user's message.
-    """
-    rng = random.Random(seed)
-    sentences, n_tokens = [], 0
-    while n_tokens < length:
-        sentence = rng.choice(FILLER)
-        sentences.append(sentence)
-        n_tokens += len(tokenizer(" " + sentence, add_special_tokens=False).input_ids)
-    sentences.insert(round(depth * len(sentences)), NEEDLE.format(number=number))
-    return " ".join(sentences)
-
-
-def encode_chat(tokenizer, user_text: str, answer: str = "") -> torch.Tensor:
-    """input ids [1, N] of a one-turn chat ending in the assistant's turn, with ``answer`` already in it."""
-    if tokenizer.chat_template:
-        prompt = tokenizer.apply_chat_template(
-            [{"role": "user", "content": user_text}], tokenize=False, add_generation_prompt=True
-        )
-    else:
-        prompt = f"{user_text}\nAnswer:"
-    ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt").input_ids
-    if answer:
-        answer_ids = tokenizer(answer, add_special_tokens=False, return_tensors="pt").input_ids
-        ids = torch.cat([ids, answer_ids], dim=1)
-    return ids
-
-
-@contextlib.contextmanager
-def layer_progress(model, desc: str):
-    """A progress bar that advances once per decoder layer while a forward pass runs."""
-    layers = model.model.layers
-    bar = tqdm(total=len(layers), desc=desc, unit="layer", leave=False)
-
-    def advance(*_):
-        bar.update(1)
-
-    hooks = [layer.register_forward_hook(advance) for layer in layers]
-    try:
-        yield
-    finally:
-        for hook in hooks:
-            hook.remove()
-        bar.close()
+# The examples' shared argument checks (examples/_cli.py: this script's folder is on sys.path).
+from _cli import add_model_arguments, config_float, config_overrides, float_between, int_at_least, load
 
 
 def synchronize(device) -> None:
@@ -138,26 +63,6 @@ def prefill_and_generate(model, tokenizer, prompt_ids, max_new_tokens: int, desc
     return tokenizer.decode(generated, skip_special_tokens=True).strip(), seconds, stats
 
 
-@torch.no_grad()
-def strict_score(model, tokenizer, user_text: str, number: int, desc: str):
-    """Teacher-forced score of the correct answer, in one forward pass over prompt + answer.
-
-    Returns (sum of the log-probabilities of the answer's digit tokens, fraction of them that are the top
-    prediction).
-    """
-    prompt_ids = encode_chat(tokenizer, user_text)
-    full_ids = encode_chat(tokenizer, user_text, ANSWER.format(number=number)).to(model.device)
-    n_answer = full_ids.shape[1] - prompt_ids.shape[1]
-    with layer_progress(model, desc):
-        logits = model(full_ids, use_cache=False, logits_to_keep=n_answer + 1).logits[0, :-1]  # [n_answer, V]
-    targets = full_ids[0, -n_answer:]  # [n_answer]
-    answer_tokens = tokenizer.convert_ids_to_tokens(targets.tolist())
-    is_digit = torch.tensor([t.strip("Ġ▁ ").isdigit() for t in answer_tokens], device=targets.device)
-    log_probs = logits.float().log_softmax(-1).gather(-1, targets[:, None])[:, 0]  # [n_answer]
-    correct = logits.argmax(-1) == targets
-    return log_probs[is_digit].sum().item(), correct[is_digit].float().mean().item()
-
-
 def summarize(stats) -> str:
     """Mean computed fraction over layers and heads (1 where a layer ran dense), and query-aware heads."""
     layers = list(stats or ())
@@ -185,24 +90,28 @@ def run(model, tokenizer, user_text: str, number: int, max_new_tokens: int, mode
     }
 
 
-def main(argv=None) -> None:
+def parse_args(argv=None) -> argparse.Namespace:
+    """The command line, every value checked before a model loads (argparse exits with status 2 on a bad
+    one). ``args.overrides`` holds the FlexPrefillConfig fields given (gamma, tau)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--length", type=int, default=3072, help="haystack tokens (default 3072)")
-    parser.add_argument("--depth", type=float, nargs="+", default=[0.5], help="needle depths in [0, 1]")
-    parser.add_argument("--model", default=None, help="Hugging Face id or folder; default: embedded SmolLM2-135M")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"))
-    parser.add_argument("--gamma", type=float, default=None, help="override the preset's coverage")
-    parser.add_argument("--tau", type=float, default=None, help="override the preset's JS threshold")
-    parser.add_argument("--max-new-tokens", type=int, default=24)
+    parser.add_argument("--length", type=int_at_least(1), default=3072, help="haystack tokens (default 3072)")
+    parser.add_argument("--depth", type=float_between("depth", 0.0, 1.0), nargs="+", default=[0.5],
+                        help="needle depths in [0, 1] (default 0.5)")
+    add_model_arguments(parser)
+    parser.add_argument("--gamma", type=config_float("gamma"), default=None, help="override the preset's coverage")
+    parser.add_argument("--tau", type=config_float("tau"), default=None, help="override the preset's JS threshold")
+    parser.add_argument("--max-new-tokens", type=int_at_least(1), default=24)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    args.overrides = config_overrides(parser, args, ("gamma", "tau"))
+    return args
 
-    dtype = getattr(torch, args.dtype) if args.dtype else None
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
     start = time.perf_counter()
-    model, tokenizer = load_model(args.model, device=args.device, dtype=dtype)
+    model, tokenizer = load(args)
     print(f"loaded {args.model or 'SmolLM2-135M-Instruct'} in {time.perf_counter() - start:.1f} s")
-    overrides = {k: v for k, v in (("gamma", args.gamma), ("tau", args.tau)) if v is not None}
 
     rng = random.Random(args.seed)
     for depth in args.depth:
@@ -211,7 +120,7 @@ def main(argv=None) -> None:
         n_tokens = encode_chat(tokenizer, user_text).shape[1]
         print(f"\nneedle {number} at depth {depth:.2f} of a {n_tokens}-token prompt")
         results = {"dense": run(model, tokenizer, user_text, number, args.max_new_tokens, "dense")}
-        flexprefill_hf.patch_model(model, **overrides)
+        flexprefill_hf.patch_model(model, **args.overrides)
         results["flexprefill"] = run(model, tokenizer, user_text, number, args.max_new_tokens, "flexprefill")
         flexprefill_hf.unpatch_model(model)
 

@@ -18,6 +18,7 @@ import torch
 from transformers import DynamicCache
 
 import flexprefill_hf
+from flexprefill_hf.eval import needle
 from flexprefill_hf.models import cache_kwarg, load_default
 
 from helpers import relative_error
@@ -39,13 +40,6 @@ TOLERANCE = 1e-4
 OVERRIDES = {} if DEVICE == "cpu" else {"cuda_dense_below": 0}
 
 
-def _load_example(name: str):
-    spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def embedded():
     """(model, tokenizer) in DTYPE on DEVICE, unpatched (SDPA)."""
@@ -56,11 +50,6 @@ def embedded():
 def reference(embedded):
     """The model in fp32 on DEVICE, the oracle of low-precision runs (the same model on the CPU)."""
     return embedded[0] if DTYPE == torch.float32 else load_default(device=DEVICE, dtype=torch.float32)[0]
-
-
-@pytest.fixture(scope="module")
-def needle():
-    return _load_example("needle")
 
 
 @contextlib.contextmanager
@@ -95,7 +84,7 @@ def sparse_layers(stats) -> list:
     return [s for s in stats or () if s is not None and not s.dense]
 
 
-def test_gamma_one_equals_sdpa(embedded, reference, needle):
+def test_gamma_one_equals_sdpa(embedded, reference):
     """gamma = 1, tau = 0: every head vertical-slash with full coverage, i.e. dense attention through the
     sparse path; the logits equal SDPA's to fp32 rounding (measured on CPU, 1554 tokens: identical)."""
     model, tokenizer = embedded
@@ -113,7 +102,7 @@ def test_gamma_one_equals_sdpa(embedded, reference, needle):
     assert_matches_dense(sparse, dense, reference, input_ids)
 
 
-def test_needle_score_close_to_dense(embedded, needle):
+def test_needle_score_close_to_dense(embedded):
     """The default preset at ~4K tokens: the strict needle score (log-probability of the correct answer's
     7 digits, teacher-forced in one forward pass) stays close to dense attention.
 
@@ -142,7 +131,7 @@ def test_needle_score_close_to_dense(embedded, needle):
     )
 
 
-def test_second_turn_on_kept_cache_equals_fresh_prefill(embedded, reference, needle):
+def test_second_turn_on_kept_cache_equals_fresh_prefill(embedded, reference):
     """gamma = 1: a second chat turn prefilled on top of the first turn's cache (queries at the end of the
     keys) gives the logits of a fresh prefill of the whole conversation (measured on CPU, 1169 + 180 tokens:
     relative error 1.2e-6)."""
@@ -174,7 +163,9 @@ def test_second_turn_on_kept_cache_equals_fresh_prefill(embedded, reference, nee
     assert_matches_dense(on_cache, fresh, reference, conversation, keep=slice(n_1, None))
 
 
-def _run_example(args, stdin: str = "") -> str:
+def _run_example(args, stdin: str = "") -> subprocess.CompletedProcess:
+    """Runs ``python examples/<args[0]> --device DEVICE <args[1:]>`` as a user would; returns the finished
+    process (its stdout and stderr as text)."""
     result = subprocess.run(
         [sys.executable, str(EXAMPLES / args[0]), "--device", DEVICE, *args[1:]],
         input=stdin,
@@ -183,11 +174,11 @@ def _run_example(args, stdin: str = "") -> str:
         timeout=300,
     )
     assert result.returncode == 0, result.stderr[-4000:]
-    return result.stdout
+    return result
 
 
 def test_chat_example_with_piped_input(embedded):
-    out = _run_example(["chat.py", "--max-new-tokens", "8", "--stats"], stdin="Hi!\nWhat is 2 + 2?\n")
+    out = _run_example(["chat.py", "--max-new-tokens", "8", "--stats"], stdin="Hi!\nWhat is 2 + 2?\n").stdout
     assert "> Hi!" in out and "> What is 2 + 2?" in out
     assert "prefill of" in out and "on top of 0 cached" in out
     second = out.split("> What is 2 + 2?", 1)[1]
@@ -195,6 +186,10 @@ def test_chat_example_with_piped_input(embedded):
 
 
 def test_generate_example(embedded):
-    out = _run_example(["generate.py", "Name a prime number.", "--long-tokens", "1100", "--max-new-tokens", "4"])
+    result = _run_example(["generate.py", "Name a prime number.", "--long-tokens", "1100", "--max-new-tokens", "4"])
+    out = result.stdout
     assert "2 prompts, padded to" in out
     assert out.count("  -> ") == 2
+    # tqdm writes to stderr: one bar over the 30 decoder layers of the prefill, then one over the new tokens.
+    assert "prefill:" in result.stderr and "/30 [" in result.stderr, result.stderr[-2000:]
+    assert "decode:" in result.stderr and "/4 [" in result.stderr, result.stderr[-2000:]
