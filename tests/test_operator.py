@@ -1,4 +1,7 @@
-"""End-to-end behaviour of the public operator (its PyTorch path on CPU) and of its configuration."""
+"""End-to-end behaviour of the public operator (its PyTorch path on CPU) and of its configuration.
+
+Oracles are the float64 references (``ops/reference.py``) on fresh random inputs; tolerances follow the dtype.
+"""
 
 import math
 
@@ -6,27 +9,27 @@ import pytest
 import torch
 
 from flexprefill_hf import FlexPrefillConfig, flexprefill_attention, flexprefill_attention_with_stats
-from flexprefill_hf.ops import reference, selection
-from flexprefill_hf.ops import torch_attention
+from flexprefill_hf.ops import reference
+from flexprefill_hf.ops.attention.dense import dense_attention_torch
 from flexprefill_hf.ops.block_structure import structure_to_block_mask
+from flexprefill_hf.ops.selection import select_blocks
 from flexprefill_hf.testing import structured_qkv
 
-from helpers import poisoned_empty, random_qkv, relative_error, seeded
+from helpers import random_qkv, relative_error, seeded
 
-SMALL = dict(block_size=64, min_budget=64)
+SMALL = dict(block_size=64, min_budget=64)  # dense threshold max(2 * 64, 64) = 128 keys
+# Relative (Frobenius) error allowed against float64, by input dtype: a few units of its rounding.
+REL_TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 
 @pytest.mark.parametrize(
     "batch,q_len,k_len,hq,hkv,d,starts",
     [(1, 700, 700, 4, 4, 32, None), (2, 333, 1000, 6, 2, 16, [0, 210]), (2, 500, 500, 7, 1, 16, [130, 0])],
 )
-def test_gamma_one_tau_zero_equals_dense(batch, q_len, k_len, hq, hkv, d, starts):
+def test_gamma_one_tau_zero_equals_dense(batch, q_len, k_len, hq, hkv, d, starts, poison_empty):
     q, k, v = random_qkv(batch, q_len, k_len, hq, hkv, d, seed=q_len)
     key_start = None if starts is None else torch.tensor(starts)
-    with poisoned_empty():
-        out, stats = flexprefill_attention_with_stats(
-            q, k, v, FlexPrefillConfig(gamma=1.0, tau=0.0, **SMALL), key_start=key_start
-        )
+    out, stats = flexprefill_attention_with_stats(q, k, v, FlexPrefillConfig(gamma=1.0, tau=0.0, **SMALL), key_start=key_start)
     want, _ = reference.dense_attention_reference(q, k, v, 1 / math.sqrt(d), key_start)
     assert not stats.dense
     assert torch.equal(stats.computed_fraction, torch.ones_like(stats.computed_fraction))
@@ -36,26 +39,24 @@ def test_gamma_one_tau_zero_equals_dense(batch, q_len, k_len, hq, hkv, d, starts
             assert (out[b, : max(0, s - (k_len - q_len))] == 0).all()
 
 
-def test_sparse_output_matches_reference_on_same_selection():
+def test_sparse_output_matches_reference_on_same_selection(poison_empty):
     q, k, v = structured_qkv(2, 900, 8, 2, 32, q_len=600, generator=seeded(4))
     key_start = torch.tensor([0, 170])
     config = FlexPrefillConfig(gamma=0.9, tau=0.2, **SMALL)
-    with poisoned_empty():
-        out, stats = flexprefill_attention_with_stats(q, k, v, config, key_start=key_start)
-    sel = selection.select_blocks(q, k, config, 1 / math.sqrt(32), key_start)
+    out, stats = flexprefill_attention_with_stats(q, k, v, config, key_start=key_start)
+    sel = select_blocks(q, k, config, 1 / math.sqrt(32), key_start)
     want, _ = reference.block_sparse_attention_reference(q, k, v, sel.structure, 1 / math.sqrt(32), key_start)
     assert relative_error(out, want) < 1e-5
     assert (stats.computed_fraction < 1).any()
 
 
-def test_short_turn_on_a_cache_matches_reference_on_same_selection():
+def test_short_turn_on_a_cache_matches_reference_on_same_selection(poison_empty):
     """q_len < block: the representative rows are all the new queries; padding is masked."""
     q, k, v = structured_qkv(2, 900, 4, 2, 32, q_len=5, generator=seeded(8))
     key_start = torch.tensor([300, 0])
     config = FlexPrefillConfig(gamma=0.9, tau=0.2, **SMALL)
-    with poisoned_empty():
-        out = flexprefill_attention(q, k, v, config, key_start=key_start)
-    sel = selection.select_blocks(q, k, config, 1 / math.sqrt(32), key_start)
+    out = flexprefill_attention(q, k, v, config, key_start=key_start)
+    sel = select_blocks(q, k, config, 1 / math.sqrt(32), key_start)
     want, _ = reference.block_sparse_attention_reference(q, k, v, sel.structure, 1 / math.sqrt(32), key_start)
     assert relative_error(out, want) < 1e-5
 
@@ -64,7 +65,7 @@ def test_every_real_row_keeps_sink_and_diagonal_and_has_keys():
     q, k, v = structured_qkv(2, 1100, 4, 2, 32, generator=seeded(6))
     key_start = torch.tensor([0, 333])
     config = FlexPrefillConfig(gamma=0.6, tau=0.1, **SMALL)
-    sel = selection.select_blocks(q, k, config, 1 / math.sqrt(32), key_start)
+    sel = select_blocks(q, k, config, 1 / math.sqrt(32), key_start)
     grid = sel.structure.grid
     mask = structure_to_block_mask(sel.structure)
     for b, start in enumerate([0, 333]):
@@ -136,16 +137,18 @@ def test_float64_and_strided_inputs():
     torch.testing.assert_close(flexprefill_attention(qt, kt, vt, config), flexprefill_attention(q, k, v, config))
 
 
-def test_torch_dense_attention_matches_reference_with_padding():
-    q, k, v = random_qkv(2, 90, 300, 6, 3, 16, seed=7)
-    with poisoned_empty():
-        out = torch_attention.dense_attention(q, k, v, 0.3, torch.tensor([250, 0]))
-    want, _ = reference.dense_attention_reference(q, k, v, 0.3, torch.tensor([250, 0]))
-    assert relative_error(out, want) < 1e-5
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("q_len,starts", [(90, [250, 0]), (300, [0, 17]), (300, None)])
+def test_torch_dense_attention_matches_reference(q_len, starts, dtype, poison_empty):
+    q, k, v = random_qkv(2, q_len, 300, 6, 3, 16, dtype=dtype, seed=7)
+    key_start = None if starts is None else torch.tensor(starts)
+    out = dense_attention_torch(q, k, v, 0.3, key_start)
+    want, _ = reference.dense_attention_reference(q, k, v, 0.3, key_start)
+    assert out.dtype == dtype and relative_error(out, want) < REL_TOL[dtype]
 
 
 BAD_INPUTS = [
-    (lambda q, k, v: dict(q=q[0]), ValueError, "q has shape .* expected 4 dims"),
+    (lambda q, k, v: dict(q=q[0]), ValueError, r"q has shape \(300, 4, 16\); expected 4 dims"),
     (lambda q, k, v: dict(q=q[:, :, :3]), ValueError, "multiple of the KV heads"),
     (lambda q, k, v: dict(k=k.half(), v=v.half()), TypeError, "dtypes differ"),
     (lambda q, k, v: dict(q=q.int()), TypeError, "q has dtype torch.int32"),
@@ -153,10 +156,21 @@ BAD_INPUTS = [
     (lambda q, k, v: dict(v=v[:, :-1]), ValueError, "k has shape .* but v has"),
     (lambda q, k, v: dict(k=k[1:], v=v[1:]), ValueError, "expected equal batch sizes"),
     (lambda q, k, v: dict(q=q[..., :8]), ValueError, "expected equal head dims"),
-    (lambda q, k, v: dict(key_start=torch.tensor([0.0, 1.0])), TypeError, "key_start must be an integer tensor"),
+    (lambda q, k, v: dict(key_start=torch.tensor([0.0, 1.0])), TypeError,
+     "key_start is a tensor of dtype torch.float32; expected an int32 or int64 tensor of shape"),
+    (lambda q, k, v: dict(key_start=torch.tensor([0, 1], dtype=torch.int16)), TypeError, "dtype torch.int16"),
     (lambda q, k, v: dict(key_start=torch.tensor([0])), ValueError, r"key_start has shape \(1,\); expected \(2,\)"),
+    (lambda q, k, v: dict(key_start=torch.tensor([0, 300])), ValueError,
+     r"key_start has value 300: key_start out of range; expected 0 <= key_start\[b\] < k_len = 300"),
+    (lambda q, k, v: dict(key_start=torch.tensor([-4, 0])), ValueError,
+     r"key_start has value -4: .*expected 0 <= key_start\[b\] < k_len"),
+    (lambda q, k, v: dict(key_start=torch.tensor([5000, 0])), ValueError, r"key_start has value 5000"),
+    (lambda q, k, v: dict(q=q.clone().requires_grad_()), ValueError, "does not support gradients"),
+    (lambda q, k, v: dict(v=v.clone().requires_grad_()), ValueError, "does not support gradients"),
+    (lambda q, k, v: dict(softmax_scale=[0.1]), TypeError, r"softmax_scale=\[0.1\] has type list"),
+    (lambda q, k, v: dict(softmax_scale=float("inf")), ValueError, "softmax_scale=inf is not supported"),
     (lambda q, k, v: dict(config={"gamma": 0.9}), TypeError, "config has type dict"),
-    (lambda q, k, v: dict(q=q.tolist()), TypeError, "q must be a torch.Tensor"),
+    (lambda q, k, v: dict(q=q.tolist()), TypeError, "q has type list; expected a torch.Tensor"),
 ]
 
 
@@ -165,10 +179,9 @@ def test_bad_input_raises(make, error, message):
     q, k, v = random_qkv(2, 300, 300, 4, 2, 16)
     args = dict(q=q, k=k, v=v)
     args.update(make(q, k, v))
-    key_start = args.pop("key_start", None)
-    config = args.pop("config", None)
+    q, k, v, config = args.pop("q"), args.pop("k"), args.pop("v"), args.pop("config", None)
     with pytest.raises(error, match=message):
-        flexprefill_attention(args["q"], args["k"], args["v"], config, key_start=key_start)
+        flexprefill_attention(q, k, v, config, **args)
 
 
 @pytest.mark.parametrize(
@@ -184,7 +197,13 @@ def test_bad_input_raises(make, error, message):
         (dict(max_budget=1.5), TypeError, "max_budget=1.5 has type float"),
         (dict(dense_threshold=-5), ValueError, "dense_threshold=-5"),
         (dict(cuda_dense_below=-1), ValueError, "cuda_dense_below=-1 is not supported"),
-        (dict(cuda_dense_below=2.0), TypeError, "cuda_dense_below=2.0 has type float"),
+        (dict(block_size=128.0), TypeError, "block_size=128.0 has type float; expected an int"),
+        (dict(block_size=True), TypeError, "block_size=True has type bool; expected an int"),
+        (dict(min_budget=1024.0), TypeError, "min_budget=1024.0 has type float; expected an int"),
+        (dict(max_budget=2048.0), TypeError, "max_budget=2048.0 has type float; expected an int"),
+        (dict(dense_threshold=512.0), TypeError, "dense_threshold=512.0 has type float; expected an int"),
+        (dict(cuda_dense_below=2.0), TypeError, "cuda_dense_below=2.0 has type float; expected an int"),
+        (dict(tau=float("nan")), ValueError, "tau=nan is not supported"),
     ],
 )
 def test_config_validation(fields, error, message):
@@ -202,3 +221,103 @@ def test_config_budgets_in_blocks_and_defaults():
     assert small.replace(gamma=0.5).gamma == 0.5
     with pytest.raises(TypeError, match="unknown FlexPrefillConfig field"):
         small.replace(gama=0.5)
+
+
+def _sparse_reference(q, k, v, config, scale, key_start=None):
+    """float64 output of block-sparse attention on the selection the operator makes."""
+    structure = select_blocks(q, k, config, scale, key_start).structure
+    return reference.block_sparse_attention_reference(q, k, v, structure, scale, key_start)[0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("k_len,dense", [(128, True), (129, False)], ids=["at-threshold", "one-past"])
+def test_dense_threshold_routes_and_both_routes_are_correct(k_len, dense, dtype, poison_empty):
+    """SMALL's threshold is 128 keys: exactly 128 runs dense, 129 sparse; each equals its float64 oracle."""
+    config = FlexPrefillConfig(gamma=0.9, tau=0.1, **SMALL)
+    assert config.effective_dense_threshold == 128
+    q, k, v = random_qkv(2, k_len - 7, k_len, 4, 2, 16, dtype=dtype, seed=k_len)
+    key_start = torch.tensor([0, 9])
+    out, stats = flexprefill_attention_with_stats(q, k, v, config, key_start=key_start)
+    assert stats.dense is dense
+    want = (reference.dense_attention_reference(q, k, v, 0.25, key_start)[0] if dense
+            else _sparse_reference(q, k, v, config, 0.25, key_start))
+    assert relative_error(out, want) < REL_TOL[dtype]
+
+
+@pytest.mark.parametrize("k_len", [100, 700], ids=["dense-route", "sparse-route"])
+def test_batch_zero_gives_empty_output_and_stats(k_len):
+    q, k, v = random_qkv(1, k_len, k_len, 4, 2, 16)
+    config = FlexPrefillConfig(**SMALL)
+    out, stats = flexprefill_attention_with_stats(q[:0], k[:0], v[:0], config, key_start=torch.zeros(0, dtype=torch.int64))
+    assert out.shape == (0, k_len, 4, 16) and out.dtype == q.dtype
+    assert stats.dense is (k_len <= 128)
+    for t in (stats.query_aware, stats.js_distance, stats.computed_blocks, stats.computed_fraction):
+        assert t.shape == (0, 4)
+
+
+def test_no_grad_and_inference_mode_are_accepted():
+    q, k, v = (t.requires_grad_() for t in random_qkv(1, 300, 300, 2, 1, 16, seed=5))
+    config = FlexPrefillConfig(**SMALL)
+    with torch.no_grad():
+        out = flexprefill_attention(q, k, v, config)
+    with torch.inference_mode():
+        again = flexprefill_attention(q, k, v, config)
+    assert not out.requires_grad and torch.equal(out, again)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_logits_beyond_fp16_range_give_finite_correct_output(dtype):
+    """q and k scaled by 100 (q.k ~ 1e5 > fp16's 65504): finite output, as accurate as torch in fp32 on the
+    same blocks plus the input dtype's rounding."""
+    q, k, v = random_qkv(1, 400, 400, 4, 2, 32, dtype=dtype, seed=21)
+    q, k = q * 100, k * 100
+    config = FlexPrefillConfig(gamma=0.9, tau=0.1, **SMALL)
+    out, stats = flexprefill_attention_with_stats(q, k, v, config)
+    assert not stats.dense and torch.isfinite(out).all()
+    structure = select_blocks(q, k, config, 32 ** -0.5).structure
+    want, _ = reference.block_sparse_attention_reference(q, k, v, structure, 32 ** -0.5)
+    in_fp32, _ = reference.block_sparse_attention_reference(q, k, v, structure, 32 ** -0.5, dtype=torch.float32)
+    err = (out.double() - want).abs().max().item()
+    yardstick = (in_fp32.double() - want).abs().max().item()
+    assert err <= 2 * yardstick + torch.finfo(dtype).eps * want.abs().max().item()
+
+
+@pytest.mark.parametrize("k_len", [100, 600], ids=["dense-route", "sparse-route"])
+def test_all_equal_keys(k_len):
+    """Every key equal: each real row averages the values it may see (uniform weights)."""
+    q, k, v = random_qkv(2, k_len, k_len, 4, 2, 16, seed=13)
+    k = k[:, :1].expand_as(k).contiguous()
+    key_start = torch.tensor([0, 31])
+    config = FlexPrefillConfig(gamma=0.9, tau=0.1, **SMALL)
+    out, stats = flexprefill_attention_with_stats(q, k, v, config, key_start=key_start)
+    assert torch.isfinite(out).all() and stats.dense is (k_len <= 128)
+    want = (reference.dense_attention_reference(q, k, v, 0.25, key_start)[0] if stats.dense
+            else _sparse_reference(q, k, v, config, 0.25, key_start))
+    assert relative_error(out, want) < REL_TOL[torch.float32]
+
+
+@pytest.mark.parametrize("k_len", [100, 600], ids=["dense-route", "sparse-route"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_query_row_stays_in_that_row(k_len, bad):
+    """Documented: NaN/Inf are not masked; a non-finite query row (outside the representative block) makes
+    that output row NaN and leaves every other row, and the selection, exactly as without it."""
+    q, k, v = random_qkv(1, k_len, k_len, 4, 2, 16, seed=17)
+    config = FlexPrefillConfig(gamma=0.9, tau=0.0, **SMALL)
+    clean, clean_stats = flexprefill_attention_with_stats(q, k, v, config)
+    q[0, 40, 2, 3] = bad
+    out, stats = flexprefill_attention_with_stats(q, k, v, config)
+    assert out[0, 40, 2].isnan().all()
+    hit = torch.zeros_like(out, dtype=torch.bool)
+    hit[0, 40, 2] = True
+    assert torch.equal(out[~hit], clean[~hit])
+    assert torch.equal(stats.computed_blocks, clean_stats.computed_blocks)
+
+
+def test_nan_in_a_value_reaches_the_rows_that_attend_it():
+    """Not masked out, not hidden: a NaN value reaches its attending rows (the kernel test checks the rows
+    that never compute its block)."""
+    q, k, v = random_qkv(1, 600, 600, 2, 1, 16, seed=19)
+    v[0, 300, 0, 0] = float("nan")
+    out = flexprefill_attention(q, k, v, FlexPrefillConfig(gamma=1.0, tau=0.0, **SMALL))  # every causal block
+    # Documented: every row that attends key 300 is NaN (earlier rows of the same chunk may be too).
+    assert out[0, 300:].isnan().any(-1).all()

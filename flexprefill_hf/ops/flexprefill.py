@@ -141,8 +141,7 @@ def _dense_stats(q: torch.Tensor, k: torch.Tensor, config: FlexPrefillConfig, ke
     batch, q_len, q_heads, _ = q.shape
     grid = BlockGrid(q_len, k.shape[1], config.block_size)
     starts = torch.zeros(batch, dtype=torch.long, device=q.device) if key_start is None else key_start
-    # The sink-block formula, inline until grid.py's BlockGrid.sink_block lands (issue 8, A1).
-    sink = (starts.long().clamp(max=k.shape[1] - 1) + grid.pad) // grid.block_size  # [B]
+    sink = grid.sink_block(starts)  # [B]
     causal = causal_block_counts(grid, sink)  # [B]
     return FlexPrefillStats(
         query_aware=torch.zeros(batch, q_heads, dtype=torch.bool, device=q.device),

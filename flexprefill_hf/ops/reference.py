@@ -258,8 +258,7 @@ def select_head_reference(
     n = grid.k_len
     key_valid = torch.arange(n, device=k.device) >= key_start
     q_positions = torch.arange(grid.q_len, device=q.device) + grid.cache_len
-    # The sink-block formula, inline until grid.py's BlockGrid.sink_block lands (issue 8, A1).
-    sink = grid.block_of_key(min(key_start, n - 1))
+    sink = int(grid.sink_block(torch.tensor([key_start]))[0])
     allowed = block_causal_mask(grid, sink, q.device)
     diagonal = torch.zeros_like(allowed)
     diagonal[torch.arange(grid.num_query_blocks), torch.arange(grid.first_query_block, grid.num_blocks)] = True
