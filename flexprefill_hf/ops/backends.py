@@ -1,0 +1,168 @@
+"""Which kernel runs for which case, and why: the block-sparse forward and the dense path.
+
+Decided from devices, dtypes and shapes only (never from tensor values: no host sync), in this order:
+
+Block-sparse forward (:func:`choose_sparse_backend`):
+    "fa4"     flash-attn-4's block-sparse forward (``attention/block_sparse_fa4.py``): CUDA, fp16/bf16, compute
+              capability >= 9.0, block size 128, head dim a multiple of 8 in [16, 128], no left padding, and
+              ``flash_attn.cute`` imports. Every length is mapped exactly onto its tiles.
+    "triton"  our Triton kernel: every other fp16/bf16 CUDA case (older GPUs, block 64, head dims up to 256, left
+              padding, flash-attn-4 not installed).
+    "torch"   the PyTorch path: CPU tensors and fp32/fp64.
+
+Dense causal attention (:func:`choose_dense_backend`), never with a mask where none is needed:
+    "masked"           left padding: SDPA with a per-chunk additive mask (``attention/block_sparse_torch.py``).
+    "sdpa"             one query row (decode: it sees every key, so no mask and ``is_causal=False``, the call
+                       transformers' own sdpa makes), and CPU prompts with q_len == k_len (``is_causal=True``).
+    "fa4"              flash-attn-4's dense causal forward (bottom-right): CUDA, fp16/bf16, capability >= 9.0,
+                       head dim a multiple of 8 in [16, 128], importable. Measured 1.07-1.24x SDPA-cuDNN on the H200.
+    "sdpa_cudnn"       CUDA, q_len == k_len: SDPA ``is_causal=True`` with cuDNN first in the priority order
+                       (cuDNN, flash, efficient, math); SDPA skips a backend that cannot take the inputs.
+    "sdpa_lower_right" 1 < q_len < k_len (a prefill on a cache): SDPA with ``causal_lower_right``, which the
+                       efficient/flash backends apply without building a mask.
+Decode goes to plain SDPA even with flash-attn-4 present: FA4 runs one tile per (batch, head) for one row
+(num_splits=1), too little work for the GPU at long caches.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+from typing import Callable, Optional, Union
+
+import torch
+import torch.nn.functional as F
+
+from .attention.block_sparse_fa4 import FA4_MIN_CAPABILITY, KernelCase, fa4_available, fa4_head_dim, unsupported_reason
+from .block_structure import BlockStructure
+from .runtime import KERNEL_DTYPES
+
+SPARSE_BACKENDS = ("fa4", "triton", "torch")
+DENSE_BACKENDS = ("masked", "sdpa", "fa4", "sdpa_cudnn", "sdpa_lower_right")
+
+Availability = Union[bool, Callable[[], bool]]
+
+
+def _capability(t: torch.Tensor) -> Optional[tuple[int, int]]:
+    return torch.cuda.get_device_capability(t.device) if t.is_cuda else None
+
+
+def sparse_backend_for(case: KernelCase, fa4: Availability = fa4_available) -> tuple[str, str]:
+    """(backend, reason) for a block-sparse forward (see the module docstring).
+
+    fa4: whether flash-attn-4 imports, or a function that says so (asked only when everything else fits).
+    """
+    if case.device_type != "cuda" or case.dtype not in KERNEL_DTYPES:
+        return "torch", f"{case.dtype} tensors on {case.device_type}: the PyTorch path (kernels take CUDA fp16/bf16)"
+    reason = unsupported_reason(case)
+    if reason is None:
+        if fa4() if callable(fa4) else fa4:
+            return "fa4", "flash-attn-4 block-sparse forward (Hopper or newer, block 128, head dim <= 128)"
+        reason = "flash_attn.cute does not import"
+    return "triton", f"Triton kernel: {reason}"
+
+
+def choose_sparse_backend(
+    q: torch.Tensor, k: torch.Tensor, structure: BlockStructure, key_start: Optional[torch.Tensor]
+) -> tuple[str, str]:
+    """(backend, reason) for the block-sparse forward of q [B, q_len, Hq, D] over k [B, k_len, Hkv, D]."""
+    return sparse_backend_for(KernelCase.of(q, structure, key_start))
+
+
+def dense_backend_for(
+    device_type: str,
+    capability: Optional[tuple[int, int]],
+    dtype: torch.dtype,
+    head_dim: int,
+    q_len: int,
+    k_len: int,
+    padded: bool,
+    fa4: Availability = fa4_available,
+) -> str:
+    """The dense backend for a case described by plain values (see the module docstring)."""
+    if padded:
+        return "masked"
+    if q_len == 1:
+        return "sdpa"
+    on_gpu = device_type == "cuda"
+    fa4_case = (
+        on_gpu
+        and dtype in KERNEL_DTYPES
+        and capability is not None
+        and tuple(capability) >= FA4_MIN_CAPABILITY
+        and fa4_head_dim(head_dim)
+    )
+    if fa4_case and (fa4() if callable(fa4) else fa4):
+        return "fa4"
+    if q_len == k_len:
+        return "sdpa_cudnn" if on_gpu else "sdpa"
+    return "sdpa_lower_right"
+
+
+def choose_dense_backend(q: torch.Tensor, k: torch.Tensor, key_start: Optional[torch.Tensor]) -> str:
+    """The dense causal backend for q [B, q_len, Hq, D] over k [B, k_len, Hkv, D]."""
+    return dense_backend_for(
+        q.device.type, _capability(q), q.dtype, q.shape[-1], q.shape[1], k.shape[1], key_start is not None
+    )
+
+
+@functools.lru_cache(maxsize=None)
+def _sdpa_priority_supported() -> bool:
+    """torch.nn.attention.sdpa_kernel takes ``set_priority`` (the list order as priority) in newer torch."""
+    from torch.nn.attention import sdpa_kernel
+
+    return "set_priority" in inspect.signature(sdpa_kernel).parameters
+
+
+def cudnn_first():
+    """A context in which SDPA tries cuDNN, then flash, then efficient, then math attention.
+
+    Without ``set_priority`` (older torch) the list only enables all four, i.e. torch's own order.
+    """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    if _sdpa_priority_supported():
+        return sdpa_kernel(order, set_priority=True)
+    return contextlib.nullcontext()
+
+
+def dense_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    softmax_scale: float,
+    key_start: Optional[torch.Tensor] = None,
+    backend: Optional[str] = None,
+) -> torch.Tensor:
+    """Dense bottom-right causal attention by the backend :func:`choose_dense_backend` picks (or ``backend``).
+
+    q [B, q_len, Hq, D], k/v [B, k_len, Hkv, D] (any strides; Hq a multiple of Hkv, no K/V repeat); key_start
+    optional int [B] of left padding. Returns [B, q_len, Hq, D] in q's dtype; rows with no real key are 0.
+    No validation: the operator validates first.
+    """
+    name = choose_dense_backend(q, k, key_start) if backend is None else backend
+    if name == "masked":
+        from .attention.block_sparse_torch import masked_attention_torch
+
+        return masked_attention_torch(q, k, v, softmax_scale, key_start, None)
+    if name == "fa4":
+        from flash_attn.cute.interface import flash_attn_func
+
+        return flash_attn_func(q, k, v, softmax_scale=softmax_scale, causal=True)[0]
+    qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    if name == "sdpa":
+        causal = q.shape[1] > 1  # one row sees every key; otherwise q_len == k_len (top-left = bottom-right)
+        out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=causal, scale=softmax_scale, enable_gqa=True)
+    elif name == "sdpa_cudnn":
+        with cudnn_first():
+            out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=softmax_scale, enable_gqa=True)
+    elif name == "sdpa_lower_right":
+        from torch.nn.attention.bias import causal_lower_right
+
+        bias = causal_lower_right(q.shape[1], k.shape[1])
+        out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=bias, scale=softmax_scale, enable_gqa=True)
+    else:
+        raise ValueError(f"backend={name!r} is not a dense backend; expected one of {DENSE_BACKENDS}")
+    return out.transpose(1, 2)
