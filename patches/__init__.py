@@ -1,4 +1,8 @@
-"""Per-architecture patches: what FlexPrefill needs to know about each supported model family."""
+"""The supported architectures: what FlexPrefill needs to know about each model family.
+
+This top-level folder is installed as the subpackage ``flexprefill_hf.patches`` (``package_dir`` in
+setup.cfg). How to add an architecture: ``patches/README.md``.
+"""
 
 from .common import ArchitecturePatch
 from .registry import PATCHES, lookup, supported_model_types

@@ -1,52 +1,18 @@
-"""What every architecture patch shares: its description, and the checks of the attention modules.
+"""What every architecture entry shares: its description and the checks of its attention modules.
 
-A patch never replaces a forward method. transformers' attention modules already hand their
-query/key/value to the function registered under ``config._attn_implementation``; a patch only
-finds those modules, checks the attributes the FlexPrefill attention function relies on, and
-states the quirks of its family.
+An entry never replaces a forward method. transformers' attention modules already hand their
+query/key/value to the function registered under ``config._attn_implementation``; an entry only
+names those modules, and its ``check`` verifies the attributes the FlexPrefill attention function
+relies on before ``patch_model`` changes anything.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Callable, Sequence
 
 import torch
-
-
-@dataclasses.dataclass(frozen=True)
-class ArchitecturePatch:
-    """One supported architecture family.
-
-    Attributes:
-        family: short name, also the name of the module in ``flexprefill_hf.patches``.
-        model_types: the ``config.model_type`` values of the family.
-        attention_classes: class names of its attention modules (stable across transformers versions).
-        default_preset: the preset used when no preset's names match the checkpoint.
-        check: ``check(model, modules)`` raises ValueError when the model does not have the layout the
-            attention function expects; may warn about layers that will run dense.
-    """
-
-    family: str
-    model_types: tuple[str, ...]
-    attention_classes: tuple[str, ...]
-    default_preset: str
-    check: Callable[[torch.nn.Module, Sequence[torch.nn.Module]], None]
-
-    def attention_modules(self, model: torch.nn.Module) -> list[torch.nn.Module]:
-        """The model's attention modules ordered by ``layer_idx``, one per decoder layer."""
-        modules = [m for m in model.modules() if type(m).__name__ in self.attention_classes]
-        if not modules:
-            raise ValueError(
-                f"{type(model).__name__} has no attention module of class {self.attention_classes}; "
-                f"expected a transformers {self.family} model"
-            )
-        indices = [getattr(m, "layer_idx", None) for m in modules]
-        if any(not isinstance(i, int) for i in indices):
-            raise ValueError(f"{type(modules[0]).__name__} modules need an integer `layer_idx`; got {indices}")
-        if sorted(indices) != list(range(len(modules))):
-            raise ValueError(f"attention layer indices are {sorted(indices)}; expected 0..{len(modules) - 1}")
-        return sorted(modules, key=lambda m: m.layer_idx)
 
 
 def check_head_layout(model: torch.nn.Module, modules: Sequence[torch.nn.Module]) -> None:
@@ -79,3 +45,64 @@ def check_head_layout(model: torch.nn.Module, modules: Sequence[torch.nn.Module]
                 )
         if not getattr(module, "is_causal", True):
             raise ValueError(f"{name} is not causal; FlexPrefill is a causal prefill attention")
+
+
+def warn_sliding_window_layers(model: torch.nn.Module, modules: Sequence[torch.nn.Module]) -> None:
+    """Warn once per patch about layers with a sliding window: the attention function runs them dense.
+
+    transformers sets ``module.sliding_window`` on the layers that use one (Qwen2 with
+    ``use_sliding_window=True``: the layers ``config.layer_types`` marks "sliding_attention"); a
+    FlexPrefill block pattern cannot express the window, so those layers fall back to SDPA with the
+    window once a prompt is longer than it.
+    """
+    windowed = [m.layer_idx for m in modules if getattr(m, "sliding_window", None) is not None]
+    if windowed:
+        window = getattr(modules[windowed[0]], "sliding_window")
+        warnings.warn(
+            f"{type(model).__name__} layers {windowed} use a sliding window of {window} tokens; FlexPrefill cannot "
+            f"express it, so these layers run dense attention on prompts longer than {window} tokens",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
+def check_model(model: torch.nn.Module, modules: Sequence[torch.nn.Module]) -> None:
+    """The check every registered family uses unless its entry names its own."""
+    check_head_layout(model, modules)
+    warn_sliding_window_layers(model, modules)
+
+
+@dataclasses.dataclass(frozen=True)
+class ArchitecturePatch:
+    """One supported architecture family.
+
+    Attributes:
+        family: short name, used in messages.
+        model_types: the ``config.model_type`` values of the family.
+        attention_classes: class names of its attention modules (stable across transformers versions).
+        check: ``check(model, modules)`` raises ValueError when the model does not have the layout the
+            attention function expects; may warn about layers that will run dense.
+
+    Which preset a model gets is decided by the ``match:`` sections of the YAML files in ``configs/``,
+    not here.
+    """
+
+    family: str
+    model_types: tuple[str, ...]
+    attention_classes: tuple[str, ...]
+    check: Callable[[torch.nn.Module, Sequence[torch.nn.Module]], None] = check_model
+
+    def attention_modules(self, model: torch.nn.Module) -> list[torch.nn.Module]:
+        """The model's attention modules ordered by ``layer_idx``, one per decoder layer."""
+        modules = [m for m in model.modules() if type(m).__name__ in self.attention_classes]
+        if not modules:
+            raise ValueError(
+                f"{type(model).__name__} has no attention module of class {self.attention_classes}; "
+                f"expected a transformers {self.family} model"
+            )
+        indices = [getattr(m, "layer_idx", None) for m in modules]
+        if any(not isinstance(i, int) for i in indices):
+            raise ValueError(f"{type(modules[0]).__name__} modules need an integer `layer_idx`; got {indices}")
+        if sorted(indices) != list(range(len(modules))):
+            raise ValueError(f"attention layer indices are {sorted(indices)}; expected 0..{len(modules) - 1}")
+        return sorted(modules, key=lambda m: m.layer_idx)

@@ -51,6 +51,14 @@ def tiny_model(architecture: str, seed: int = 0, **changes) -> torch.nn.Module:
     return getattr(transformers, model_name)(config).eval()
 
 
+def tiny_unsupported_model(seed: int = 0, **changes) -> torch.nn.Module:
+    """A float32 Mistral model (an architecture the registry does not list), eval mode, attention "sdpa"."""
+    config = transformers.MistralConfig(**{**_COMMON, **changes})
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(seed)
+    return transformers.MistralForCausalLM(config).eval()
+
+
 def random_ids(length: int, seed: int, batch: int = 1) -> torch.Tensor:
     """Token ids in [3, VOCAB): never the pad, bos or eos token."""
     generator = torch.Generator().manual_seed(seed)

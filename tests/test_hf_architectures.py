@@ -11,6 +11,7 @@ import torch
 from hf_tiny import ARCHITECTURES, EXACT, SPARSE, assert_close, cache_keyword, left_pad, random_ids, tiny_model
 
 import flexprefill_hf.integration as fp
+from flexprefill_hf.config import FlexPrefillConfig
 
 
 def _logits(model, ids, **kwargs):
@@ -72,22 +73,25 @@ def _state(model):
     return modules, config
 
 
-def test_unpatch_restores_exactly(model, prompt, sdpa_logits):
+def test_unpatch_restores_exactly_after_patching_twice(model, prompt, sdpa_logits):
     modules_before, config_before = _state(model)
     fp.patch_model(model, gamma=0.9, **SPARSE)
+    fp.patch_model(model, **EXACT)  # a second patch replaces the configuration
+    assert set(fp.layer_configs(model)) == {FlexPrefillConfig(**EXACT)}
     assert model.config._attn_implementation == "flexprefill"
     with fp.record_stats(model):
         _logits(model, prompt[:, :300])
-    fp.unpatch_model(model)
-    modules_after, config_after = _state(model)
-    assert config_after == config_before
-    assert modules_after.keys() == modules_before.keys()
-    for name, attributes in modules_before.items():
-        assert modules_after[name].keys() == attributes.keys(), name
-        for key, value in attributes.items():
-            assert modules_after[name][key] is value or modules_after[name][key] == value, (name, key)
-    assert fp.last_stats(model) is None
-    assert torch.equal(_logits(model, prompt), sdpa_logits)
+    for _ in range(2):  # and a second unpatch is a no-op
+        fp.unpatch_model(model)
+        modules_after, config_after = _state(model)
+        assert config_after == config_before
+        assert modules_after.keys() == modules_before.keys()
+        for name, attributes in modules_before.items():
+            assert modules_after[name].keys() == attributes.keys(), name
+            for key, value in attributes.items():
+                assert modules_after[name][key] is value or modules_after[name][key] == value, (name, key)
+        assert fp.last_stats(model) is None
+        assert torch.equal(_logits(model, prompt), sdpa_logits)
 
 
 def test_from_pretrained_with_flexprefill(model, prompt, sdpa_logits, tmp_path):
@@ -116,15 +120,22 @@ def _switch(model, implementation):
         model.config._attn_implementation = implementation
 
 
-def test_set_attn_implementation_switching(model, prompt, sdpa_logits):
+def test_set_attn_implementation_switching(model, prompt, sdpa_logits, monkeypatch):
+    from transformers import AttentionInterface
+
+    calls = []
+    function = AttentionInterface._global_mapping["flexprefill"]
+    monkeypatch.setitem(
+        AttentionInterface._global_mapping, "flexprefill", lambda *a, **k: calls.append(1) or function(*a, **k)
+    )
     fp.patch_model(model, **EXACT)
     try:
-        for implementation, recorded in (("sdpa", False), ("flexprefill", True), ("sdpa", False), ("flexprefill", True)):
+        for implementation, ours in (("sdpa", False), ("flexprefill", True), ("sdpa", False), ("flexprefill", True)):
             _switch(model, implementation)
             assert model.config._attn_implementation == implementation
-            with fp.record_stats(model):
-                logits = _logits(model, prompt)
-            assert all((s is not None) == recorded for s in fp.last_stats(model)), implementation
+            calls.clear()
+            logits = _logits(model, prompt)
+            assert len(calls) == (model.config.num_hidden_layers if ours else 0), implementation
             assert_close(logits, sdpa_logits)
     finally:
         fp.unpatch_model(model)
@@ -176,14 +187,19 @@ def test_batched_generate_with_left_padding_equals_alone(model):
 def test_registry_refuses_chatglm_and_unknown_models():
     from flexprefill_hf.patches import lookup, supported_model_types
 
-    assert set(supported_model_types()) == {"llama", "qwen2", "glm", "glm4"}
-    with pytest.raises(ValueError, match="THUDM/glm-4-9b-chat-hf"):
+    assert set(supported_model_types()) == set(ARCHITECTURES)
+    with pytest.raises(ValueError, match="'chatglm' is not supported by FlexPrefill; supported model types: .*-hf"):
         lookup("chatglm")
-    with pytest.raises(ValueError, match="glm, glm4, llama, qwen2"):
-        lookup("mistral")
-    from transformers import MistralConfig, MistralForCausalLM
+    for model_type in ("mistral", None):
+        with pytest.raises(ValueError, match=f"{model_type!r} is not supported by FlexPrefill; supported model "
+                           "types: glm, glm4, llama, qwen2$"):
+            lookup(model_type)
 
-    mistral = MistralForCausalLM(MistralConfig(vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                               num_attention_heads=2, num_key_value_heads=1))
-    with pytest.raises(ValueError, match="'mistral' is not supported"):
-        fp.patch_model(mistral)
+
+def test_every_registered_architecture_is_built_here(architecture):
+    from flexprefill_hf.patches import lookup
+
+    # hf_tiny must cover every registered family, or the tests above would miss one.
+    model = tiny_model(architecture)
+    modules = lookup(model.config.model_type).attention_modules(model)
+    assert [m.layer_idx for m in modules] == list(range(model.config.num_hidden_layers))

@@ -34,23 +34,63 @@ def test_packaged_presets_hold_the_paper_settings():
         ("qwen2", "Qwen/Qwen2-7B-Instruct", "qwen2-7b-instruct"),
         ("glm", "THUDM/glm-4-9b-chat-hf", "glm-4-9b-chat"),
         ("glm", "/models/glm-4-9b-chat-1m-hf", "glm-4-9b-chat"),
+        ("glm4", "THUDM/GLM-4-9B-0414", "glm-4-9b-chat"),  # the glm presets list their types without names
+        ("qwen2", "Qwen/Qwen2.5-7B-Instruct", "qwen2-7b-instruct"),
+        ("qwen2", "01-ai/Yi-9B-200K", "qwen2-7b-instruct"),  # a name match needs the model type too
         ("llama", "HuggingFaceTB/SmolLM2-135M-Instruct", "default"),
-        ("qwen2", "01-ai/Yi-9B-200K", "default"),  # a name match needs the model type too
+        ("llama", "Qwen/Qwen2-7B-Instruct", "default"),
+        ("mistral", "meta-llama/Llama-3.1-8B-Instruct", "default"),
+        (None, "", "default"),
     ],
 )
 def test_match_by_model_type_and_name(model_type, name_or_path, expected):
     assert match_preset(model_type, name_or_path).name == expected
 
 
-def test_patch_model_picks_the_family_default_then_the_name():
+def test_a_name_match_beats_the_family_preset_which_beats_the_default():
+    family = parse_preset("match: {model_types: [llama]}\nflexprefill: {gamma: 0.8}\n", source="family.yaml")
+    short = parse_preset("match: {model_types: [llama], names: [yi]}\n", source="short.yaml")
+    named = parse_preset("match: {model_types: [llama], names: [yi-9b]}\n", source="named.yaml")
+    presets = [family, short, named]
+    assert match_preset("llama", "01-ai/Yi-9B-200K", presets) is named  # the longest matching name
+    assert match_preset("llama", "01-ai/yi-6b", presets) is short
+    assert match_preset("llama", "/models/other", presets) is family
+    assert match_preset("qwen2", "01-ai/Yi-9B-200K", presets).name == "default"
+    with pytest.raises(ValueError, match="all match model_type 'llama' without names"):
+        match_preset("llama", "x", [family, parse_preset("match: {model_types: [llama]}\n", source="two.yaml")])
+
+
+def test_packaged_match_sections_name_supported_types_once():
+    from flexprefill_hf.patches import supported_model_types
+
+    presets = [load_preset(name) for name in preset_names()]
+    assert not load_preset("default").model_types  # the fallback never matches by itself
+    for preset in presets:
+        assert set(preset.model_types) <= set(supported_model_types()), preset.name
+    family_types = [t for p in presets if not p.names for t in p.model_types]
+    assert len(family_types) == len(set(family_types))
+    # Every supported type resolves (no ValueError), and each packaged preset is reachable by some checkpoint.
+    reached = {match_preset(t, name).name for t in supported_model_types() for p in presets for name in p.names + ("",)}
+    assert reached == set(preset_names())
+
+
+def test_patch_model_picks_the_family_preset_then_the_name():
     model = tiny_model("qwen2")
     model.config._name_or_path = "/checkpoints/some-qwen2"
     fp.patch_model(model)
-    assert {c.gamma for c in fp.layer_configs(model)} == {0.9}  # the qwen2 family's default preset
+    assert {c.gamma for c in fp.layer_configs(model)} == {0.9}  # qwen2-7b-instruct.yaml lists qwen2 without names
     model.config._name_or_path = "meta-llama/Llama-3.1-8B-Instruct"  # a llama name on a qwen2 model: ignored
     fp.patch_model(model)
     assert {c.gamma for c in fp.layer_configs(model)} == {0.9}
     fp.unpatch_model(model)
+    llama = tiny_model("llama")
+    llama.config._name_or_path = "01-ai/Yi-9B-200K"
+    fp.patch_model(llama)
+    assert {c.gamma for c in fp.layer_configs(llama)} == {0.9}  # yi-9b-200k.yaml by name
+    llama.config._name_or_path = "/checkpoints/my-llama"
+    fp.patch_model(llama)
+    assert {c.gamma for c in fp.layer_configs(llama)} == {0.95}  # default.yaml
+    fp.unpatch_model(llama)
 
 
 def test_patch_model_config_forms(tmp_path):
@@ -82,8 +122,11 @@ def test_patch_model_config_forms(tmp_path):
         fp.patch_model(model, gamma=1.5)
     with pytest.raises(ValueError, match="unknown preset 'llama-3'"):
         fp.patch_model(model, "llama-3")
-    with pytest.raises(TypeError, match="expected None, a preset name"):
+    with pytest.raises(TypeError, match="config=\\{'gamma': 0.9\\} has type dict; expected None, a preset name"):
         fp.patch_model(model, {"gamma": 0.9})
+    with pytest.raises(TypeError, match="block_size=128.0 has type float; expected an int"):
+        fp.patch_model(model, block_size=128.0)
+    assert [c.gamma for c in fp.layer_configs(model)] == [1.0, 0.9, 0.9, 0.9]  # rejected patches changed nothing
     fp.unpatch_model(model)
 
 
@@ -103,6 +146,10 @@ def test_layer_override_beyond_the_model_names_file_and_key(tmp_path):
         ("flexprefill: {gamma: 2.0}\n", "gamma=2.0"),
         ("flexprefill: {min_budget: 1e3}\n", "min_budget='1e3'"),
         ("flexprefill: {block_size: 96}\n", "block_size=96"),
+        # FlexPrefillConfig's TypeError surfaces as the loader's ValueError, with file and key.
+        ("flexprefill: {block_size: 128.0}\n", "flexprefill: block_size=128.0 has type float; expected an int"),
+        ("layers: {0: {max_budget: 2048.0}}\n", "layers.0: max_budget=2048.0 has type float"),
+        ("match: {names: [yi]}\n", "match.names needs match.model_types"),
         ("presets: {}\n", "unknown key presets"),
         ("match: {model_type: llama}\n", "match.model_type"),
         ("match: {names: 3}\n", "match.names"),
@@ -121,6 +168,13 @@ def test_preset_errors_name_the_file_and_the_key(tmp_path, text, key):
         load_preset(path)
     message = str(raised.value)
     assert str(path) in message and key in message, message
+
+
+def test_load_preset_rejects_what_is_not_a_name_or_path(tmp_path):
+    with pytest.raises(TypeError, match="name_or_path=3 has type int; expected a preset name or a YAML path"):
+        load_preset(3)
+    with pytest.raises(ValueError, match="does not exist"):
+        load_preset(tmp_path / "missing.yaml")
 
 
 def test_parse_preset_defaults_and_names():

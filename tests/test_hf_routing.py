@@ -1,16 +1,32 @@
-"""Routing inside the attention function, the mask function, and statistics recording."""
+"""Routing inside the attention function, the mask function, statistics recording, and the bad input of
+the Hugging Face entries (patch_model, unpatch_model, set_layer_config, layer_configs, record_stats,
+from_pretrained with attn_implementation="flexprefill")."""
 
 import inspect
 import warnings
 
 import pytest
 import torch
-from hf_tiny import EXACT, SPARSE, assert_close, cache_keyword, left_pad, random_ids, tiny_model
+from hf_tiny import (
+    EXACT,
+    SPARSE,
+    assert_close,
+    cache_keyword,
+    left_pad,
+    random_ids,
+    tiny_model,
+    tiny_unsupported_model,
+)
 from transformers.masking_utils import sdpa_mask
 
 import flexprefill_hf.integration as fp
-from flexprefill_hf.integration import attention as attention_module
+from flexprefill_hf.config import FlexPrefillConfig
+from flexprefill_hf.integration import layer_config as layer_config_module
+from flexprefill_hf.integration import routing
 from flexprefill_hf.integration.masks import flexprefill_mask
+from flexprefill_hf.integration.stats import RECORDER_ATTRIBUTE
+
+UNSUPPORTED = "model_type 'mistral' is not supported by FlexPrefill; supported model types: glm, glm4, llama, qwen2"
 
 
 def _logits(model, ids, **kwargs):
@@ -28,11 +44,11 @@ def llama():
 @pytest.fixture()
 def fresh_warnings():
     """Forget which reasons were already warned about, and catch every warning."""
-    attention_module._warn_once.cache_clear()
+    routing._warn_once.cache_clear()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         yield caught
-    attention_module._warn_once.cache_clear()
+    routing._warn_once.cache_clear()
 
 
 def _flexprefill_warnings(caught):
@@ -177,7 +193,7 @@ def test_stats_off_by_default_and_decode_not_recorded(llama):
     prompt = random_ids(300, seed=1)
     _logits(llama, prompt)
     assert fp.last_stats(llama) is None
-    assert all(not hasattr(m, attention_module.RECORDER_ATTRIBUTE) for m in llama.modules())
+    assert all(not hasattr(m, RECORDER_ATTRIBUTE) for m in llama.modules())
 
     with fp.record_stats(llama) as recorder, torch.no_grad():
         llama.generate(prompt, max_new_tokens=3, do_sample=False, pad_token_id=0)
@@ -189,7 +205,7 @@ def test_stats_off_by_default_and_decode_not_recorded(llama):
         assert not s.dense
         assert s.query_aware.shape == s.js_distance.shape == s.computed_fraction.shape == (1, heads)
         assert s.computed_blocks.dtype == torch.int32
-    assert all(not hasattr(m, attention_module.RECORDER_ATTRIBUTE) for m in llama.modules())
+    assert all(not hasattr(m, RECORDER_ATTRIBUTE) for m in llama.modules())
 
 
 def test_unpatched_model_uses_the_preset_matched_from_its_config():
@@ -199,10 +215,8 @@ def test_unpatched_model_uses_the_preset_matched_from_its_config():
     assert [c.gamma for c in fp.layer_configs(model)] == [0.9]
     model.config._name_or_path = "/checkpoints/my-llama"
     assert [c.gamma for c in fp.layer_configs(model)] == [0.95]
-    # Cached per (model type, name, layers): a second lookup builds nothing.
-    hits = attention_module.preset_layer_configs.cache_info().hits
-    fp.layer_configs(model)
-    assert attention_module.preset_layer_configs.cache_info().hits == hits + 1
+    # Resolved once per model (type, name, layers), not per layer and call: the same objects come back.
+    assert fp.layer_configs(model)[0] is fp.layer_configs(model)[0]
     # And the forward runs (300 tokens, below the preset's dense threshold of 1024: dense).
     with fp.record_stats(model):
         _logits(model, random_ids(300, seed=1))
@@ -213,7 +227,203 @@ def test_set_layer_config(llama):
     fp.patch_model(llama, gamma=0.9, **SPARSE)
     fp.set_layer_config(llama, 1, gamma=1.0, tau=0.0)
     assert [(c.gamma, c.tau) for c in fp.layer_configs(llama)] == [(0.9, 0.1), (1.0, 0.0)]
-    with pytest.raises(ValueError, match="out of range"):
-        fp.set_layer_config(llama, 2, gamma=1.0)
+    fp.set_layer_config(llama, 0, FlexPrefillConfig(gamma=0.8, block_size=64))
+    assert [c.gamma for c in fp.layer_configs(llama)] == [0.8, 1.0]
     fp.unpatch_model(llama)
-    assert not any(hasattr(m, attention_module.CONFIG_ATTRIBUTE) for m in llama.modules())
+    assert not any(hasattr(m, layer_config_module.CONFIG_ATTRIBUTE) for m in llama.modules())
+
+
+def test_prompts_at_and_one_past_the_dense_threshold_equal_sdpa(llama):
+    threshold = FlexPrefillConfig(**EXACT).effective_dense_threshold
+    prompts = {length: random_ids(length, seed=length) for length in (threshold, threshold + 1)}
+    expected = {length: _logits(llama, ids) for length, ids in prompts.items()}
+    fp.patch_model(llama, **EXACT)
+    for length, ids in prompts.items():
+        with fp.record_stats(llama):
+            logits = _logits(llama, ids)
+        # At the threshold the operator runs dense; one token past it, the sparse path.
+        assert all(s.dense == (length == threshold) for s in fp.last_stats(llama)), length
+        assert_close(logits, expected[length])
+
+
+def test_two_models_patched_with_different_configs_keep_their_own(llama):
+    other = tiny_model("llama", seed=1)
+    prompt = random_ids(600, seed=1)
+    expected, other_expected = _logits(llama, prompt), _logits(other, prompt)
+    fp.patch_model(llama, **EXACT)
+    fp.patch_model(other, gamma=0.9, tau=0.1, **SPARSE)
+    try:
+        assert set(fp.layer_configs(llama)) == {FlexPrefillConfig(**EXACT)}
+        assert set(fp.layer_configs(other)) == {FlexPrefillConfig(gamma=0.9, tau=0.1, **SPARSE)}
+        for _ in range(2):  # interleaved: neither run changes what the other model does
+            assert_close(_logits(llama, prompt), expected)
+            with fp.record_stats(other):
+                other_logits = _logits(other, prompt)
+            assert (other_logits - other_expected).abs().max() > 1e-2
+            assert all(float(s.computed_fraction.mean()) < 1.0 for s in fp.last_stats(other))
+        assert fp.last_stats(llama) is None
+    finally:
+        fp.unpatch_model(other)
+
+
+def test_gradients_run_dense_exactly_and_warn_once(fresh_warnings):
+    # Train mode without dropout: only the gradients keep this 600-token prompt off the sparse path.
+    model, reference = tiny_model("llama").train(), tiny_model("llama").train()
+    fp.patch_model(model, **EXACT)
+    prompt = random_ids(600, seed=1)
+    for _ in range(2):
+        with fp.record_stats(model):
+            logits = model(prompt).logits
+        assert fp.last_stats(model) == [None, None]  # every layer ran the dense fallback
+    expected = reference(prompt).logits
+    assert_close(logits.detach(), expected.detach())
+    logits.logsumexp(-1).mean().backward()
+    expected.logsumexp(-1).mean().backward()
+    for (name, ours), theirs in zip(model.named_parameters(), reference.parameters()):
+        assert_close(ours.grad, theirs.grad, rtol=1e-3)
+    messages = _flexprefill_warnings(fresh_warnings)
+    assert len(messages) == 1 and "does not support gradients" in messages[0] and "torch.no_grad()" in messages[0]
+    # Without gradients the same model takes the sparse path.
+    with fp.record_stats(model), torch.no_grad():
+        model(prompt)
+    assert all(s is not None and not s.dense for s in fp.last_stats(model))
+    fp.unpatch_model(model)
+
+
+def test_unsupported_architecture_loaded_with_flexprefill_fails_at_first_forward(tmp_path, monkeypatch):
+    from transformers import AttentionInterface, MistralForCausalLM
+
+    calls = []
+    monkeypatch.setitem(
+        AttentionInterface._global_mapping,
+        "flexprefill",
+        lambda *args, **kwargs: calls.append(1) or routing.flexprefill_attention_forward(*args, **kwargs),
+    )
+    tiny_unsupported_model(attention_dropout=0.1).save_pretrained(tmp_path)
+    # transformers (4.53, 5.x) checks only that the name is registered: loading succeeds.
+    loaded = MistralForCausalLM.from_pretrained(tmp_path, attn_implementation="flexprefill")
+    prompt = random_ids(300, seed=1)
+    with pytest.raises(ValueError, match=UNSUPPORTED):
+        _logits(loaded.eval(), prompt)
+    with pytest.raises(ValueError, match=UNSUPPORTED):
+        loaded.train()(prompt)  # training with dropout does not run dense silently either
+    with pytest.raises(ValueError, match=UNSUPPORTED), torch.no_grad():
+        loaded.eval().generate(prompt, max_new_tokens=2, do_sample=False, pad_token_id=0)
+    assert calls == []  # the mask function refused before any layer ran
+
+
+def test_unsupported_attention_module_called_directly_raises():
+    attention = tiny_unsupported_model().model.layers[0].self_attn
+    query = torch.randn(1, 4, 300, 16)
+    key = value = torch.randn(1, 2, 300, 16)
+    with pytest.raises(ValueError, match=UNSUPPORTED):
+        routing.flexprefill_attention_forward(attention, query, key, value, None)
+    with pytest.raises(ValueError, match=UNSUPPORTED):  # also when the call would run dense
+        routing.flexprefill_attention_forward(attention, query, key, value, None, dropout=0.5)
+
+
+def _patched_llama():
+    return fp.patch_model(tiny_model("llama"), gamma=0.9, **SPARSE)
+
+
+# (entry, call, error type, message fragment): what a user gets for each bad input.
+BAD_INPUT = [
+    ("patch_model unsupported", lambda: fp.patch_model(tiny_unsupported_model()), ValueError, UNSUPPORTED),
+    ("layer_configs unsupported", lambda: fp.layer_configs(tiny_unsupported_model()), ValueError, UNSUPPORTED),
+    (
+        "record_stats unsupported",
+        lambda: fp.record_stats(tiny_unsupported_model()).__enter__(),
+        ValueError,
+        UNSUPPORTED,
+    ),
+    (
+        "record_stats unpatched",
+        lambda: fp.record_stats(tiny_model("llama")).__enter__(),
+        ValueError,
+        "record_stats needs a model that runs FlexPrefill attention, but its attn_implementation is 'sdpa'",
+    ),
+    (
+        "patch_model config type",
+        lambda: fp.patch_model(tiny_model("llama"), 0.9),
+        TypeError,
+        "config=0.9 has type float; expected None, a preset name, a YAML path, a Preset or a FlexPrefillConfig",
+    ),
+    (
+        "patch_model unknown preset",
+        lambda: fp.patch_model(tiny_model("llama"), "llama-3"),
+        ValueError,
+        "unknown preset 'llama-3'; expected a YAML path or one of: default, glm-4-9b-chat",
+    ),
+    (
+        "patch_model float field",
+        lambda: fp.patch_model(tiny_model("llama"), block_size=128.0),
+        TypeError,
+        "block_size=128.0 has type float; expected an int",
+    ),
+    (
+        "patch_model unknown field",
+        lambda: fp.patch_model(tiny_model("llama"), gama=0.9),
+        TypeError,
+        "unknown FlexPrefillConfig field(s) ['gama']",
+    ),
+    (
+        "set_layer_config unpatched",
+        lambda: fp.set_layer_config(tiny_model("llama"), 0, gamma=1.0),
+        ValueError,
+        "set_layer_config needs a patched model; call flexprefill_hf.patch_model(model) first",
+    ),
+    (
+        "set_layer_config layer too large",
+        lambda: fp.set_layer_config(_patched_llama(), 2, gamma=1.0),
+        ValueError,
+        "layer_idx=2 is out of range; expected 0 <= layer_idx < 2",
+    ),
+    (
+        "set_layer_config negative layer",
+        lambda: fp.set_layer_config(_patched_llama(), -1, gamma=1.0),
+        ValueError,
+        "layer_idx=-1 is out of range; expected 0 <= layer_idx < 2",
+    ),
+    (
+        "set_layer_config float layer",
+        lambda: fp.set_layer_config(_patched_llama(), 1.0, gamma=1.0),
+        TypeError,
+        "layer_idx=1.0 has type float; expected an int",
+    ),
+    (
+        "set_layer_config bool layer",
+        lambda: fp.set_layer_config(_patched_llama(), True, gamma=1.0),
+        TypeError,
+        "layer_idx=True has type bool; expected an int",
+    ),
+    (
+        "set_layer_config config type",
+        lambda: fp.set_layer_config(_patched_llama(), 0, {"gamma": 1.0}),
+        TypeError,
+        "config={'gamma': 1.0} has type dict; expected a FlexPrefillConfig or None",
+    ),
+    (
+        "set_layer_config bad value",
+        lambda: fp.set_layer_config(_patched_llama(), 0, gamma=1.5),
+        ValueError,
+        "gamma=1.5 is not supported; expected 0 < gamma <= 1",
+    ),
+]
+
+
+@pytest.mark.parametrize("entry, call, error, message", BAD_INPUT, ids=[row[0] for row in BAD_INPUT])
+def test_bad_input(entry, call, error, message):
+    with pytest.raises(error) as raised:
+        call()
+    assert message in str(raised.value), str(raised.value)
+
+
+def test_rejected_calls_change_nothing(llama):
+    fp.patch_model(llama, gamma=0.9, **SPARSE)
+    before = fp.layer_configs(llama)
+    for bad in (dict(layer_idx=2, gamma=1.0), dict(layer_idx=0, gamma=1.5), dict(layer_idx=0, block_size=96)):
+        with pytest.raises(ValueError):
+            fp.set_layer_config(llama, **bad)
+    with pytest.raises(ValueError):
+        fp.patch_model(llama, gamma=1.5)
+    assert fp.layer_configs(llama) == before

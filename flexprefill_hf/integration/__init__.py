@@ -1,17 +1,24 @@
-"""Hugging Face Transformers integration: ``attn_implementation="flexprefill"``, patch_model, presets, statistics."""
+"""Hugging Face Transformers integration: ``attn_implementation="flexprefill"``, patch_model, presets, statistics.
 
-from .attention import ATTENTION_NAME, dense_attention_forward, flexprefill_attention_forward, layer_config
+Files, one job each:
+    routing.py         the attention function transformers calls, and which calls run dense
+    dense_fallback.py  dense attention for what FlexPrefill cannot express (torch only)
+    masks.py           the mask function (never a [q_len, k_len] mask), and the architecture check at first forward
+    layer_config.py    per-layer configuration, resolved in one place
+    patching.py        patch_model, unpatch_model, set_layer_config, layer_configs
+    stats.py           record_stats, last_stats
+    presets.py         YAML presets and their matching to a model
+
+(``layer_config(module)``, one layer's configuration, is imported from ``.layer_config``: exported here it would
+hide the module of the same name.)
+"""
+
+from .dense_fallback import dense_attention_forward
 from .masks import flexprefill_mask
-from .patching import (
-    StatsRecorder,
-    last_stats,
-    layer_configs,
-    patch_model,
-    record_stats,
-    set_layer_config,
-    unpatch_model,
-)
+from .patching import layer_configs, patch_model, set_layer_config, unpatch_model
 from .presets import Preset, load_preset, match_preset, preset_names
+from .routing import ATTENTION_NAME, flexprefill_attention_forward
+from .stats import StatsRecorder, last_stats, record_stats
 
 
 def register() -> None:
@@ -36,7 +43,6 @@ __all__ = [
     "flexprefill_attention_forward",
     "flexprefill_mask",
     "last_stats",
-    "layer_config",
     "layer_configs",
     "load_preset",
     "match_preset",

@@ -12,6 +12,11 @@ at the last positions, so right padding raises ValueError. Only a mask the opera
 at all -- a custom mask function (packed sequences, or-/and-masks, bidirectional), or queries that
 are not the last keys (a static cache) -- is delegated to transformers' ``sdpa_mask``; the attention
 function then sees a 4-D mask and runs dense.
+
+It is also where a model loaded with ``from_pretrained(..., attn_implementation="flexprefill")`` of an
+unsupported architecture fails: transformers (4.53 and 5.x) checks at load time only that the name is
+registered and offers no hook to validate the model, so the first forward raises ValueError here, before
+any layer runs, in training mode too. The check is cached per model type.
 """
 
 from __future__ import annotations
@@ -19,6 +24,8 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+
+from flexprefill_hf.patches import lookup
 
 
 def flexprefill_mask(
@@ -33,9 +40,17 @@ def flexprefill_mask(
 ) -> Optional[torch.Tensor]:
     """transformers' mask-interface contract (keyword arguments; 4.53 passes ``cache_position`` instead of
     ``q_length``/``q_offset``). Returns None or the bool [batch_size, kv_length] padding mask; see the module
-    docstring for the rare 4-D case."""
+    docstring for the rare 4-D case.
+
+    Raises:
+        ValueError: ``config.model_type`` is not supported ("... is not supported by FlexPrefill; supported
+            model types: ..."), or the batch is padded on the right.
+    """
     from transformers.masking_utils import causal_mask_function, sdpa_mask
 
+    config = kwargs.get("config")  # passed by transformers 4.53 and 5.x
+    if config is not None:
+        lookup(getattr(config, "model_type", None))
     arguments = dict(
         batch_size=batch_size,
         kv_length=kv_length,

@@ -1,4 +1,4 @@
-"""patch_model / unpatch_model, per-layer configurations, and statistics recording.
+"""patch_model / unpatch_model, and the per-layer configuration of a patched model.
 
 ``patch_model`` changes as little as it can and writes down every change, so that
 ``unpatch_model`` puts back exactly what was there:
@@ -8,31 +8,26 @@
   ``model.set_attn_implementation`` where transformers has it (5.x), else directly (4.5x);
 * the model gets ``_flexprefill_patch``, the record of the above.
 
-No forward method is replaced. Statistics are recorded only inside ``record_stats(model)``:
-outside it the attention function looks up one missing attribute per layer and stores nothing.
+No forward method is replaced. The configuration lives on the modules, so two models patched with
+different configurations in one process do not see each other's.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import os
-from typing import Any, Iterator, Optional, Union
+from typing import Any, Optional
 
 import torch
 
 from flexprefill_hf.patches import lookup
 
 from ..config import FlexPrefillConfig
-from ..ops.flexprefill import FlexPrefillStats
-from .attention import ATTENTION_NAME, CONFIG_ATTRIBUTE, RECORDER_ATTRIBUTE, layer_config
-from .presets import Preset, load_preset, match_preset
+from .layer_config import CONFIG_ATTRIBUTE, ConfigLike, layer_config, resolve_layer_configs
+from .routing import ATTENTION_NAME
+from .stats import STATS_ATTRIBUTE
 
 PATCH_ATTRIBUTE = "_flexprefill_patch"
-STATS_ATTRIBUTE = "_flexprefill_stats"
 _MISSING = object()
-
-ConfigLike = Union[None, str, os.PathLike, FlexPrefillConfig, Preset]
 
 
 @dataclasses.dataclass
@@ -49,16 +44,6 @@ class _PatchRecord:
         setattr(obj, name, value)
 
 
-class StatsRecorder:
-    """Per-layer :class:`FlexPrefillStats` of the last prefill; None where a layer ran outside the operator."""
-
-    def __init__(self, num_layers: int) -> None:
-        self.stats: list[Optional[FlexPrefillStats]] = [None] * num_layers
-
-    def record(self, layer_idx: int, stats: Optional[FlexPrefillStats]) -> None:
-        self.stats[layer_idx] = stats
-
-
 def patch_model(model: torch.nn.Module, config: ConfigLike = None, **overrides) -> torch.nn.Module:
     """Make ``model`` run FlexPrefill attention; returns the model.
 
@@ -69,12 +54,24 @@ def patch_model(model: torch.nn.Module, config: ConfigLike = None, **overrides) 
         overrides: FlexPrefillConfig fields applied on top, in every layer (``gamma=0.9``).
 
     Patching a patched model replaces its configuration; ``unpatch_model`` still restores the
-    state before the first patch.
+    state before the first patch. Nothing is changed when an argument is rejected.
+
+    Raises:
+        ValueError: unsupported model type ("... is not supported by FlexPrefill; supported model types:
+            ..."), a layout the attention function cannot serve, a bad preset or field value.
+        TypeError: ``config`` of another type, an unknown or mistyped field.
     """
-    architecture = lookup(getattr(model.config, "model_type", None))
+    model_config = getattr(model, "config", None)
+    architecture = lookup(getattr(model_config, "model_type", None))
     modules = architecture.attention_modules(model)
     architecture.check(model, modules)
-    configs = resolve_layer_configs(model.config, config, len(modules), **overrides)
+    configs = resolve_layer_configs(
+        config,
+        model_config.model_type,
+        getattr(model_config, "_name_or_path", "") or "",
+        len(modules),
+        **overrides,
+    )
 
     record = model.__dict__.get(PATCH_ATTRIBUTE)
     if record is None:
@@ -103,80 +100,37 @@ def unpatch_model(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def set_layer_config(model: torch.nn.Module, layer_idx: int, config: Optional[FlexPrefillConfig] = None, **overrides):
-    """Give one layer of a patched model its own configuration (``config``, or its current one with ``overrides``)."""
+def set_layer_config(
+    model: torch.nn.Module, layer_idx: int, config: Optional[FlexPrefillConfig] = None, **overrides
+) -> None:
+    """Give one layer of a patched model its own configuration (``config``, or its current one with ``overrides``).
+
+    Raises:
+        ValueError: the model is not patched, or ``layer_idx`` is out of range.
+        TypeError: ``layer_idx`` is not an int, ``config`` is not a FlexPrefillConfig or None, an unknown field.
+    """
     record = model.__dict__.get(PATCH_ATTRIBUTE)
     if record is None:
         raise ValueError("set_layer_config needs a patched model; call flexprefill_hf.patch_model(model) first")
     modules = lookup(model.config.model_type).attention_modules(model)
+    if isinstance(layer_idx, bool) or not isinstance(layer_idx, int):
+        raise TypeError(f"layer_idx={layer_idx!r} has type {type(layer_idx).__name__}; expected an int")
     if not 0 <= layer_idx < len(modules):
-        raise ValueError(f"layer_idx={layer_idx} is out of range; the model has {len(modules)} layers")
-    base = getattr(modules[layer_idx], CONFIG_ATTRIBUTE) if config is None else config
-    if not isinstance(base, FlexPrefillConfig):
-        raise TypeError(f"config has type {type(base).__name__}; expected FlexPrefillConfig or None")
+        raise ValueError(f"layer_idx={layer_idx} is out of range; expected 0 <= layer_idx < {len(modules)}")
+    if config is not None and not isinstance(config, FlexPrefillConfig):
+        raise TypeError(
+            f"config={config!r:.80} has type {type(config).__name__}; expected a FlexPrefillConfig or None"
+        )
+    base = layer_config(modules[layer_idx]) if config is None else config
     record.set(modules[layer_idx], CONFIG_ATTRIBUTE, base.replace(**overrides) if overrides else base)
 
 
 def layer_configs(model: torch.nn.Module) -> tuple[FlexPrefillConfig, ...]:
-    """The configuration each layer runs with (patched, or the preset of ``attn_implementation="flexprefill"``)."""
+    """The configuration each layer runs with (patched, or the preset of ``attn_implementation="flexprefill"``).
+
+    ValueError for an unsupported model type.
+    """
     return tuple(layer_config(m) for m in lookup(model.config.model_type).attention_modules(model))
-
-
-def resolve_layer_configs(
-    model_config: Any, config: ConfigLike, num_layers: int, **overrides
-) -> tuple[FlexPrefillConfig, ...]:
-    """One FlexPrefillConfig per layer from what ``patch_model`` accepts."""
-    if config is None:
-        model_type = getattr(model_config, "model_type", None)
-        name = getattr(model_config, "_name_or_path", "") or ""
-        config = match_preset(model_type, name, default=lookup(model_type).default_preset)
-    elif isinstance(config, (str, os.PathLike)):
-        config = load_preset(config)
-    if isinstance(config, Preset):
-        configs = config.layer_configs(num_layers)
-    elif isinstance(config, FlexPrefillConfig):
-        configs = (config,) * num_layers
-    else:
-        raise TypeError(
-            f"config has type {type(config).__name__}; expected None, a preset name, a YAML path, a Preset "
-            "or a FlexPrefillConfig"
-        )
-    if overrides:
-        configs = tuple(c.replace(**overrides) for c in configs)
-    return configs
-
-
-@contextlib.contextmanager
-def record_stats(model: torch.nn.Module) -> Iterator[StatsRecorder]:
-    """Record the per-layer statistics of every prefill run inside the block.
-
-    Yields the recorder; after the block ``last_stats(model)`` returns the same list. Decode steps
-    are not recorded, so after ``generate`` the statistics are those of the prompt's prefill.
-    """
-    modules = lookup(getattr(model.config, "model_type", None)).attention_modules(model)
-    recorder = StatsRecorder(len(modules))
-    model.__dict__[STATS_ATTRIBUTE] = recorder
-    previous = [m.__dict__.get(RECORDER_ATTRIBUTE, _MISSING) for m in modules]
-    for module in modules:
-        setattr(module, RECORDER_ATTRIBUTE, recorder)
-    try:
-        yield recorder
-    finally:
-        for module, before in zip(modules, previous):
-            if before is _MISSING:
-                delattr(module, RECORDER_ATTRIBUTE)
-            else:
-                setattr(module, RECORDER_ATTRIBUTE, before)
-
-
-def last_stats(model: torch.nn.Module) -> Optional[list[Optional[FlexPrefillStats]]]:
-    """Per-layer statistics of the last prefill recorded by ``record_stats``; None if nothing was recorded.
-
-    Each entry is a :class:`FlexPrefillStats` (per batch and query head: pattern chosen, JS distance,
-    blocks and fraction computed), or None for a layer that ran dense outside the operator.
-    """
-    recorder = model.__dict__.get(STATS_ATTRIBUTE)
-    return None if recorder is None else list(recorder.stats)
 
 
 def _configs_of(model: torch.nn.Module) -> list[Any]:

@@ -1,11 +1,11 @@
 """FlexPrefill presets: YAML files of plain values, validated once, matched to a model by type and name.
 
-A preset file (the packaged ones live in ``configs/``, importable as ``flexprefill_hf.configs``)::
+A preset file (the packaged ones live in the top-level ``configs/``, installed as ``flexprefill_hf.configs``)::
 
     description: Yi-9B-200K (paper setting)      # optional, free text
     match:                                       # optional: when the preset applies by itself
       model_types: [llama]                       #   config.model_type must be one of these
-      names: [yi-9b-200k]                        #   and one of these a substring of name_or_path (any case)
+      names: [yi-9b-200k]                        #   optional: one of these a substring of name_or_path (any case)
     flexprefill:                                 # FlexPrefillConfig fields; omitted ones keep their defaults
       gamma: 0.9
       tau: 0.1
@@ -16,8 +16,12 @@ A preset file (the packaged ones live in ``configs/``, importable as ``flexprefi
       0: {gamma: 1.0}                            #   one layer
       "28-31": {tau: 0.0}                        #   an inclusive range of layers
 
-Any other key, a value of the wrong type, or a value FlexPrefillConfig rejects raises ValueError
-naming the file and the key.
+Any other key, a value of the wrong type, or a value FlexPrefillConfig rejects (its TypeError included:
+``block_size: 128.0``) raises ValueError naming the file and the key.
+
+The ``match`` sections of the packaged presets are the one mechanism that gives a model its preset
+(``match_preset``): a preset whose names match the checkpoint wins (the longest matching name); else the
+preset that lists the model type without names (at most one per type); else ``default.yaml``.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ import functools
 import importlib.resources
 import os
 import re
-from typing import Any, Optional, Union
+from typing import Any, Optional, Sequence, Union
 
 import yaml
 
@@ -48,7 +52,8 @@ class Preset:
         source: the file it was read from, for error messages.
         config: the configuration of every layer without an override.
         layer_overrides: ``(first, last, ((field, value), ...))`` in file order; ``last`` inclusive.
-        model_types, names: the ``match`` section (empty when the preset never applies by itself).
+        model_types, names: the ``match`` section. No model types: the preset never applies by itself;
+            model types without names: it applies to every checkpoint of those types.
         description: free text.
     """
 
@@ -73,12 +78,19 @@ class Preset:
                 configs[i] = configs[i].replace(**dict(changes))
         return tuple(configs)
 
-    def match_length(self, model_type: Optional[str], name_or_path: str) -> int:
-        """Length of the longest of ``names`` found in ``name_or_path`` (0: the preset does not match)."""
+    def match_rank(self, model_type: Optional[str], name_or_path: str) -> tuple[int, int]:
+        """How well the preset fits a checkpoint; (0, 0) when it does not apply, larger is better.
+
+        (2, n): n is the length of the longest of ``names`` found in ``name_or_path``;
+        (1, 0): the preset lists ``model_type`` and no names, so it fits the whole family.
+        """
         if model_type not in self.model_types:
-            return 0
+            return (0, 0)
+        if not self.names:
+            return (1, 0)
         lowered = (name_or_path or "").lower()
-        return max((len(n) for n in self.names if n.lower() in lowered), default=0)
+        length = max((len(n) for n in self.names if n.lower() in lowered), default=0)
+        return (2, length) if length else (0, 0)
 
 
 def preset_names() -> tuple[str, ...]:
@@ -88,7 +100,17 @@ def preset_names() -> tuple[str, ...]:
 
 
 def load_preset(name_or_path: Union[str, os.PathLike]) -> Preset:
-    """A packaged preset by name (``"qwen2-7b-instruct"``), or a YAML file by path."""
+    """A packaged preset by name (``"qwen2-7b-instruct"``), or a YAML file by path.
+
+    Raises:
+        TypeError: ``name_or_path`` is neither a string nor a path.
+        ValueError: an unknown name, a missing file, or a bad file (naming the file and the key).
+    """
+    if not isinstance(name_or_path, (str, os.PathLike)):
+        raise TypeError(
+            f"name_or_path={name_or_path!r:.80} has type {type(name_or_path).__name__}; expected a preset name "
+            "or a YAML path"
+        )
     text = os.fspath(name_or_path)
     if text in preset_names():
         return _packaged_preset(text)
@@ -100,15 +122,27 @@ def load_preset(name_or_path: Union[str, os.PathLike]) -> Preset:
     raise ValueError(f"unknown preset {text!r}; expected a YAML path or one of: {', '.join(preset_names())}")
 
 
-def match_preset(model_type: Optional[str], name_or_path: str, default: str = "default") -> Preset:
-    """The packaged preset whose ``match`` fits best (longest matching name), else ``default``."""
-    best, best_length = None, 0
-    for name in preset_names():
-        preset = _packaged_preset(name)
-        length = preset.match_length(model_type, name_or_path)
-        if length > best_length:
-            best, best_length = preset, length
-    return best if best is not None else _packaged_preset(default)
+def match_preset(
+    model_type: Optional[str], name_or_path: str, presets: Optional[Sequence[Preset]] = None
+) -> Preset:
+    """The preset for a checkpoint: a name match, else its family's preset, else the packaged ``default``.
+
+    Args:
+        model_type, name_or_path: ``config.model_type`` and ``config._name_or_path`` of the model.
+        presets: the candidates (default: every packaged preset).
+
+    ValueError when two candidates claim the same model type without names (a packaging error).
+    """
+    if presets is None:
+        presets = [_packaged_preset(name) for name in preset_names()]
+    ranked = [(preset.match_rank(model_type, name_or_path), preset) for preset in presets]
+    family = [preset.source for rank, preset in ranked if rank == (1, 0)]
+    if len(family) > 1:
+        raise ValueError(
+            f"presets {family} all match model_type {model_type!r} without names; expected at most one per model type"
+        )
+    best = max(ranked, key=lambda item: item[0], default=None)
+    return best[1] if best is not None and best[0] > (0, 0) else _packaged_preset("default")
 
 
 @functools.lru_cache(maxsize=32)
@@ -136,6 +170,10 @@ def parse_preset(text: str, source: str) -> Preset:
     _reject_unknown(match, MATCH_KEYS, source, "match.")
     model_types = _string_list(match.get("model_types"), source, "match.model_types")
     names = _string_list(match.get("names"), source, "match.names")
+    if names and not model_types:
+        raise ValueError(
+            f"{source}: match.names needs match.model_types: a name matches only checkpoints of the listed model types"
+        )
 
     fields = data.get("flexprefill") or {}
     _expect_mapping(fields, source, "flexprefill")
