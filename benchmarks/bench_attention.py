@@ -23,7 +23,7 @@ import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from flexprefill_hf import FlexPrefillConfig, flexprefill_attention
-from flexprefill_hf.ops.block_sparse_attention import block_sparse_attention
+from flexprefill_hf.ops.attention.block_sparse_triton import block_sparse_attention_triton
 from flexprefill_hf.ops.selection import select_blocks
 from flexprefill_hf.testing import structured_qkv
 
@@ -106,7 +106,7 @@ def run_case(n, inputs, gamma, head_dim, dtype, q_heads, kv_heads, with_flex, lo
     torch.cuda.synchronize()
     sel = select_blocks(q, k, config, scale)
     row["select_ms"] = timer(lambda: select_blocks(q, k, config, scale))
-    row["kernel_ms"] = timer(lambda: block_sparse_attention(q, k, v, sel.structure, softmax_scale=scale))
+    row["kernel_ms"] = timer(lambda: block_sparse_attention_triton(q, k, v, sel.structure, softmax_scale=scale))
     row["total_ms"] = timer(lambda: flexprefill_attention(q, k, v, config))
     row["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
     pairs = computed_pairs(sel.structure) * 1.0

@@ -3,9 +3,11 @@
 Shape of Llama-3.1-8B (32 query heads, 8 KV heads, head_dim 128, bf16, batch 1), block size 128. The kernel
 runs on a dense causal structure (every block of the causal triangle) and on a random ~20 % structure
 (sink block, diagonal, random blocks per head and query block). TFLOP/s count only the causal-visible
-area of the blocks computed: 4 * D * area (two matmuls). Usage:
+area of the blocks computed: 4 * D * area (two matmuls). Usage (after ``pip install -e .``):
 
-    PYTHONPATH=. python benchmarks/check_kernel_gpu.py --seq 8192 32768 --sweep
+    python benchmarks/check_kernel_gpu.py --seq 8192 32768 --sweep
+
+``--sweep`` also times a few pinned tile configs (``tile_config=``); ``sweep_kernel.py`` is the full sweep.
 
 Measured on an H200 (torch 2.11, triton 3.6), TFLOP/s: at 8K cuDNN 542, flash 316, ours dense 429 (0.79x
 cuDNN), ours 24 % density 336 (2.6x faster than cuDNN dense in time); at 32K cuDNN 585, flash 345, ours
@@ -21,7 +23,7 @@ import torch
 import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from flexprefill_hf.ops import block_sparse_attention as bsa
+from flexprefill_hf.ops.attention.block_sparse_triton import TileConfig, block_sparse_attention_triton, tuned_tile_config
 from flexprefill_hf.ops.block_structure import block_mask_to_structure
 from flexprefill_hf.ops.grid import BlockGrid
 
@@ -69,26 +71,23 @@ def main() -> None:
 
         row = {"seq": n, "sparse_density": sparse_area / causal_area}
         ref = sdpa(SDPBackend.CUDNN_ATTENTION).transpose(1, 2)
-        ours = bsa.block_sparse_attention(q, k, v, dense)
+        ours = block_sparse_attention_triton(q, k, v, dense)
         row["max_abs_diff_vs_cudnn"] = (ours.float() - ref.float()).abs().max().item()
         for name, backend in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION)):
             ms = bench(lambda: sdpa(backend))
             row[f"sdpa_{name}_ms"], row[f"sdpa_{name}_tflops"] = ms, 4 * head_dim * causal_area / ms * 1e-9
         for name, structure, area in (("dense", dense, dense_area), ("sparse", sparse, sparse_area)):
-            ms = bench(lambda: bsa.block_sparse_attention(q, k, v, structure))
+            ms = bench(lambda: block_sparse_attention_triton(q, k, v, structure))
             row[f"ours_{name}_ms"], row[f"ours_{name}_tflops"] = ms, 4 * head_dim * area / ms * 1e-9
-            best = bsa._block_sparse_attention_fwd_tuned.best_config
-            row[f"ours_{name}_config"] = str(best)
+            row[f"ours_{name}_config"] = str(tuned_tile_config())
             if args.sweep:
                 sweep = {}
-                for config in bsa._GPU_CONFIGS + EXTRA_CONFIGS:
-                    if config.kwargs["BLOCK_M"] > block_size:
-                        continue
+                for tiles in SWEEP_TILES:
                     try:
-                        ms = bench(lambda: bsa._block_sparse_attention_fwd(q, k, v, structure, None, None, False, config))
-                        sweep[str(config)] = round(4 * head_dim * area / ms * 1e-9, 1)
+                        ms = bench(lambda: block_sparse_attention_triton(q, k, v, structure, tile_config=tiles))
+                        sweep[str(tiles)] = round(4 * head_dim * area / ms * 1e-9, 1)
                     except Exception as err:  # out of resources: report and go on
-                        sweep[str(config)] = f"failed: {type(err).__name__}"
+                        sweep[str(tiles)] = f"failed: {type(err).__name__}"
                 row[f"sweep_{name}_tflops"] = sweep
         row["dense_vs_cudnn"] = row["ours_dense_tflops"] / row["sdpa_cudnn_tflops"]
         row["sparse_vs_cudnn"] = row["ours_sparse_tflops"] / row["sdpa_cudnn_tflops"]
@@ -100,11 +99,10 @@ def main() -> None:
             json.dump(results, f, indent=1)
 
 
-EXTRA_CONFIGS = [
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=4),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128}, num_warps=8, num_stages=4),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=4, num_stages=3),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128}, num_warps=4, num_stages=2),
+# Pinned tiles for --sweep (block_m, block_n, warps, stages, index prefetch); all fit block size 128.
+SWEEP_TILES = [
+    TileConfig(128, 128, 8, 3, True), TileConfig(128, 128, 8, 2), TileConfig(128, 128, 8, 4), TileConfig(128, 64, 8, 3),
+    TileConfig(128, 64, 4, 3), TileConfig(128, 64, 8, 4), TileConfig(128, 128, 4, 2), TileConfig(64, 64, 4, 3),
 ]
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
-"""Sweep the sparse kernel's variants on a GPU: tile configs x K/V loads (pointers or tensor descriptors) x
-block-index prefetch, each checked against the first variant and timed against SDPA-cuDNN in the same run.
+"""Sweep the sparse kernel's variants on a GPU: tile configs x block-index prefetch (pinned through the public
+``tile_config=``), each checked against the first variant and timed against SDPA-cuDNN in the same run.
 
-    python benchmarks/sweep_kernel.py --seq 32768 131072 --out sweep.json
+    python benchmarks/sweep_kernel.py --seq 32768 131072 --out sweep.json    # after pip install -e .
 
 Stage 1 (bf16, head_dim 128) times every variant; stage 2 (``--more``: head_dim 64, fp16) only the best few of
 stage 1 and the autotuned default. TFLOP/s count the (query, key) pairs of the computed blocks (diagonal blocks
@@ -19,8 +19,8 @@ import torch.nn.functional as F
 import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from check_kernel_gpu import generate_structure  # benchmarks/ is on the path when run as a script
-from flexprefill_hf.ops import block_sparse_attention as bsa
+from flexprefill_hf.ops.attention.block_sparse_triton import TileConfig, block_sparse_attention_triton, tuned_tile_config
+from flexprefill_hf.ops.block_structure import block_mask_to_structure
 from flexprefill_hf.ops.grid import BlockGrid
 
 CONFIGS = [
@@ -32,19 +32,28 @@ def bench(fn, rep=150) -> float:
     return triton.testing.do_bench(fn, warmup=20, rep=rep, return_mode="median")
 
 
+def random_structure(heads: int, grid: BlockGrid, density: float):
+    """Batch-1 structure: each causal block kept with probability ``density``, plus the diagonal and block 0.
+    Returns (structure, (query, key) pairs computed, diagonal blocks counted as their causal half)."""
+    i = torch.arange(grid.first_query_block, grid.num_blocks, device="cuda")[:, None]
+    j = torch.arange(grid.num_blocks, device="cuda")[None, :]
+    keep = (torch.rand(1, heads, i.shape[0], grid.num_blocks, device="cuda") < density) & (j <= i)
+    keep |= (j == i) | (j == 0)
+    bs = grid.block_size
+    pairs = int(keep.sum()) * bs * bs - heads * i.shape[0] * bs * (bs - 1) // 2
+    return block_mask_to_structure(keep, grid), pairs
+
+
 def run_variant(q, k, v, structure, variant):
-    if variant == "autotuned":
-        return lambda: bsa._block_sparse_attention_fwd(q, k, v, structure, None, None, False)
-    (bm, bn, w, s), tma, pf = variant
-    config = triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-    return lambda: bsa._block_sparse_attention_fwd(q, k, v, structure, None, None, False, config, tma, pf)
+    tiles = None if variant == "autotuned" else TileConfig(*variant[0], prefetch_index=variant[1])
+    return lambda: block_sparse_attention_triton(q, k, v, structure, tile_config=tiles)
 
 
 def name_of(variant):
     if variant == "autotuned":
         return "autotuned"
-    (bm, bn, w, s), tma, pf = variant
-    return f"{bm}x{bn} w{w} s{s} {'tma' if tma else 'ptr'}{' pf' if pf else ''}"
+    (bm, bn, w, s), pf = variant
+    return f"{bm}x{bn} w{w} s{s}{' pf' if pf else ''}"
 
 
 def measure(n, head_dim, dtype, variants, rows, densities):
@@ -64,13 +73,13 @@ def measure(n, head_dim, dtype, variants, rows, densities):
         ref_dense = dense().transpose(1, 2)
     cudnn_tflops = 4 * head_dim * causal_pairs / cudnn_ms * 1e-9
     for density in densities:
-        structure, pairs = generate_structure(heads, grid, density, "cuda")
+        structure, pairs = random_structure(heads, grid, density)
         baseline = None
         for variant in variants:
             row = dict(seq=n, head_dim=head_dim, dtype=str(dtype).split(".")[-1], density=density,
                        variant=name_of(variant), cudnn_tflops=round(cudnn_tflops, 1))
             try:
-                out = run_variant(q, k, v, structure, variant)()[0]
+                out = run_variant(q, k, v, structure, variant)()
                 if baseline is None:
                     baseline = out
                     if density >= 1.0:
@@ -80,31 +89,17 @@ def measure(n, head_dim, dtype, variants, rows, densities):
                 row.update(ms=round(ms, 3), tflops=round(4 * head_dim * pairs / ms * 1e-9, 1))
                 row["vs_cudnn"] = round(row["tflops"] / cudnn_tflops, 3)
                 if variant == "autotuned":
-                    row["config"] = str(bsa._block_sparse_attention_fwd_tuned.best_config)
+                    row["config"] = str(tuned_tile_config())
             except Exception as err:  # a variant that does not compile: report it and go on
                 row["error"] = f"{type(err).__name__}: {str(err)[:200]}"
             print(json.dumps(row), flush=True)
             rows.append(row)
 
 
-def report_matrix_instructions() -> None:
-    """Whether each compiled variant's PTX uses Hopper's warpgroup MMA (wgmma) or only mma.sync."""
-    try:
-        for cache in bsa._block_sparse_attention_fwd_kernel.device_caches.values():
-            for key, compiled in cache[0].items():
-                ptx = compiled.asm.get("ptx", "")
-                print(f"wgmma={ptx.count('wgmma.mma_async')} mma.sync={ptx.count('mma.sync')} "
-                      f"tma={ptx.count('cp.async.bulk.tensor')} regs={compiled.n_regs} spills={compiled.n_spills} "
-                      f"smem={compiled.metadata.shared}", flush=True)
-    except Exception as err:  # introspection differs between triton versions: informative only
-        print(f"could not read the compiled kernels: {type(err).__name__}: {err}")
-
-
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--seq", type=int, nargs="+", default=[32768, 131072])
     parser.add_argument("--densities", type=float, nargs="+", default=[0.25, 1.0])
-    parser.add_argument("--tma", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--prefetch", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--configs", type=int, nargs="+", default=None, help="indices into CONFIGS")
     parser.add_argument("--more", action="store_true", help="stage 2: head_dim 64 and fp16 with the best variants")
@@ -114,9 +109,7 @@ def main(argv=None) -> None:
 
     rows = []
     configs = CONFIGS if args.configs is None else [CONFIGS[i] for i in args.configs]
-    variants = [
-        (c, bool(t), bool(p)) for c in configs for t in args.tma for p in args.prefetch
-    ] + ["autotuned"]
+    variants = [(c, bool(p)) for c in configs for p in args.prefetch] + ["autotuned"]
     for n in args.seq:
         densities = [d for d in args.densities if d < 1.0 or n <= 32768]  # dense 128K: too slow to sweep
         measure(n, 128, torch.bfloat16, variants, rows, densities)
@@ -131,7 +124,6 @@ def main(argv=None) -> None:
             for n in args.seq:
                 measure(n, head_dim, dtype, chosen, rows, [d for d in args.densities if d < 1.0])
 
-    report_matrix_instructions()
     print("\nseq  d   dtype density variant                      TFLOP/s  vs cuDNN  max diff")
     for r in rows:
         if "tflops" in r:

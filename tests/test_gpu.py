@@ -1,6 +1,8 @@
 """GPU-only properties of the prefill path: no host synchronisation, CUDA-graph capture, torch.compile."""
 
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -92,3 +94,62 @@ def test_torch_compile_fullgraph():
     err = (out.double() - ref).abs().max().item()
     floor = torch.finfo(q.dtype).eps * ref.abs().max().item()
     assert err <= 2 * eager_err + floor, f"compiled error {err:.3g} vs eager {eager_err:.3g} (floor {floor:.3g})"
+
+
+def test_key_start_out_of_range_is_a_device_side_assert():
+    """On CUDA the range check is torch._assert_async (no host sync): the bad call itself returns, and the
+    failure surfaces at the next synchronisation. Run in a child process: a device assert ruins the context."""
+    code = (
+        "import torch, flexprefill_hf as f\n"
+        "q = torch.randn(1, 4096, 8, 128, device='cuda', dtype=torch.bfloat16)\n"
+        "k = torch.randn(1, 4096, 2, 128, device='cuda', dtype=torch.bfloat16)\n"
+        "cfg = f.FlexPrefillConfig(cuda_dense_below=0)\n"
+        "f.flexprefill_attention(q, k, k, cfg, key_start=torch.tensor([5000], device='cuda'))\n"
+        "print('returned', flush=True)\n"
+        "torch.cuda.synchronize()\n"
+        "print('synchronised', flush=True)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert "returned" in done.stdout and "synchronised" not in done.stdout, done.stdout + done.stderr
+    assert done.returncode != 0 and "assert" in done.stderr.lower(), done.stderr[-2000:]
+
+
+def test_batch_zero_on_the_sparse_route():
+    q, k, v = _inputs()
+    out, stats = flexprefill_attention_with_stats(q[:0], k[:0], v[:0], CONFIG)
+    assert out.shape == (0,) + q.shape[1:] and not stats.dense and stats.computed_blocks.shape == (0, 8)
+
+
+@pytest.mark.parametrize("k_len,dense", [(512, True), (513, False)], ids=["at-threshold", "one-past"])
+def test_dense_threshold_on_cuda(k_len, dense):
+    """CONFIG's threshold is 512 keys: 512 runs dense, 513 the Triton path; both match their float64 oracle
+    within twice the error of torch's own bf16 attention."""
+    assert CONFIG.effective_dense_threshold == 512
+    q, k, v = _inputs(n=k_len, batch=2)
+    key_start = torch.tensor([0, 77], device="cuda")
+    out, stats = flexprefill_attention_with_stats(q, k, v, CONFIG, key_start=key_start)
+    assert stats.dense is dense
+    scale = 1 / math.sqrt(128)
+    if dense:
+        want, _ = reference.dense_attention_reference(q, k, v, scale, key_start)
+        low, _ = reference.dense_attention_reference(q, k, v, scale, key_start, dtype=q.dtype)
+    else:
+        structure = select_blocks(q, k, CONFIG, scale, key_start).structure
+        want, _ = reference.block_sparse_attention_reference(q, k, v, structure, scale, key_start)
+        low, _ = reference.block_sparse_attention_reference(q, k, v, structure, scale, key_start, dtype=q.dtype)
+    err = (out.double() - want).abs().max().item()
+    floor = torch.finfo(q.dtype).eps * want.abs().max().item()
+    assert err <= 2 * (low.double() - want).abs().max().item() + floor
+
+
+def test_logits_beyond_fp16_range_on_cuda():
+    q, k, v = _inputs(dtype=torch.float16)
+    q, k = q * 100, k * 100
+    out = flexprefill_attention(q, k, v, CONFIG)
+    assert torch.isfinite(out).all()
+    scale = 1 / math.sqrt(128)
+    structure = select_blocks(q, k, CONFIG, scale).structure
+    want, _ = reference.block_sparse_attention_reference(q, k, v, structure, scale)
+    in_fp32, _ = reference.block_sparse_attention_reference(q, k, v, structure, scale, dtype=torch.float32)
+    err = (out.double() - want).abs().max().item()
+    assert err <= 2 * (in_fp32.double() - want).abs().max().item() + torch.finfo(q.dtype).eps * want.abs().max().item()

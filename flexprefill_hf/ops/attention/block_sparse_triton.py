@@ -423,3 +423,10 @@ def block_sparse_attention_triton_with_lse(
     """As :func:`block_sparse_attention_triton`; also returns the natural log-sum-exp, fp32 [B, Hq, q_len]
     (``-inf`` for rows with no visible key)."""
     return _forward(q, k, v, structure, softmax_scale, key_start, tile_config, store_lse=True)
+
+
+def tuned_tile_config() -> Optional[TileConfig]:
+    """The tiles the autotuner chose for the most recent autotuned (eager, GPU) launch, as a
+    :class:`TileConfig`; None before the first one. For benchmarks that report what ran."""
+    best = getattr(_block_sparse_attention_fwd_tuned, "best_config", None)
+    return None if best is None else TileConfig(*_tiles_of(best))
