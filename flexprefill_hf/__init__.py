@@ -1,4 +1,16 @@
-"""flexprefill_hf: FlexPrefill context-aware sparse attention for long-prompt prefill in Hugging Face Transformers."""
+"""flexprefill_hf: FlexPrefill context-aware sparse attention for long-prompt prefill in Hugging Face Transformers.
+
+Where things are (README.md, "Layout of the repository", has the whole table):
+
+* ``flexprefill_hf.ops``: the operator, independent of transformers (``ops/README.md``: the algorithm).
+* ``flexprefill_hf.integration``: the transformers glue (attention and mask functions, ``patch_model``).
+* ``flexprefill_hf.patches`` is the top-level folder ``patches/`` and ``flexprefill_hf.configs`` the folder
+  ``configs/``: ``setup.cfg`` maps them into this package (``package_dir``), so they exist only once the
+  package is installed; ``pip install -e .`` is the usual way. ``from flexprefill_hf.patches import lookup``
+  therefore reads ``patches/registry.py``, and the YAML presets are ``configs/*.yaml``.
+
+Importing the package registers ``attn_implementation="flexprefill"`` with transformers.
+"""
 
 from .config import FlexPrefillConfig
 from .integration import (
