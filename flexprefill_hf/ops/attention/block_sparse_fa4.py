@@ -12,29 +12,30 @@ What flash-attn-4 offers (read from ``flash-attn-4==4.0.0b36``; paths inside the
 that version):
 
 * ``flash_attn/cute/interface.py`` ``flash_attn_func`` (l. 4145) takes ``block_sparse_tensors`` and
-  ``return_lse`` and returns ``(out, lse)``, lse fp32 ``[B, Hq, q_len]`` (l. 818). ``causal=True`` is
-  bottom-right aligned (mask.py l. 299: the column limit is ``row + 1 + seqlen_k - seqlen_q``), so a suffix
+  ``return_lse`` and returns ``(out, lse)``, lse fp32 ``[B, Hq, q_len]`` (l. 867). ``causal=True`` is
+  bottom-right aligned (mask.py l. 300: the column limit is ``row + 1 + seqlen_k - seqlen_q``), so a suffix
   slice of q against a suffix slice of k keeps the causal relation. GQA by ``Hq % Hkv == 0`` without repeating
-  K/V (l. 855). Inputs are used in place when their last stride is 1 and pointer and strides are 16-byte
-  aligned (cute_dsl_utils.py l. 87 ``maybe_contiguous``), otherwise copied. q_len 0 or k_len 0 returns zeros.
+  K/V (l. 846). Inputs are used in place when their last stride is 1 and pointer and strides are 16-byte
+  aligned (cute_dsl_utils.py l. 87 ``maybe_contiguous``), otherwise copied. q_len 0 or k_len 0 returns zeros
+  (l. 897).
 * ``flash_attn/cute/block_sparsity.py`` ``BlockSparseTensorsTorch`` (l. 39): ``mask_block_cnt`` int32
   ``[B, H, M]``, ``mask_block_idx`` int32 ``[B, H, M, N']`` with ``N' <= N`` (only the first cnt entries are
   read, l. 271 and l. 400), the same for ``full_block_*``, and ``block_size=(q, kv)``. B and H may be 1
-  (broadcast, l. 386-397), but only a head dim of 1 keeps PackGQA on (interface.py l. 1132-1136); per-head lists
+  (broadcast, l. 386-397), but only a head dim of 1 keeps PackGQA on (interface.py l. 1133-1137); per-head lists
   (ours) run without it. M must equal ``ceil(q_len / block_q)`` and N ``ceil(k_len / block_kv)``: the tiles
-  start at token 0 of the q and k tensors passed, not at the end (l. 372-373).
+  start at token 0 of the q and k tensors passed, not at the end (block_sparsity.py l. 372-373).
 * Tiles on SM90 (interface.py l. 151-197): d <= 128 with sparse blocks of 128 gives 128 x 128 tiles (the 192-row
   tile of d <= 96 is dropped because 128 % 192 != 0); d > 128 uses tile_n 112/80, which a 128 sparse kv block
-  does not match (block_sparsity.py l. 581-590 raises), so d > 128 is not taken. Sparse blocks of 64 would shrink
+  does not match (block_sparsity.py l. 581-590 raises on SM90), so d > 128 is not taken. Sparse blocks of 64 would shrink
   the tiles to 64 x 64 (l. 186-197): not measured, so block size 64 is not taken either. Head dims 8..256,
   multiple of 8 for 16-bit types (l. 121-139).
 * In the SM90 block-sparse main loop (flash_fwd_sm90.py l. 1200-1225, block_sparse_utils.py l. 431-617) masked
   blocks are processed first, then full ones, each list from its last entry down; the causal mask function is
   applied to every block of both lists, the kv-length mask to the first block processed, and ``mask_mod`` only
-  to masked blocks. A tile with no block gets O = 0 and lse = -inf (softmax.py l. 275-286). We still list as
+  to masked blocks. A tile with no block gets O = 0 and lse = -inf (block_sparse_utils.py l. 616 and flash_fwd_sm90.py l. 1230-1232; softmax.py l. 276-287). We still list as
   *full* only blocks wholly visible, so the mapping is also right where full blocks skip masking (SM100).
 * Varlen (``flash_attn_varlen_func``, l. 4214) takes block sparsity with ``cu_total_m_blocks`` and
-  ``cu_block_idx_offsets`` (block_sparsity.py l. 591-602; interface.py l. 1137-1147), but each sequence's tiles
+  ``cu_block_idx_offsets`` (block_sparsity.py l. 591-602; interface.py l. 1138-1149), but each sequence's tiles
   then start at its own first token: for a left-padded sequence at ``key_start[b]``, a value on the device. So
   the tile alignment against our grid would depend on data. ``seqused_k`` cuts keys at the end, not the start.
   ``mask_mod`` + ``aux_tensors`` (a CuTe-DSL callable) could mask a per-sequence prefix inside masked blocks;

@@ -1,0 +1,274 @@
+"""Decode and dense-routed prefill: a patched model against transformers' ``sdpa``, side by side (GPU).
+
+    python benchmarks/bench_decode.py --layers 4 32 --cache 1024 8192 32768 --out decode.json
+
+Issue 9, target 1: a patched model's decode step within 3 % of ``sdpa``'s, and a prompt routed dense within 2 %
+of the best dense backend. For each layer count the real Llama-3.1-8B architecture (config written out in
+``bench_model.py``: nothing is downloaded) is built with random weights in bf16 directly on the GPU, then:
+
+* decode: one prompt fills a cache of C tokens (with sdpa); each implementation then decodes ``--steps``
+  tokens from that same cache (cropped back to C before each run), in alternating rounds; ms per token is the
+  CUDA-event time of a round over its steps, median over rounds, after ``--warmup`` steps;
+* prefill: time to first token of a prompt of N < ``cuda_dense_below`` tokens (routed dense) for both;
+* operator: one attention call, ``flexprefill_attention`` on [1, N, 32, 128] / [1, N, 8, 128] against each
+  dense backend of ``ops/backends.py`` called directly (the best is the bar), and a decode-shaped call
+  (q_len 1 on a C-token cache) against transformers' own ``sdpa_attention_forward``.
+
+Random weights are fine here: decode and dense prefill do not depend on the attention pattern.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import time
+
+import torch
+import transformers
+from transformers import LlamaForCausalLM
+
+import flexprefill_hf
+from flexprefill_hf.ops import backends
+
+try:  # run as a script (benchmarks/ on sys.path) or as a module
+    from bench_model import llama31_8b_config
+except ImportError:  # pragma: no cover
+    from benchmarks.bench_model import llama31_8b_config
+
+class Clock:
+    """Elapsed ms of work on ``device``: CUDA events on a GPU (asynchronous work), perf_counter on the CPU."""
+
+    def __init__(self, device: str):
+        self.cuda = device == "cuda"
+
+    def start(self):
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def stop(self, started) -> float:
+        if self.cuda:
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            end.synchronize()
+            return started.elapsed_time(end)
+        return (time.perf_counter() - started) * 1e3
+
+    def median_ms(self, fn, repeats: int, warmup: int = 3) -> float:
+        """Median ms of ``fn()`` over ``repeats`` calls, after ``warmup`` calls."""
+        for _ in range(warmup):
+            fn()
+        times = []
+        for _ in range(repeats):
+            started = self.start()
+            fn()
+            times.append(self.stop(started))
+        return statistics.median(times)
+
+
+def build_model(layers: int, device: str, tiny: bool) -> LlamaForCausalLM:
+    """Random-weight Llama-3.1-8B architecture with ``layers`` decoder layers, bf16, built on ``device``.
+
+    tiny: a 256-wide, 4-head model for a smoke run on the CPU (fp32 there).
+    """
+    torch.manual_seed(0)
+    config = llama31_8b_config(layers)
+    if tiny:
+        config.vocab_size, config.hidden_size, config.intermediate_size = 1000, 256, 512
+        config.num_attention_heads, config.num_key_value_heads, config.head_dim = 4, 2, 64
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(previous)
+    return model.to(dtype).eval()
+
+
+def set_implementation(model, name: str) -> None:
+    if name == "sdpa":
+        flexprefill_hf.unpatch_model(model)
+    else:
+        flexprefill_hf.patch_model(model)
+
+
+@torch.no_grad()
+def decode_ms_per_token(model, cache, cache_len: int, steps: int, warmup: int, clock: Clock) -> float:
+    """ms per decoded token from ``cache`` (cropped back to ``cache_len`` tokens first)."""
+    token = torch.randint(0, model.config.vocab_size, (1, 1), device=model.device)
+
+    def crop():  # crop(-n) removes n tokens in every transformers 5 release (a positive length is refused in 5.24)
+        extra = cache.get_seq_length() - cache_len
+        if extra > 0:
+            cache.crop(-extra)
+
+    def run(n):
+        crop()
+        for _ in range(n):
+            model(token, past_key_values=cache, use_cache=True)
+
+    run(warmup)
+    crop()
+    started = clock.start()
+    for _ in range(steps):
+        model(token, past_key_values=cache, use_cache=True)
+    return clock.stop(started) / steps
+
+
+@torch.no_grad()
+def bench_decode(model, layers: int, caches, steps: int, warmup: int, rounds: int, clock: Clock) -> list[dict]:
+    rows = []
+    for cache_len in caches:
+        flexprefill_hf.unpatch_model(model)
+        prompt = torch.randint(0, model.config.vocab_size, (1, cache_len), device=model.device)
+        cache = model(prompt, use_cache=True, logits_to_keep=1).past_key_values
+        times = {"sdpa": [], "flexprefill": []}
+        for _ in range(rounds):
+            for name in times:
+                set_implementation(model, name)
+                times[name].append(decode_ms_per_token(model, cache, cache_len, steps, warmup, clock))
+        flexprefill_hf.unpatch_model(model)
+        sdpa_ms, ours_ms = (statistics.median(times[n]) for n in ("sdpa", "flexprefill"))
+        row = dict(layers=layers, cache=cache_len, sdpa_ms_per_token=sdpa_ms, flexprefill_ms_per_token=ours_ms,
+                   ratio=ours_ms / sdpa_ms, sdpa_rounds=times["sdpa"], flexprefill_rounds=times["flexprefill"])
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        del cache
+    return rows
+
+
+@torch.no_grad()
+def bench_prefill(model, layers: int, lengths, repeats: int, clock: Clock) -> list[dict]:
+    rows = []
+    for n in lengths:
+        prompt = torch.randint(0, model.config.vocab_size, (1, n), device=model.device)
+        ms = {}
+        for name in ("sdpa", "flexprefill"):
+            set_implementation(model, name)
+            ms[name] = clock.median_ms(lambda: model(prompt, use_cache=True, logits_to_keep=1), repeats)
+        dense = None
+        with flexprefill_hf.record_stats(model):
+            model(prompt, use_cache=True, logits_to_keep=1)
+            stats = [s for s in flexprefill_hf.last_stats(model) or [] if s is not None]
+            dense = all(s.dense for s in stats) if stats else None
+        flexprefill_hf.unpatch_model(model)
+        row = dict(layers=layers, n=n, sdpa_ms=ms["sdpa"], flexprefill_ms=ms["flexprefill"],
+                   ratio=ms["flexprefill"] / ms["sdpa"], routed_dense=dense)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+@torch.no_grad()
+def bench_operator(lengths, caches, repeats: int, clock: Clock, shape) -> list[dict]:
+    """One attention call of the 8B shape: the operator against each dense backend, and decode against HF's sdpa."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    rows = []
+    q_heads, kv_heads, head_dim, device, dtype = shape
+    gen = torch.Generator(device=device).manual_seed(0)
+
+    def qkv(q_len, k_len):
+        q = torch.randn(1, q_len, q_heads, head_dim, device=device, generator=gen, dtype=dtype)
+        k = torch.randn(1, k_len, kv_heads, head_dim, device=device, generator=gen, dtype=dtype)
+        return q, k, torch.randn_like(k)
+
+    scale = head_dim**-0.5
+    for n in lengths:
+        q, k, v = qkv(n, n)
+        ms = {"flexprefill": clock.median_ms(
+            lambda: flexprefill_hf.flexprefill_attention(q, k, v, softmax_scale=scale), repeats)}
+        for name in ("fa4", "sdpa_cudnn", "sdpa"):
+            if name == "fa4" and backends.choose_dense_backend(q, k, None) != "fa4":
+                continue
+            ms[name] = clock.median_ms(lambda: backends.dense_attention(q, k, v, scale, None, backend=name), repeats)
+        best = min((m, name) for name, m in ms.items() if name != "flexprefill")
+        row = dict(kind="prefill_op", n=n, chosen=backends.choose_dense_backend(q, k, None), best=best[1],
+                   ratio=ms["flexprefill"] / best[0], **{f"{k_}_ms": m for k_, m in ms.items()})
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+
+    class Module:  # what sdpa_attention_forward reads off the attention module
+        num_key_value_groups = q_heads // kv_heads
+        is_causal = True
+        training = False
+
+    for c in caches:
+        q, k, v = qkv(1, c)
+        qh, kh, vh = q.transpose(1, 2).contiguous(), k.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous()
+        hf = clock.median_ms(lambda: sdpa_attention_forward(Module(), qh, kh, vh, None, scaling=scale), repeats)
+        ours = clock.median_ms(
+            lambda: flexprefill_hf.flexprefill_attention(
+                qh.transpose(1, 2), kh.transpose(1, 2), vh.transpose(1, 2), softmax_scale=scale
+            ),
+            repeats,
+        )
+        row = dict(kind="decode_op", cache=c, hf_sdpa_ms=hf, flexprefill_ms=ours, ratio=ours / hf,
+                   chosen=backends.choose_dense_backend(q, k, None))
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", type=int, nargs="+", default=[4, 32])
+    parser.add_argument("--cache", type=int, nargs="+", default=[1024, 8192, 32768])
+    parser.add_argument("--prefill", type=int, nargs="+", default=[4096, 8192])
+    parser.add_argument("--steps", type=int, default=32)
+    parser.add_argument("--warmup", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--device", default="cuda", help="cpu (with --tiny) only checks that the script runs")
+    parser.add_argument("--tiny", action="store_true", help="a small model and operator shape (smoke run)")
+    args = parser.parse_args(argv)
+    on_gpu = args.device == "cuda"
+    env = dict(date=time.strftime("%Y-%m-%d %H:%M"), gpu=torch.cuda.get_device_name() if on_gpu else "cpu",
+               torch=torch.__version__, transformers=transformers.__version__,
+               fa4=backends.fa4_available() if on_gpu else False, tiny=args.tiny)
+    print(json.dumps(env), flush=True)
+    clock = Clock(args.device)
+    shape = (4, 2, 64, args.device, torch.float32) if args.tiny else (32, 8, 128, args.device, torch.bfloat16)
+    results = dict(env=env, decode=[], prefill=[], operator=[])
+    results["operator"] = bench_operator(args.prefill, args.cache, args.repeats, clock, shape)
+    for layers in args.layers:
+        model = build_model(layers, args.device, args.tiny)
+        results["decode"] += bench_decode(model, layers, args.cache, args.steps, args.warmup, args.rounds, clock)
+        results["prefill"] += bench_prefill(model, layers, args.prefill, max(3, args.repeats // 3), clock)
+        del model
+        gc.collect()
+        if on_gpu:
+            torch.cuda.empty_cache()
+        if args.out:  # keep what is done if a later layer count runs out of time
+            with open(args.out, "w") as f:
+                json.dump(results, f, indent=1)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=1)
+    print("\n| layers | cache | sdpa ms/token | flexprefill ms/token | ratio |\n|---|---|---|---|---|")
+    for r in results["decode"]:
+        print(f"| {r['layers']} | {r['cache']} | {r['sdpa_ms_per_token']:.2f} | {r['flexprefill_ms_per_token']:.2f} "
+              f"| {r['ratio']:.3f} |")
+    print("\n| layers | prompt | sdpa ms | flexprefill ms | ratio | routed dense |\n|---|---|---|---|---|---|")
+    for r in results["prefill"]:
+        print(f"| {r['layers']} | {r['n']} | {r['sdpa_ms']:.1f} | {r['flexprefill_ms']:.1f} | {r['ratio']:.3f} "
+              f"| {r['routed_dense']} |")
+    print("\n| operator call | flexprefill ms | bar (ms) | ratio | backend chosen |\n|---|---|---|---|---|")
+    for r in results["operator"]:
+        if r["kind"] == "prefill_op":
+            print(f"| prefill N={r['n']} | {r['flexprefill_ms']:.3f} | {r['best']} {r[r['best'] + '_ms']:.3f} "
+                  f"| {r['ratio']:.3f} | {r['chosen']} |")
+        else:
+            print(f"| decode cache={r['cache']} | {r['flexprefill_ms']:.4f} | hf sdpa {r['hf_sdpa_ms']:.4f} "
+                  f"| {r['ratio']:.3f} | {r['chosen']} |")
+
+
+if __name__ == "__main__":
+    main()
