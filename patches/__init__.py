@@ -5,6 +5,6 @@ setup.cfg). How to add an architecture: ``patches/README.md``.
 """
 
 from .common import ArchitecturePatch
-from .registry import PATCHES, lookup, supported_model_types
+from .registry import PATCHES, check_model_argument, lookup, lookup_model, supported_model_types
 
-__all__ = ["ArchitecturePatch", "PATCHES", "lookup", "supported_model_types"]
+__all__ = ["ArchitecturePatch", "PATCHES", "check_model_argument", "lookup", "lookup_model", "supported_model_types"]

@@ -18,7 +18,9 @@ How to add an architecture: ``patches/README.md``.
 from __future__ import annotations
 
 import functools
-from typing import Optional
+from typing import Any, Optional
+
+import torch
 
 from .common import ArchitecturePatch
 
@@ -63,3 +65,17 @@ def lookup(model_type: Optional[str]) -> ArchitecturePatch:
     )
     hint = _HINTS.get(model_type) if isinstance(model_type, str) else None
     raise ValueError(message if hint is None else f"{message}. {hint}")
+
+
+def check_model_argument(model: Any) -> None:
+    """TypeError unless ``model`` is a torch module (the public entries' first argument)."""
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(
+            f"model={model!r:.80} has type {type(model).__name__}; expected a torch.nn.Module (a transformers model)"
+        )
+
+
+def lookup_model(model: Any) -> ArchitecturePatch:
+    """The entry of a model, from ``model.config.model_type``; TypeError for a non-module, ValueError as ``lookup``."""
+    check_model_argument(model)
+    return lookup(getattr(getattr(model, "config", None), "model_type", None))

@@ -403,6 +403,18 @@ BAD_INPUT = [
         "config={'gamma': 1.0} has type dict; expected a FlexPrefillConfig or None",
     ),
     (
+        "patch_model not a module",
+        lambda: fp.patch_model("llama"),
+        TypeError,
+        "model='llama' has type str; expected a torch.nn.Module (a transformers model)",
+    ),
+    ("patch_model no config", lambda: fp.patch_model(torch.nn.Linear(2, 2)), ValueError, "model_type None is not"),
+    ("unpatch_model not a module", lambda: fp.unpatch_model(None), TypeError, "model=None has type NoneType"),
+    ("set_layer_config not a module", lambda: fp.set_layer_config("x", 0), TypeError, "model='x' has type str"),
+    ("layer_configs not a module", lambda: fp.layer_configs(3), TypeError, "model=3 has type int"),
+    ("record_stats not a module", lambda: fp.record_stats("x").__enter__(), TypeError, "model='x' has type str"),
+    ("last_stats not a module", lambda: fp.last_stats("x"), TypeError, "model='x' has type str"),
+    (
         "set_layer_config bad value",
         lambda: fp.set_layer_config(_patched_llama(), 0, gamma=1.5),
         ValueError,

@@ -19,7 +19,7 @@ from typing import Any, Optional
 
 import torch
 
-from flexprefill_hf.patches import lookup
+from flexprefill_hf.patches import check_model_argument, lookup_model
 
 from ..config import FlexPrefillConfig
 from .layer_config import CONFIG_ATTRIBUTE, ConfigLike, layer_config, resolve_layer_configs
@@ -59,16 +59,15 @@ def patch_model(model: torch.nn.Module, config: ConfigLike = None, **overrides) 
     Raises:
         ValueError: unsupported model type ("... is not supported by FlexPrefill; supported model types:
             ..."), a layout the attention function cannot serve, a bad preset or field value.
-        TypeError: ``config`` of another type, an unknown or mistyped field.
+        TypeError: ``model`` is not a torch module, ``config`` of another type, an unknown or mistyped field.
     """
-    model_config = getattr(model, "config", None)
-    architecture = lookup(getattr(model_config, "model_type", None))
+    architecture = lookup_model(model)
     modules = architecture.attention_modules(model)
     architecture.check(model, modules)
     configs = resolve_layer_configs(
         config,
-        model_config.model_type,
-        getattr(model_config, "_name_or_path", "") or "",
+        model.config.model_type,
+        getattr(model.config, "_name_or_path", "") or "",
         len(modules),
         **overrides,
     )
@@ -85,7 +84,11 @@ def patch_model(model: torch.nn.Module, config: ConfigLike = None, **overrides) 
 
 
 def unpatch_model(model: torch.nn.Module) -> torch.nn.Module:
-    """Undo ``patch_model`` exactly (attributes and attention implementation); a no-op on an unpatched model."""
+    """Undo ``patch_model`` exactly (attributes and attention implementation); a no-op on an unpatched model.
+
+    TypeError when ``model`` is not a torch module.
+    """
+    check_model_argument(model)
     record = model.__dict__.get(PATCH_ATTRIBUTE)
     if record is None:
         return model
@@ -107,12 +110,14 @@ def set_layer_config(
 
     Raises:
         ValueError: the model is not patched, or ``layer_idx`` is out of range.
-        TypeError: ``layer_idx`` is not an int, ``config`` is not a FlexPrefillConfig or None, an unknown field.
+        TypeError: ``model`` is not a torch module, ``layer_idx`` is not an int, ``config`` is not a
+            FlexPrefillConfig or None, an unknown or mistyped field.
     """
+    check_model_argument(model)
     record = model.__dict__.get(PATCH_ATTRIBUTE)
     if record is None:
         raise ValueError("set_layer_config needs a patched model; call flexprefill_hf.patch_model(model) first")
-    modules = lookup(model.config.model_type).attention_modules(model)
+    modules = lookup_model(model).attention_modules(model)
     if isinstance(layer_idx, bool) or not isinstance(layer_idx, int):
         raise TypeError(f"layer_idx={layer_idx!r} has type {type(layer_idx).__name__}; expected an int")
     if not 0 <= layer_idx < len(modules):
@@ -128,9 +133,9 @@ def set_layer_config(
 def layer_configs(model: torch.nn.Module) -> tuple[FlexPrefillConfig, ...]:
     """The configuration each layer runs with (patched, or the preset of ``attn_implementation="flexprefill"``).
 
-    ValueError for an unsupported model type.
+    ValueError for an unsupported model type, TypeError when ``model`` is not a torch module.
     """
-    return tuple(layer_config(m) for m in lookup(model.config.model_type).attention_modules(model))
+    return tuple(layer_config(m) for m in lookup_model(model).attention_modules(model))
 
 
 def _configs_of(model: torch.nn.Module) -> list[Any]:

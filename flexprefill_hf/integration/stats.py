@@ -13,7 +13,7 @@ from typing import Iterator, Optional
 
 import torch
 
-from flexprefill_hf.patches import lookup
+from flexprefill_hf.patches import check_model_argument, lookup_model
 
 from ..ops.flexprefill import FlexPrefillStats
 
@@ -41,11 +41,12 @@ def record_stats(model: torch.nn.Module) -> Iterator[StatsRecorder]:
     are not recorded, so after ``generate`` the statistics are those of the prompt's prefill.
 
     Raises:
+        TypeError: ``model`` is not a torch module.
         ValueError: the model's type is not supported ("... is not supported by FlexPrefill; supported
             model types: ..."), or the model does not run FlexPrefill attention (neither patched nor loaded
             with ``attn_implementation="flexprefill"``), so there would be nothing to record.
     """
-    modules = lookup(getattr(getattr(model, "config", None), "model_type", None)).attention_modules(model)
+    modules = lookup_model(model).attention_modules(model)
     implementation = getattr(model.config, "_attn_implementation", None)
     from .routing import ATTENTION_NAME  # here, not at the top: routing imports this module
 
@@ -75,6 +76,8 @@ def last_stats(model: torch.nn.Module) -> Optional[list[Optional[FlexPrefillStat
 
     Each entry is a :class:`FlexPrefillStats` (per batch and query head: pattern chosen, JS distance,
     blocks and fraction computed), or None for a layer that ran dense outside the operator.
+    TypeError when ``model`` is not a torch module.
     """
+    check_model_argument(model)
     recorder = model.__dict__.get(STATS_ATTRIBUTE)
     return None if recorder is None else list(recorder.stats)
