@@ -152,6 +152,7 @@ def test_lists_on_an_aligned_grid():
         (dict(head_dim=256), "head_dim=256"),
         (dict(head_dim=72 + 4), "head_dim=76"),
         (dict(padded=True), "left padding"),
+        (dict(compiling=True), "torch.compile"),
     ],
 )
 def test_unsupported_reasons(kwargs, fragment):
@@ -182,6 +183,7 @@ def test_supports_says_no_on_cpu_without_importing_flash_attn():
         (dict(padded=True), "triton"),
         (dict(block_size=64), "triton"),
         (dict(head_dim=256), "triton"),
+        (dict(compiling=True), "triton"),
         (dict(dtype=torch.float32), "torch"),
         (dict(device_type="cpu"), "torch"),
     ],
@@ -202,6 +204,7 @@ def test_sparse_backend_decision(case, expected):
         (dict(q_len=1), "sdpa"),  # decode: no mask at all, the call transformers' sdpa makes
         (dict(fa4=False, q_len=100), "sdpa_lower_right"),
         (dict(q_len=100), "fa4"),
+        (dict(compiling=True), "sdpa_cudnn"),
         (dict(padded=True), "masked"),
         (dict(padded=True, q_len=1), "masked"),
         (dict(capability=(8, 0)), "sdpa_cudnn"),
@@ -344,3 +347,11 @@ def test_dense_fa4_matches_the_reference(q_len, k_len):
     err, torch_err = (out.double() - ref).abs().max().item(), (low.double() - ref).abs().max().item()
     assert err <= 2 * torch_err + torch.finfo(torch.bfloat16).eps * ref.abs().max().item()
     assert not math.isnan(err)
+
+
+def test_the_case_knows_when_torch_compile_traces():
+    q = torch.zeros(1, 256, 2, 64)
+    structure = random_structure(1, 2, BlockGrid(256, 256, 128), 0.5, seed=0)
+    assert not fa4.KernelCase.of(q, structure, None).compiling
+    traced = torch.compile(lambda x: x + int(fa4.KernelCase.of(x, structure, None).compiling), backend="eager", fullgraph=True)
+    assert traced(q).eq(1).all()

@@ -7,7 +7,7 @@ Block-sparse forward (:func:`choose_sparse_backend`):
               capability >= 9.0, block size 128, head dim a multiple of 8 in [16, 128], no left padding, and
               ``flash_attn.cute`` imports. Every length is mapped exactly onto its tiles.
     "triton"  our Triton kernel: every other fp16/bf16 CUDA case (older GPUs, block 64, head dims up to 256, left
-              padding, flash-attn-4 not installed).
+              padding, flash-attn-4 not installed, inside torch.compile: FA4 registers no custom op).
     "torch"   the PyTorch path: CPU tensors and fp32/fp64.
 
 Dense causal attention (:func:`choose_dense_backend`), never with a mask where none is needed:
@@ -15,7 +15,8 @@ Dense causal attention (:func:`choose_dense_backend`), never with a mask where n
     "sdpa"             one query row (decode: it sees every key, so no mask and ``is_causal=False``, the call
                        transformers' own sdpa makes), and CPU prompts with q_len == k_len (``is_causal=True``).
     "fa4"              flash-attn-4's dense causal forward (bottom-right): CUDA, fp16/bf16, capability >= 9.0,
-                       head dim a multiple of 8 in [16, 128], importable. Measured 1.07-1.24x SDPA-cuDNN on the H200.
+                       head dim a multiple of 8 in [16, 128], importable, not inside torch.compile. Measured
+                       1.07-1.24x SDPA-cuDNN on the H200 (shared/ENVIRONMENT.md).
     "sdpa_cudnn"       CUDA, q_len == k_len: SDPA ``is_causal=True`` with cuDNN first in the priority order
                        (cuDNN, flash, efficient, math); SDPA skips a backend that cannot take the inputs.
     "sdpa_lower_right" 1 < q_len < k_len (a prefill on a cache): SDPA with ``causal_lower_right``, which the
@@ -79,8 +80,10 @@ def dense_backend_for(
     k_len: int,
     padded: bool,
     fa4: Availability = fa4_available,
+    compiling: bool = False,
 ) -> str:
-    """The dense backend for a case described by plain values (see the module docstring)."""
+    """The dense backend for a case described by plain values (see the module docstring); ``compiling``:
+    inside torch.compile tracing (flash-attn-4 is then not used)."""
     if padded:
         return "masked"
     if q_len == 1:
@@ -88,6 +91,7 @@ def dense_backend_for(
     on_gpu = device_type == "cuda"
     fa4_case = (
         on_gpu
+        and not compiling
         and dtype in KERNEL_DTYPES
         and capability is not None
         and tuple(capability) >= FA4_MIN_CAPABILITY
@@ -103,7 +107,8 @@ def dense_backend_for(
 def choose_dense_backend(q: torch.Tensor, k: torch.Tensor, key_start: Optional[torch.Tensor]) -> str:
     """The dense causal backend for q [B, q_len, Hq, D] over k [B, k_len, Hkv, D]."""
     return dense_backend_for(
-        q.device.type, _capability(q), q.dtype, q.shape[-1], q.shape[1], k.shape[1], key_start is not None
+        q.device.type, _capability(q), q.dtype, q.shape[-1], q.shape[1], k.shape[1], key_start is not None,
+        compiling=torch.compiler.is_compiling(),
     )
 
 

@@ -32,14 +32,17 @@ that version):
 * In the SM90 block-sparse main loop (flash_fwd_sm90.py l. 1200-1225, block_sparse_utils.py l. 431-617) masked
   blocks are processed first, then full ones, each list from its last entry down; the causal mask function is
   applied to every block of both lists, the kv-length mask to the first block processed, and ``mask_mod`` only
-  to masked blocks. A tile with no block gets O = 0 and lse = -inf (block_sparse_utils.py l. 616 and flash_fwd_sm90.py l. 1230-1232; softmax.py l. 276-287). We still list as
-  *full* only blocks wholly visible, so the mapping is also right where full blocks skip masking (SM100).
+  to masked blocks. A tile with no block gets O = 0 and lse = -inf (block_sparse_utils.py l. 616,
+  flash_fwd_sm90.py l. 1230-1232, softmax.py l. 276-287). We still list as *full* only blocks wholly visible,
+  so the mapping is also right where full blocks skip masking (SM100).
 * Varlen (``flash_attn_varlen_func``, l. 4214) takes block sparsity with ``cu_total_m_blocks`` and
   ``cu_block_idx_offsets`` (block_sparsity.py l. 591-602; interface.py l. 1138-1149), but each sequence's tiles
   then start at its own first token: for a left-padded sequence at ``key_start[b]``, a value on the device. So
   the tile alignment against our grid would depend on data. ``seqused_k`` cuts keys at the end, not the start.
   ``mask_mod`` + ``aux_tensors`` (a CuTe-DSL callable) could mask a per-sequence prefix inside masked blocks;
   it is not used here: left padding runs the Triton kernel.
+* No ``torch.library`` custom op is registered (no ``custom_op``/``torch.library`` in the package): under
+  ``torch.compile`` the launch cannot be traced, so compiled code runs the Triton kernel (``ops/backends.py``).
 
 The mapping (exact for every length, no host sync, all (batch, head) at once):
 our blocks end at ``k_len``, FA4's tiles start at 0. With ``r = k_len % block`` keys in our partial block 0
@@ -81,6 +84,8 @@ FA4_BLOCK_SIZES = (128,)
 FA4_MAX_HEAD_DIM = 128
 # Oldest compute capability taken (Hopper); measured on the H200 (9.0) only.
 FA4_MIN_CAPABILITY = (9, 0)
+# flash-attn-4 4.0.0b36 registers no torch custom op: dynamo would trace into the CuTe DSL and break the graph.
+COMPILE_REASON = "under torch.compile: flash-attn-4 registers no custom op, so its launch cannot be traced"
 
 
 @functools.lru_cache(maxsize=None)
@@ -102,7 +107,8 @@ def fa4_available() -> bool:
 class KernelCase:
     """What the backend choice looks at: plain values, no tensors (so it is testable without a GPU).
 
-    capability: (major, minor) of the CUDA device, None off CUDA; padded: key_start is given.
+    capability: (major, minor) of the CUDA device, None off CUDA; padded: key_start is given; compiling: inside
+    torch.compile tracing.
     """
 
     device_type: str
@@ -111,11 +117,15 @@ class KernelCase:
     block_size: int
     head_dim: int
     padded: bool
+    compiling: bool = False
 
     @classmethod
     def of(cls, q: torch.Tensor, structure: BlockStructure, key_start: Optional[torch.Tensor]) -> "KernelCase":
         capability = torch.cuda.get_device_capability(q.device) if q.is_cuda else None
-        return cls(q.device.type, capability, q.dtype, structure.grid.block_size, q.shape[-1], key_start is not None)
+        return cls(
+            q.device.type, capability, q.dtype, structure.grid.block_size, q.shape[-1], key_start is not None,
+            torch.compiler.is_compiling(),
+        )
 
 
 def unsupported_reason(case: KernelCase) -> Optional[str]:
@@ -132,6 +142,8 @@ def unsupported_reason(case: KernelCase) -> Optional[str]:
         return f"head_dim={case.head_dim}: flash-attn-4 is used for a multiple of 8 in [16, {FA4_MAX_HEAD_DIM}]"
     if case.padded:
         return "left padding (key_start): flash-attn-4 cannot mask a per-sequence key prefix on our grid"
+    if case.compiling:
+        return COMPILE_REASON
     return None
 
 
