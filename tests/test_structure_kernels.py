@@ -103,7 +103,8 @@ def test_select_blocks_structure_backends_agree(
         assert a.query_aware.any() and not a.query_aware.all()
 
 
-def test_unknown_structure_backend_is_rejected():
+@pytest.mark.parametrize("argument", ["scores_backend", "structure_backend"])
+def test_unknown_backend_is_rejected(argument):
     q = torch.randn(1, 300, 2, 16)
-    with pytest.raises(ValueError, match="structure_backend='cuda' is not supported"):
-        select_blocks(q, q, FlexPrefillConfig(block_size=64, min_budget=64), 0.25, structure_backend="cuda")
+    with pytest.raises(ValueError, match=f"{argument}='cuda' is not supported; expected 'triton', 'torch' or None"):
+        select_blocks(q, q, FlexPrefillConfig(block_size=64, min_budget=64), 0.25, **{argument: "cuda"})

@@ -16,7 +16,8 @@ probabilities, so two passes over the keys reduce them on the fly and no r x n t
 
 Three launches and no other device work: the selection's fixed cost on CUDA is mostly launches.
 
-Layouts as in ``scores.representative_scores`` (the PyTorch version, and the oracle of the tests): q [B, q_len, Hq, D], k [B, n, Hkv, D], any strides.
+Layouts as in ``scores.representative_scores`` (the PyTorch version, and the oracle of the tests):
+q [B, q_len, Hq, D], k [B, n, Hkv, D], any strides.
 """
 
 from __future__ import annotations

@@ -8,7 +8,8 @@
     _pattern                 §2: JS distance of the estimated and the true block distribution -> query-aware
     _vertical_slash_blocks   §3: budgets by γ-coverage, then the best vertical and slash blocks
     _query_aware_coverage    §4: global γ-coverage of the block estimate (one chunk of heads)
-    _compose                 §5: sink, diagonal and block-causal rules, the mask packed (compose.py / compose_triton.py)
+    _compose                 §5: sink, diagonal and block-causal rules; the mask packed (compose.py,
+                             compose_triton.py)
 
 Fixed shapes, no host synchronisation, no Python loop over batch or heads: the only loops are over
 chunks of heads, sized from the shapes so that the representative block's scores (``r x n`` per
@@ -135,7 +136,9 @@ def _backends(q: torch.Tensor, scores_backend: Optional[str], structure_backend:
     raise ValueError(f"structure_backend={structure_backend!r} is not supported; expected 'triton', 'torch' or None")
 
 
-def _sequences(grid: BlockGrid, batch: int, key_start: Optional[torch.Tensor], config: FlexPrefillConfig, device) -> _Sequences:
+def _sequences(
+    grid: BlockGrid, batch: int, key_start: Optional[torch.Tensor], config: FlexPrefillConfig, device
+) -> _Sequences:
     """Small per-sequence values, once; the left-padding masks only when there is padding."""
     nb = grid.num_blocks
     j = torch.arange(nb, device=device)
