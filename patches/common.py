@@ -62,7 +62,7 @@ def warn_sliding_window_layers(model: torch.nn.Module, modules: Sequence[torch.n
             f"{type(model).__name__} layers {windowed} use a sliding window of {window} tokens; FlexPrefill cannot "
             f"express it, so these layers run dense attention on prompts longer than {window} tokens",
             UserWarning,
-            stacklevel=3,
+            stacklevel=4,  # the caller of patch_model (through check_model and patch_model)
         )
 
 
