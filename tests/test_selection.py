@@ -61,7 +61,7 @@ def test_selection_equals_reference(case, dtype, poison_empty):
     starts_t = torch.zeros(batch, dtype=torch.long) if key_start is None else key_start
     assert got.causal_blocks.shape == (batch,) and got.causal_blocks.dtype == torch.int32
     for b in range(batch):
-        sink = grid.block_of_key(int(starts_t[b]))
+        sink = grid.sink_block(int(starts_t[b]))
         assert got.causal_blocks[b] == reference.block_causal_mask(grid, sink, "cpu").sum()
         for t in range(grid.num_query_blocks):
             i = grid.first_query_block + t
@@ -87,7 +87,7 @@ def test_gamma_one_tau_zero_selects_every_causal_block():
     grid = BlockGrid(500, 500, 64)
     i = torch.arange(grid.num_blocks)
     for b, start in enumerate([0, 90]):
-        sink = grid.block_of_key(start)
+        sink = grid.sink_block(start)
         want = (i[None, :] <= i[:, None]) & (i[None, :] >= sink)
         assert torch.equal(structure_to_block_mask(got.structure)[b], want.expand(4, -1, -1))
 
@@ -99,7 +99,7 @@ def test_short_sequence_in_padded_batch_runs_dense():
     got = select_blocks(q, k, config, 0.25, torch.tensor([0, 400]))
     mask = structure_to_block_mask(got.structure)
     grid = BlockGrid(640, 640, 64)
-    sink = grid.block_of_key(400)
+    sink = grid.sink_block(400)
     i = torch.arange(grid.num_blocks)
     assert torch.equal(mask[1], ((i[None, :] <= i[:, None]) & (i[None, :] >= sink)).expand(2, -1, -1))
     assert torch.isnan(got.js_distance[1]).all() and not got.query_aware[1].any()
