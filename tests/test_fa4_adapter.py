@@ -211,7 +211,7 @@ def test_sparse_backend_decision(case, expected):
         (dict(head_dim=256, q_len=100), "sdpa_lower_right"),
         (dict(dtype=torch.float32), "sdpa_cudnn"),
         (dict(device_type="cpu"), "sdpa"),
-        (dict(device_type="cpu", q_len=100), "sdpa_lower_right"),
+        (dict(device_type="cpu", q_len=100), "masked"),
     ],
 )
 def test_dense_backend_decision(case, expected):
@@ -228,13 +228,23 @@ def test_dense_attention_matches_the_reference_on_cpu(q_len, k_len, padded):
     k = torch.randn(2, k_len, 2, 32, generator=gen)
     v = torch.randn(2, k_len, 2, 32, generator=gen)
     key_start = torch.tensor([0, 17]) if padded else None
-    out = backends.dense_attention(q, k, v, 32**-0.5, key_start)
     from flexprefill_hf.ops.reference import dense_attention_reference
 
     ref, _ = dense_attention_reference(q, k, v, 32**-0.5, key_start)
-    if padded:  # rows with no real key are 0 by the operator's definition (the reference gives 0 too)
-        assert torch.isfinite(out).all()
-    torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=1e-5)
+    # The chosen backend, and every other one valid for the case, called explicitly.
+    if padded:
+        valid = ["masked"]
+    elif q_len == 1:
+        valid = ["sdpa", "masked", "sdpa_lower_right"]
+    elif q_len == k_len:
+        valid = ["sdpa", "sdpa_cudnn", "masked"]
+    else:
+        valid = ["masked", "sdpa_lower_right"]
+    assert backends.choose_dense_backend(q, k, key_start) in valid
+    for name in [None] + valid:
+        out = backends.dense_attention(q, k, v, 32**-0.5, key_start, backend=name)
+        assert out.shape == q.shape and torch.isfinite(out).all()  # padding rows are 0, not NaN
+        torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=1e-5, msg=f"backend {name}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -355,3 +365,9 @@ def test_the_case_knows_when_torch_compile_traces():
     assert not fa4.KernelCase.of(q, structure, None).compiling
     traced = torch.compile(lambda x: x + int(fa4.KernelCase.of(x, structure, None).compiling), backend="eager", fullgraph=True)
     assert traced(q).eq(1).all()
+
+
+def test_dense_attention_refuses_an_unknown_backend():
+    q = torch.zeros(1, 4, 2, 16)
+    with pytest.raises(ValueError, match="backend='flash3' is not a dense backend"):
+        backends.dense_attention(q, q, q, 0.25, None, backend="flash3")

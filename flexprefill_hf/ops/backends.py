@@ -11,7 +11,8 @@ Block-sparse forward (:func:`choose_sparse_backend`):
     "torch"   the PyTorch path: CPU tensors and fp32/fp64.
 
 Dense causal attention (:func:`choose_dense_backend`), never with a mask where none is needed:
-    "masked"           left padding: SDPA with a per-chunk additive mask (``attention/block_sparse_torch.py``).
+    "masked"           left padding, and CPU prefills on a cache: SDPA with a per-chunk additive mask
+                       (``attention/block_sparse_torch.py``; O(chunk * k_len) memory).
     "sdpa"             one query row (decode: it sees every key, so no mask and ``is_causal=False``, the call
                        transformers' own sdpa makes), and CPU prompts with q_len == k_len (``is_causal=True``).
     "fa4"              flash-attn-4's dense causal forward (bottom-right): CUDA, fp16/bf16, capability >= 9.0,
@@ -19,8 +20,8 @@ Dense causal attention (:func:`choose_dense_backend`), never with a mask where n
                        1.07-1.24x SDPA-cuDNN on the H200 (shared/ENVIRONMENT.md).
     "sdpa_cudnn"       CUDA, q_len == k_len: SDPA ``is_causal=True`` with cuDNN first in the priority order
                        (cuDNN, flash, efficient, math); SDPA skips a backend that cannot take the inputs.
-    "sdpa_lower_right" 1 < q_len < k_len (a prefill on a cache): SDPA with ``causal_lower_right``, which the
-                       efficient/flash backends apply without building a mask.
+    "sdpa_lower_right" CUDA, 1 < q_len < k_len (a prefill on a cache): SDPA with ``causal_lower_right``, which
+                       the efficient/flash backends apply without building a mask.
 Decode goes to plain SDPA even with flash-attn-4 present: FA4 runs one tile per (batch, head) for one row
 (num_splits=1), too little work for the GPU at long caches.
 """
@@ -101,7 +102,8 @@ def dense_backend_for(
         return "fa4"
     if q_len == k_len:
         return "sdpa_cudnn" if on_gpu else "sdpa"
-    return "sdpa_lower_right"
+    # Off the GPU, SDPA would build causal_lower_right's [q_len, k_len] mask: the chunked masked path does not.
+    return "sdpa_lower_right" if on_gpu else "masked"
 
 
 def choose_dense_backend(q: torch.Tensor, k: torch.Tensor, key_start: Optional[torch.Tensor]) -> str:
