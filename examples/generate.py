@@ -3,7 +3,7 @@
 The tokenizer pads on the left, as ``generate`` needs; FlexPrefill then runs per sequence on its real tokens.
 One prompt is a long document (``--long-tokens``) so that the sparse path runs beside short prompts that
 stay dense. Progress bars follow the prefill (one step per decoder layer) and then the decoding (one step
-per new token); on 2 CPU cores the default run takes about a minute.
+per new token): on 2 CPU cores the default run takes a minute or more.
 
     python examples/generate.py
     python examples/generate.py --long-tokens 0 --max-new-tokens 16 "Why is the sky blue?" "Name a prime."
