@@ -1,0 +1,201 @@
+"""``python -m flexprefill_hf.eval`` / ``flexprefill-eval``: the offline RULER suite on a model.
+
+    flexprefill-eval --lengths 2048 4096 --samples 8 --methods dense flexprefill "flexprefill:gamma=0.9"
+    flexprefill-eval --device cuda --lengths 2048 4096 8192 --samples 32 --batch-size 8 \\
+        --methods dense flexprefill "streaming:window=512|1024" "vertical_slash:vertical=4|8,slash=4|8"
+
+Writes into --out: samples.jsonl (one line per sample and method), results.md (the table), heatmaps.json,
+run.json (arguments and versions) and, with matplotlib installed, score_vs_fraction.png and
+heatmap_<method>.png. Every argument is checked before the model is loaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+from .methods import METHOD_KINDS, parse_methods
+from .tasks import TASK_NAMES
+
+DTYPES = ("float32", "bfloat16", "float16")
+DEFAULT_METHODS = ("dense", "flexprefill")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="flexprefill-eval", description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", default=None, help="Hugging Face id, folder or .gguf file; default: the embedded SmolLM2-135M-Instruct")
+    parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    parser.add_argument("--dtype", default=None, choices=DTYPES, help="default: float32 on CPU, bfloat16 on GPU")
+    parser.add_argument("--lengths", nargs="+", default=["4096"], help="target lengths in tokens (4096 or 4K); default 4096")
+    parser.add_argument("--tasks", nargs="+", default=["all"], help=f"tasks or 'all': {', '.join(TASK_NAMES)}")
+    parser.add_argument("--samples", type=int, default=4, help="samples per task and length (default 4)")
+    parser.add_argument(
+        "--methods", nargs="+", default=list(DEFAULT_METHODS),
+        help=f"method specs kind[:key=value,...], a|b|c sweeps a value; kinds: {', '.join(METHOD_KINDS)}",
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="eval_out", help="output folder (default ./eval_out)")
+    parser.add_argument("--batch-size", type=int, default=1, help="samples per forward pass, left-padded (default 1)")
+    parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots (no matplotlib needed)")
+    return parser
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    model: Optional[str]
+    device: str
+    dtype: Optional[str]
+    lengths: tuple[int, ...]
+    tasks: tuple[str, ...]
+    samples: int
+    methods: tuple
+    seed: int
+    out: Path
+    batch_size: int
+    plots: bool
+
+
+def parse_length(text: str) -> int:
+    """'4096', '4K', '4k' -> 4096; ValueError otherwise."""
+    match = re.fullmatch(r"\s*(\d+)\s*([kK]?)\s*", text)
+    if not match:
+        raise ValueError(f"--lengths: {text!r} is not a length; expected an int of tokens like 4096 or 4K")
+    value = int(match.group(1)) * (1024 if match.group(2) else 1)
+    if value < 256:
+        raise ValueError(f"--lengths: {text!r} is too short; expected at least 256 tokens")
+    return value
+
+
+def validate(args: argparse.Namespace) -> Options:
+    """Options from parsed arguments; ValueError naming the argument on bad input. Loads nothing."""
+    import torch
+
+    lengths = tuple(dict.fromkeys(parse_length(t) for t in args.lengths))
+    tasks = list(TASK_NAMES) if [t.lower() for t in args.tasks] == ["all"] else list(dict.fromkeys(args.tasks))
+    unknown = [t for t in tasks if t not in TASK_NAMES]
+    if unknown:
+        raise ValueError(f"--tasks: {unknown} not supported; expected 'all' or some of {', '.join(TASK_NAMES)}")
+    if args.samples < 1:
+        raise ValueError(f"--samples={args.samples}; expected an int >= 1")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size={args.batch_size}; expected an int >= 1")
+    methods = parse_methods(args.methods)
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as error:
+        raise ValueError(f"--device={args.device!r} is not a torch device: {error}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device={args.device!r} but CUDA is not available here")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out={args.out!r} exists and is not a folder")
+    if not args.no_plots:
+        import importlib.util
+
+        if importlib.util.find_spec("matplotlib") is None:
+            raise ValueError("the plots need matplotlib: `pip install matplotlib`, or pass --no-plots")
+    return Options(
+        model=args.model, device=args.device, dtype=args.dtype, lengths=lengths, tasks=tuple(tasks),
+        samples=args.samples, methods=tuple(methods), seed=args.seed, out=out, batch_size=args.batch_size,
+        plots=not args.no_plots,
+    )
+
+
+def run(options: Options) -> dict:
+    """Load the model, build the samples, evaluate, write the outputs. Returns the paths written."""
+    import torch
+    from tqdm import tqdm
+
+    from ..models import load_model
+    from .report import aggregate, markdown_table, plot_heatmap, plot_score_vs_fraction
+    from .runner import evaluate
+    from .tasks import generate_samples
+
+    start = time.perf_counter()
+    dtype = getattr(torch, options.dtype) if options.dtype else None
+    model, tokenizer = load_model(options.model, device=options.device, dtype=dtype)
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit is not None and max(options.lengths) > limit:
+        raise ValueError(f"--lengths: {max(options.lengths)} exceeds the model's context of {limit} tokens")
+    print(f"loaded {options.model or 'the embedded SmolLM2-135M-Instruct'} in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+
+    samples = []
+    for length in options.lengths:
+        for task in options.tasks:
+            samples.extend(generate_samples(tokenizer, task, length, options.samples, seed=options.seed))
+
+    options.out.mkdir(parents=True, exist_ok=True)
+    jsonl = options.out / "samples.jsonl"
+    total = len(samples) * len(options.methods)
+    with open(jsonl, "w") as sink, tqdm(total=total, desc="samples", unit="sample") as bar:
+
+        def write(record: dict) -> None:
+            sink.write(json.dumps(record) + "\n")
+            sink.flush()
+            bar.set_postfix(method=record["method"], task=record["task"], length=record["length"], refresh=False)
+
+        records, heatmaps = evaluate(
+            model, tokenizer, options.methods, samples, batch_size=options.batch_size, on_record=write, progress=bar.update
+        )
+
+    rows = aggregate(records)
+    written = {"samples": jsonl, "table": options.out / "results.md"}
+    written["table"].write_text(markdown_table(rows))
+    written["heatmaps"] = options.out / "heatmaps.json"
+    written["heatmaps"].write_text(json.dumps([dataclasses.asdict(h) for h in heatmaps]))
+    if options.plots:
+        kinds = {m.label: m.kind for m in options.methods}
+        written["plot"] = plot_score_vs_fraction(rows, kinds, options.out / "score_vs_fraction.png")
+        for heatmap in heatmaps:
+            if heatmap.method != "dense":
+                name = re.sub(r"[^A-Za-z0-9_.=-]+", "_", heatmap.method)
+                written[f"heatmap {heatmap.method}"] = plot_heatmap(heatmap, options.out / f"heatmap_{name}.png")
+    written["run"] = options.out / "run.json"
+    written["run"].write_text(json.dumps(_run_info(options, model, start), indent=2))
+    return written
+
+
+def _run_info(options: Options, model, start: float) -> dict:
+    import platform
+
+    import torch
+    import transformers
+
+    import flexprefill_hf
+
+    info = dataclasses.asdict(options)
+    info["out"] = str(options.out)
+    info["methods"] = [m.label for m in options.methods]
+    info["versions"] = {
+        "flexprefill_hf": flexprefill_hf.__version__, "torch": torch.__version__,
+        "transformers": transformers.__version__, "python": platform.python_version(),
+    }
+    info["model_name_or_path"] = getattr(model.config, "_name_or_path", None)
+    info["device_name"] = torch.cuda.get_device_name() if torch.device(options.device).type == "cuda" else platform.processor()
+    info["seconds"] = time.perf_counter() - start
+    return info
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        options = validate(args)
+    except ValueError as error:
+        parser.error(str(error))
+    written = run(options)
+    for name, path in written.items():
+        print(f"{name}: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
