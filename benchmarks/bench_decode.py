@@ -14,6 +14,9 @@ of the best dense backend. For each layer count the real Llama-3.1-8B architectu
   dense backend of ``ops/backends.py`` called directly (the best is the bar), and a decode-shaped call
   (q_len 1 on a C-token cache) against transformers' own ``sdpa_attention_forward``.
 
+* with ``--sparse N...``: the block-sparse forward, flash-attn-4 against the Triton kernel on one random
+  structure (``--density``), at lengths with and without a partial block (what the end-aligned grid costs FA4).
+
 Random weights are fine here: decode and dense prefill do not depend on the attention pattern.
 """
 
@@ -216,6 +219,49 @@ def bench_operator(lengths, caches, repeats: int, clock: Clock, shape) -> list[d
     return rows
 
 
+@torch.no_grad()
+def bench_sparse_kernels(lengths, density: float, repeats: int, clock: Clock, shape) -> list[dict]:
+    """The block-sparse forward on one random structure per length: flash-attn-4 against the Triton kernel.
+
+    Lengths that are not multiples of 128 take the adapter's sliced path (extra pieces and an LSE merge): timing
+    one next to a multiple of 128 says what the end-aligned grid costs FA4. The ms per computed block pair
+    compares lengths; ``max_diff`` is the largest difference between the two kernels' outputs.
+    """
+    from flexprefill_hf.ops.attention import block_sparse_fa4
+    from flexprefill_hf.ops.attention.block_sparse_triton import block_sparse_attention_triton
+    from flexprefill_hf.ops.block_structure import block_mask_to_structure
+    from flexprefill_hf.ops.grid import BlockGrid
+
+    q_heads, kv_heads, head_dim, device, dtype = shape
+    dtype = dtype if dtype in (torch.float16, torch.bfloat16) else torch.float16  # what the kernels take
+    gen = torch.Generator(device=device).manual_seed(1)
+    rows = []
+    for n in lengths:
+        q = torch.randn(1, n, q_heads, head_dim, device=device, generator=gen, dtype=dtype)
+        k = torch.randn(1, n, kv_heads, head_dim, device=device, generator=gen, dtype=dtype)
+        v = torch.randn_like(k)
+        grid = BlockGrid(n, n, 128)
+        i = torch.arange(grid.num_query_blocks, device=device)[:, None] + grid.first_query_block
+        j = torch.arange(grid.num_blocks, device=device)[None, :]
+        mask = torch.rand(1, q_heads, grid.num_query_blocks, grid.num_blocks, device=device, generator=gen) < density
+        structure = block_mask_to_structure(((mask | (j == 0) | (j == i)) & (j <= i)), grid)
+        pairs = int(structure.counts.sum())
+        ok, reason = block_sparse_fa4.supports(q, k, structure)
+        ms = {"triton": clock.median_ms(lambda: block_sparse_attention_triton(q, k, v, structure), repeats)}
+        row = dict(kind="sparse_kernel", n=n, aligned=block_sparse_fa4.Fa4Split.of(grid).aligned, pairs=pairs,
+                   fa4=reason)
+        if ok:
+            ms["fa4"] = clock.median_ms(lambda: block_sparse_fa4.block_sparse_attention_fa4(q, k, v, structure), repeats)
+            diff = block_sparse_fa4.block_sparse_attention_fa4(q, k, v, structure) - block_sparse_attention_triton(
+                q, k, v, structure)
+            row.update(max_diff=float(diff.abs().max()), triton_over_fa4=ms["triton"] / ms["fa4"])
+        row.update({f"{name}_ms": m for name, m in ms.items()})
+        row.update({f"{name}_us_per_pair": 1e3 * m / pairs for name, m in ms.items()})
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, nargs="+", default=[4, 32])
@@ -225,6 +271,9 @@ def main(argv=None):
     parser.add_argument("--warmup", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--sparse", type=int, nargs="*", default=[],
+                        help="also time the block-sparse kernels (FA4 vs Triton) at these lengths, e.g. 32768 32731")
+    parser.add_argument("--density", type=float, default=0.2, help="block density of --sparse's structures")
     parser.add_argument("--out", default=None)
     parser.add_argument("--device", default="cuda", help="cpu (with --tiny) only checks that the script runs")
     parser.add_argument("--tiny", action="store_true", help="a small model and operator shape (smoke run)")
@@ -236,8 +285,10 @@ def main(argv=None):
     print(json.dumps(env), flush=True)
     clock = Clock(args.device)
     shape = (4, 2, 64, args.device, torch.float32) if args.tiny else (32, 8, 128, args.device, torch.bfloat16)
-    results = dict(env=env, decode=[], prefill=[], operator=[])
+    results = dict(env=env, decode=[], prefill=[], operator=[], sparse=[])
     results["operator"] = bench_operator(args.prefill, args.cache, args.repeats, clock, shape)
+    if args.sparse:
+        results["sparse"] = bench_sparse_kernels(args.sparse, args.density, args.repeats, clock, shape)
     for layers in args.layers:
         model = build_model(layers, args.device, args.tiny)
         results["decode"] += bench_decode(model, layers, args.cache, args.steps, args.warmup, args.rounds, clock)
@@ -268,6 +319,12 @@ def main(argv=None):
         else:
             print(f"| decode cache={r['cache']} | {r['flexprefill_ms']:.4f} | hf sdpa {r['hf_sdpa_ms']:.4f} "
                   f"| {r['ratio']:.3f} | {r['chosen']} |")
+    if results["sparse"]:
+        print("\n| N | aligned | pairs | Triton ms | FA4 ms | Triton/FA4 | FA4 us/pair | max diff |\n|---|---|---|---|---|---|---|---|")
+        for r in results["sparse"]:
+            print(f"| {r['n']} | {r['aligned']} | {r['pairs']} | {r['triton_ms']:.3f} | {r.get('fa4_ms', float('nan')):.3f} "
+                  f"| {r.get('triton_over_fa4', float('nan')):.3f} | {r.get('fa4_us_per_pair', float('nan')):.4f} "
+                  f"| {r.get('max_diff', float('nan')):.2e} |")
 
 
 if __name__ == "__main__":

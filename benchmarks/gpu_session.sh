@@ -24,9 +24,12 @@
 #     4. carry [".whl/fa4b"]   command: bash benchmarks/gpu_session.sh stage2 CMD...
 #   Later calls on the same warm machine (nothing carried):
 #        command: bash benchmarks/gpu_session.sh run CMD...
-# CMD runs in the repository root with PYTHONPATH set, e.g.
-#   bash benchmarks/gpu_session.sh stage2 sh -c 'set -o pipefail; python3 -m pytest -q -m gpu tests/test_fa4_adapter.py
-#     2>&1 | tee $OUT/test_fa4.log; python3 benchmarks/bench_decode.py --out $OUT/decode.json 2>&1 | tee $OUT/decode.log'
+# CMD runs in the repository root with PYTHONPATH set. The call-2 command for issue 9 (one line, ~330 characters;
+# the FA4 tests first, then decode/prefill/operator timings and FA4-vs-Triton at an aligned and an unaligned length):
+#   bash benchmarks/gpu_session.sh stage2 sh -c 'python3 -m pytest -q -rs tests/test_fa4_adapter.py
+#   > $OUT/test_fa4.log 2>&1; tail -5 $OUT/test_fa4.log; python3 benchmarks/bench_decode.py --sparse 32768 32731
+#   --out $OUT/decode.json > $OUT/decode.log 2>&1; tail -40 $OUT/decode.log'
+# (expected: FA4 JIT ~4 s per new kernel variant, Triton autotuning on its first call; well under 10 minutes).
 #
 # stage1: copies whatever was carried (.whl/*/* to /root/w, .model/*/* to /root/m).
 # stage2: the same, then joins the pieces (checked against their sha256), installs every wheel with
