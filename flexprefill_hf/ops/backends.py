@@ -108,6 +108,11 @@ def dense_backend_for(
 
 def choose_dense_backend(q: torch.Tensor, k: torch.Tensor, key_start: Optional[torch.Tensor]) -> str:
     """The dense causal backend for q [B, q_len, Hq, D] over k [B, k_len, Hkv, D]."""
+    # Decode (every layer, every token) is decided before any device query.
+    if key_start is not None:
+        return "masked"
+    if q.shape[1] == 1:
+        return "sdpa"
     return dense_backend_for(
         q.device.type, _capability(q), q.dtype, q.shape[-1], q.shape[1], k.shape[1], key_start is not None,
         compiling=torch.compiler.is_compiling(),
