@@ -251,7 +251,8 @@ def bench_sparse_kernels(lengths, density: float, repeats: int, clock: Clock, sh
         row = dict(kind="sparse_kernel", n=n, aligned=block_sparse_fa4.Fa4Split.of(grid).aligned, pairs=pairs,
                    fa4=reason)
         if ok:
-            ms["fa4"] = clock.median_ms(lambda: block_sparse_fa4.block_sparse_attention_fa4(q, k, v, structure), repeats)
+            fa4_call = block_sparse_fa4.block_sparse_attention_fa4
+            ms["fa4"] = clock.median_ms(lambda: fa4_call(q, k, v, structure), repeats)
             diff = block_sparse_fa4.block_sparse_attention_fa4(q, k, v, structure) - block_sparse_attention_triton(
                 q, k, v, structure)
             row.update(max_diff=float(diff.abs().max()), triton_over_fa4=ms["triton"] / ms["fa4"])
@@ -320,11 +321,13 @@ def main(argv=None):
             print(f"| decode cache={r['cache']} | {r['flexprefill_ms']:.4f} | hf sdpa {r['hf_sdpa_ms']:.4f} "
                   f"| {r['ratio']:.3f} | {r['chosen']} |")
     if results["sparse"]:
-        print("\n| N | aligned | pairs | Triton ms | FA4 ms | Triton/FA4 | FA4 us/pair | max diff |\n|---|---|---|---|---|---|---|---|")
+        print("\n| N | aligned | pairs | Triton ms | FA4 ms | Triton/FA4 | FA4 us/pair | max diff |")
+        print("|---|---|---|---|---|---|---|---|")
         for r in results["sparse"]:
-            print(f"| {r['n']} | {r['aligned']} | {r['pairs']} | {r['triton_ms']:.3f} | {r.get('fa4_ms', float('nan')):.3f} "
-                  f"| {r.get('triton_over_fa4', float('nan')):.3f} | {r.get('fa4_us_per_pair', float('nan')):.4f} "
-                  f"| {r.get('max_diff', float('nan')):.2e} |")
+            nan = float("nan")
+            print(f"| {r['n']} | {r['aligned']} | {r['pairs']} | {r['triton_ms']:.3f} | {r.get('fa4_ms', nan):.3f} "
+                  f"| {r.get('triton_over_fa4', nan):.3f} | {r.get('fa4_us_per_pair', nan):.4f} "
+                  f"| {r.get('max_diff', nan):.2e} |")
 
 
 if __name__ == "__main__":

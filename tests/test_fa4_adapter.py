@@ -372,7 +372,9 @@ def test_the_case_knows_when_torch_compile_traces():
     q = torch.zeros(1, 256, 2, 64)
     structure = random_structure(1, 2, BlockGrid(256, 256, 128), 0.5, seed=0)
     assert not fa4.KernelCase.of(q, structure, None).compiling
-    traced = torch.compile(lambda x: x + int(fa4.KernelCase.of(x, structure, None).compiling), backend="eager", fullgraph=True)
+    traced = torch.compile(
+        lambda x: x + int(fa4.KernelCase.of(x, structure, None).compiling), backend="eager", fullgraph=True
+    )
     assert traced(q).eq(1).all()
 
 

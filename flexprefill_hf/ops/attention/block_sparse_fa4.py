@@ -26,9 +26,9 @@ that version):
   start at token 0 of the q and k tensors passed, not at the end (block_sparsity.py l. 372-373).
 * Tiles on SM90 (interface.py l. 151-197): d <= 128 with sparse blocks of 128 gives 128 x 128 tiles (the 192-row
   tile of d <= 96 is dropped because 128 % 192 != 0); d > 128 uses tile_n 112/80, which a 128 sparse kv block
-  does not match (block_sparsity.py l. 581-590 raises on SM90), so d > 128 is not taken. Sparse blocks of 64 would shrink
-  the tiles to 64 x 64 (l. 186-197): not measured, so block size 64 is not taken either. Head dims 8..256,
-  multiple of 8 for 16-bit types (l. 121-139).
+  does not match (block_sparsity.py l. 581-590 raises on SM90), so d > 128 is not taken. Sparse blocks of 64
+  would shrink the tiles to 64 x 64 (l. 186-197): not measured, so block size 64 is not taken either. Head
+  dims 8..256, multiple of 8 for 16-bit types (l. 121-139).
 * In the SM90 block-sparse main loop (flash_fwd_sm90.py l. 1200-1225, block_sparse_utils.py l. 431-617) masked
   blocks are processed first, then full ones, each list from its last entry down; the causal mask function is
   applied to every block of both lists, the kv-length mask to the first block processed, and ``mask_mod`` only
@@ -61,7 +61,9 @@ runs as up to three small pieces, merged by log-sum-exp:
 
 When ``k_len % block == 0`` and ``(k_len - q_len) % block == 0`` the main piece is all: one FA4 call, its output
 returned as is. Otherwise the extra pieces cost two or three more launches on small inputs and one pass over
-the output to merge (measured by ``benchmarks/bench_attention.py``).
+the output to merge (``benchmarks/bench_decode.py --sparse`` times both kinds of length). The mapping and the
+merge are checked on CPU against the float64 reference through an emulation of FA4's tile semantics, the real
+kernel by the GPU tests (``tests/test_fa4_adapter.py``).
 """
 
 from __future__ import annotations
@@ -312,7 +314,8 @@ def run_pieces(
         k0, v0 = k[:, : split.r], v[:, : split.r]
         pieces_0 = []
         if inside:
-            pieces_0.append(attend(q[:, :inside], k0[:, : grid.cache_len + inside], v0[:, : grid.cache_len + inside], None, True))
+            seen = grid.cache_len + inside  # keys up to the last of these rows
+            pieces_0.append(attend(q[:, :inside], k0[:, :seen], v0[:, :seen], None, True))
         if q_len > inside:
             pieces_0.append(attend(q[:, inside:], k0, v0, None, False))
         out_0 = torch.cat([p[0] for p in pieces_0], dim=1) if len(pieces_0) > 1 else pieces_0[0][0]
