@@ -163,8 +163,6 @@ def _check_method(method: Method, spec: str) -> None:
                 raise ValueError(f"method {spec!r}: {key}={value} is not supported; expected an int >= {minimum}")
 
 
-
-
 @dataclasses.dataclass(frozen=True)
 class StreamingPattern:
     """Attention sink + local window: query block i computes key blocks [sink, sink + s) and (i - w, i]."""
@@ -237,8 +235,6 @@ def _pattern(method: Method):
     if method.kind == "streaming":
         return StreamingPattern(math.ceil(values["sink"] / bs), math.ceil(values["window"] / bs), bs)
     return VerticalSlashPattern(values["vertical"], values["slash"], bs)
-
-
 
 
 @dataclasses.dataclass
@@ -339,8 +335,6 @@ def register_eval_attention() -> None:
 
     AttentionInterface.register(EVAL_ATTENTION_NAME, eval_attention_forward)
     AttentionMaskInterface.register(EVAL_ATTENTION_NAME, flexprefill_mask)
-
-
 
 
 def _attention_modules(model) -> list:
