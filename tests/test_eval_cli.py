@@ -128,3 +128,25 @@ def test_cli_end_to_end(tmp_path):
     if HAS_MATPLOTLIB:
         assert (out / "score_vs_fraction.png").read_bytes()[:4] == b"\x89PNG"
         assert (out / "heatmap_flexprefill_min_budget=256_.png").exists()
+
+
+def test_merge_combines_runs_without_a_model(tmp_path, monkeypatch):
+    monkeypatch.setattr("flexprefill_hf.models.load_model", lambda *a, **k: pytest.fail("merge must not load a model"))
+    folders = []
+    for name, method, score in (("a", "dense", 100.0), ("b", "flexprefill", 50.0)):
+        folder = tmp_path / name
+        folder.mkdir()
+        record = {**_record("vt", 2048, method, score, 1.0 if method == "dense" else 0.3), "kind": method}
+        (folder / "samples.jsonl").write_text(json.dumps(record) + "\n" + json.dumps(record) + "\n")
+        heatmap = {"method": method, "task": "vt", "length": 2048, "computed_fraction": [[1.0]], "pattern": [[0]]}
+        (folder / "heatmaps.json").write_text(json.dumps([heatmap]))
+        folders.append(str(folder))
+    out = tmp_path / "merged"
+    assert cli.main(["--merge", *folders, "--out", str(out), "--no-plots"]) == 0
+    assert len((out / "samples.jsonl").read_text().splitlines()) == 4
+    table = (out / "results.md").read_text()
+    assert "| **average** | 2048 | dense | 2 | 100.0 ± 0.0 |" in table
+    assert "| **average** | 2048 | flexprefill | 2 | 50.0 ± 0.0 |" in table
+    assert len(json.loads((out / "heatmaps.json").read_text())) == 2
+    with pytest.raises(SystemExit):
+        cli.main(["--merge", str(tmp_path / "missing"), "--no-plots"])

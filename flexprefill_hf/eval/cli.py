@@ -6,7 +6,8 @@
 
 Writes into --out: samples.jsonl (one line per sample and method), results.md (the table), heatmaps.json,
 run.json (arguments and versions) and, with matplotlib installed, score_vs_fraction.png and
-heatmap_<method>.png. Every argument is checked before the model is loaded.
+heatmap_<method>.png. Every argument is checked before the model is loaded. ``--merge DIR...`` evaluates
+nothing and writes one report of several earlier runs (e.g. one run per method on a time-limited GPU).
 """
 
 from __future__ import annotations
@@ -45,6 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", default="eval_out", help="output folder (default ./eval_out)")
     parser.add_argument("--batch-size", type=int, default=1, help="samples per forward pass, left-padded (default 1)")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots (no matplotlib needed)")
+    parser.add_argument(
+        "--merge", nargs="+", default=None, metavar="DIR",
+        help="evaluate nothing: combine the samples.jsonl and heatmaps.json of earlier runs' folders into --out",
+    )
     return parser
 
 
@@ -61,6 +66,7 @@ class Options:
     out: Path
     batch_size: int
     plots: bool
+    merge: tuple[Path, ...] = ()
 
 
 def parse_length(text: str) -> int:
@@ -102,10 +108,14 @@ def validate(args: argparse.Namespace) -> Options:
 
         if importlib.util.find_spec("matplotlib") is None:
             raise ValueError("the plots need matplotlib: `pip install matplotlib`, or pass --no-plots")
+    merge = tuple(Path(d) for d in args.merge or ())
+    for folder in merge:
+        if not (folder / "samples.jsonl").is_file():
+            raise ValueError(f"--merge: {str(folder)!r} holds no samples.jsonl")
     return Options(
         model=args.model, device=args.device, dtype=args.dtype, lengths=lengths, tasks=tuple(tasks),
         samples=args.samples, methods=tuple(methods), seed=args.seed, out=out, batch_size=args.batch_size,
-        plots=not args.no_plots,
+        plots=not args.no_plots, merge=merge,
     )
 
 
@@ -115,7 +125,6 @@ def run(options: Options) -> dict:
     from tqdm import tqdm
 
     from ..models import load_model
-    from .report import aggregate, markdown_table, plot_heatmap, plot_score_vs_fraction
     from .runner import evaluate
     from .tasks import generate_samples
 
@@ -146,21 +155,46 @@ def run(options: Options) -> dict:
             model, tokenizer, options.methods, samples, batch_size=options.batch_size, on_record=write, progress=bar.update
         )
 
-    rows = aggregate(records)
-    written = {"samples": jsonl, "table": options.out / "results.md"}
-    written["table"].write_text(markdown_table(rows))
-    written["heatmaps"] = options.out / "heatmaps.json"
-    written["heatmaps"].write_text(json.dumps([dataclasses.asdict(h) for h in heatmaps]))
-    if options.plots:
-        kinds = {m.label: m.kind for m in options.methods}
-        written["plot"] = plot_score_vs_fraction(rows, kinds, options.out / "score_vs_fraction.png")
-        for heatmap in heatmaps:
-            if heatmap.method != "dense":
-                name = re.sub(r"[^A-Za-z0-9_.=-]+", "_", heatmap.method)
-                written[f"heatmap {heatmap.method}"] = plot_heatmap(heatmap, options.out / f"heatmap_{name}.png")
+    written = {"samples": jsonl, **write_report(records, heatmaps, options.out, options.plots)}
     written["run"] = options.out / "run.json"
     written["run"].write_text(json.dumps(_run_info(options, model, start), indent=2))
     return written
+
+
+def write_report(records: list[dict], heatmaps: list, out: Path, plots: bool) -> dict:
+    """results.md, heatmaps.json and (with ``plots``) the PNGs of ``records`` in ``out``; returns the paths."""
+    from .report import aggregate, markdown_table, plot_heatmap, plot_score_vs_fraction
+
+    out.mkdir(parents=True, exist_ok=True)
+    rows = aggregate(records)
+    written = {"table": out / "results.md", "heatmaps": out / "heatmaps.json"}
+    written["table"].write_text(markdown_table(rows))
+    written["heatmaps"].write_text(json.dumps([dataclasses.asdict(h) for h in heatmaps]))
+    if plots:
+        kinds = {r["method"]: r["kind"] for r in records}
+        written["plot"] = plot_score_vs_fraction(rows, kinds, out / "score_vs_fraction.png")
+        for heatmap in heatmaps:
+            if heatmap.method != "dense":
+                name = re.sub(r"[^A-Za-z0-9_.=-]+", "_", heatmap.method)
+                written[f"heatmap {heatmap.method}"] = plot_heatmap(heatmap, out / f"heatmap_{name}.png")
+    return written
+
+
+def merge(options: Options) -> dict:
+    """Combine earlier runs' folders: their samples (in order) and heatmaps, one report in ``options.out``."""
+    from .runner import Heatmap
+
+    records, heatmaps = [], []
+    for folder in options.merge:
+        records.extend(json.loads(line) for line in (folder / "samples.jsonl").read_text().splitlines() if line)
+        path = folder / "heatmaps.json"
+        if path.is_file():
+            heatmaps.extend(Heatmap(**h) for h in json.loads(path.read_text()))
+    options.out.mkdir(parents=True, exist_ok=True)
+    jsonl = options.out / "samples.jsonl"
+    if not any(jsonl.resolve() == (f / "samples.jsonl").resolve() for f in options.merge):
+        jsonl.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return {"samples": jsonl, **write_report(records, heatmaps, options.out, options.plots)}
 
 
 def _run_info(options: Options, model, start: float) -> dict:
@@ -191,7 +225,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         options = validate(args)
     except ValueError as error:
         parser.error(str(error))
-    written = run(options)
+    written = merge(options) if options.merge else run(options)
     for name, path in written.items():
         print(f"{name}: {path}")
     return 0
