@@ -104,6 +104,10 @@ def masked_attention_torch(
             row_lo = r0 - (first_row + t0 * bs)  # rows of the chunk's first block before the first query
             bias = bias[:, :, row_lo : row_lo + (r1 - r0), pad : pad + k_end]  # a view of the fresh copy
             bias.masked_fill_(~mask, float("-inf"))
+            if bias.is_cuda and pad:
+                # SDPA's CUDA kernels read the mask with aligned vector loads: a view starting at column
+                # ``pad`` crashed with "misaligned address" (H200, torch 2.11). The CPU path reads it in place.
+                bias = bias.contiguous()
         o = F.scaled_dot_product_attention(
             q[:, r0:r1].transpose(1, 2), kh[:, :, :k_end], vh[:, :, :k_end], attn_mask=bias,
             scale=softmax_scale, enable_gqa=True,
