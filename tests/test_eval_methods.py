@@ -70,6 +70,9 @@ def test_parse_methods_expands_sweeps():
         ("streaming:vertical=2", "'vertical' is not a streaming parameter"),
         ("vertical_slash:block_size=32", "block_size=32 is not supported"),
         ("streaming:window=1,window=2", "names a parameter twice"),
+        ("streaming:fraction=0.3,window=256", "fraction sets window"),
+        ("vertical_slash:fraction=1.5", "fraction=1.5 is not supported"),
+        ("vertical_slash:fraction=0.2,slash=3", "fraction sets slash"),
     ],
 )
 def test_parse_methods_rejects(spec, message):
@@ -170,6 +173,38 @@ def test_vertical_slash_pattern_against_reference_scores(vertical, slash):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(stats.computed_fraction.double(), fraction, rtol=1e-6, atol=1e-6)
     assert (stats.pattern == VERTICAL_SLASH).all()
+
+
+@pytest.mark.parametrize("fraction", [0.4, 0.6, 0.9])
+def test_streaming_fraction_is_the_narrowest_window_that_reaches_it(fraction):
+    q, k, v = _inputs(batch=1, n=640)  # 10 blocks of 64, no padding
+    key_start = torch.tensor([0])
+    _, stats = _run_pattern(StreamingPattern(1, None, 64, fraction), q, k, v, key_start)
+    window = StreamingPattern(1, None, 64, fraction).window(BlockGrid(640, 640, 64))
+    assert window > 1  # a window of one block (the diagonal) is the least any pattern computes
+    _, narrower = _run_pattern(StreamingPattern(1, window - 1, 64), q, k, v, key_start)
+    assert (stats.computed_fraction >= fraction - 1e-6).all()
+    assert (narrower.computed_fraction < fraction).all()
+
+
+def test_vertical_slash_fraction_budget():
+    q, k, v = _inputs(batch=1, n=640, seed=3)
+    key_start = torch.tensor([0])
+    _, full = _run_pattern(VerticalSlashPattern(None, None, 64, 1.0), q, k, v, key_start)
+    assert (full.computed_fraction == 1).all()
+    grid = BlockGrid(640, 640, 64)
+    shares = []
+    for fraction in (0.2, 0.4, 0.6):
+        pattern = VerticalSlashPattern(None, None, 64, fraction)
+        budget, same = pattern.budgets(grid)
+        assert budget == same
+        # Nominal: k vertical + k slash + diagonal + sink per row, no overlap; the smallest k that reaches it.
+        nominal = [sum(min(i + 1, 2 * b + 2) for i in range(10)) / 55 for b in (budget - 1, budget)]
+        assert nominal[1] >= fraction > (nominal[0] if budget > 0 else -1)
+        _, stats = _run_pattern(pattern, q, k, v, key_start)
+        assert (stats.computed_fraction <= nominal[1] + 1e-6).all()
+        shares.append(stats.computed_fraction.mean().item())
+    assert shares == sorted(shares)
 
 
 def test_decode_step_runs_dense():

@@ -11,5 +11,5 @@
 | ``cli.py`` | the command line (``flexprefill-eval``) |
 | ``needle.py`` | the single-needle prompt of ``examples/needle.py`` |
 
-Nothing here imports the model stack at import time; matplotlib is imported only to draw a plot.
+matplotlib is imported only to draw a plot.
 """

@@ -15,6 +15,13 @@ expands into one method per value (a sweep)::
                                             the ``slash`` diagonal-offset blocks of highest score in the
                                             representative queries' attention (ops/README.md §1, §3),
                                             a fixed budget instead of FlexPrefill's coverage rule
+    streaming:fraction=0.3, vertical_slash:fraction=0.3
+                                            the budget from a target share of the causal blocks, per
+                                            prompt length (to match FlexPrefill's measured share): the
+                                            narrowest window that reaches it (exact), or the smallest
+                                            equal vertical and slash budgets whose count, assuming no
+                                            overlap between the blocks, reaches it (nominal: overlaps
+                                            make the real share lower; the table reports the real one)
 
 FlexPrefill methods use :func:`flexprefill_hf.patch_model`; the two baselines use an attention function
 registered with transformers as "flexprefill_eval" (with the same mask function as "flexprefill"), which
@@ -29,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import itertools
 import math
 from typing import Any, Iterator, Optional, Union
@@ -56,6 +64,8 @@ _BASELINE_PARAMS = {
     "streaming": {"sink": 128, "window": 1024, "block_size": 128},
     "vertical_slash": {"vertical": 8, "slash": 8, "block_size": 128},
 }
+# Given a target share, these budgets come from it.
+_FRACTION_REPLACES = {"streaming": ("window",), "vertical_slash": ("vertical", "slash")}
 METHOD_KINDS = ("dense",) + _FLEX_KINDS + tuple(_BASELINE_PARAMS)
 
 
@@ -77,6 +87,9 @@ class Method:
     def config(self) -> dict:
         """The parameters as given, plus the baselines' defaults: what the JSON lines record."""
         defaults = dict(_BASELINE_PARAMS.get(self.kind, {}))
+        if "fraction" in dict(self.params):
+            for key in _FRACTION_REPLACES[self.kind]:
+                defaults.pop(key)
         defaults.update(self.params)
         return defaults
 
@@ -123,10 +136,10 @@ def _parse_value(kind: str, key: str, text: str, spec: str):
         if text.lower() == "none" and key in ("max_budget", "dense_threshold"):
             return None
         return _number(key, text, spec, integer=key in _INT_FIELDS)
-    allowed = _BASELINE_PARAMS[kind]
+    allowed = tuple(_BASELINE_PARAMS[kind]) + ("fraction",)
     if key not in allowed:
         raise ValueError(f"method {spec!r}: {key!r} is not a {kind} parameter; expected one of {', '.join(allowed)}")
-    return _number(key, text, spec, integer=True)
+    return _number(key, text, spec, integer=key != "fraction")
 
 
 def _number(key: str, text: str, spec: str, integer: bool):
@@ -157,9 +170,15 @@ def _check_method(method: Method, spec: str) -> None:
         values = method.config
         if values["block_size"] not in (64, 128):
             raise ValueError(f"method {spec!r}: block_size={values['block_size']} is not supported; expected 64 or 128")
+        if "fraction" in values:
+            clash = [k for k in _FRACTION_REPLACES[method.kind] if k in params]
+            if clash:
+                raise ValueError(f"method {spec!r}: fraction sets {', '.join(clash)}; give one or the other")
+            if not 0 < values["fraction"] <= 1:
+                raise ValueError(f"method {spec!r}: fraction={values['fraction']} is not supported; expected 0 < fraction <= 1")
         for key, value in values.items():
             minimum = 1 if key in ("window", "block_size") else 0
-            if value < minimum:
+            if key != "fraction" and value < minimum:
                 raise ValueError(f"method {spec!r}: {key}={value} is not supported; expected an int >= {minimum}")
 
 
@@ -168,9 +187,16 @@ class StreamingPattern:
     """Attention sink + local window: query block i computes key blocks [sink, sink + s) and (i - w, i]."""
 
     sink_blocks: int
-    window_blocks: int
+    window_blocks: Optional[int]
     block_size: int
+    fraction: Optional[float] = None  # when set, the window comes from it (window_blocks is None)
     code: int = STREAMING
+
+    def window(self, grid: BlockGrid) -> int:
+        """Window in blocks: as given, or the narrowest whose share of the causal blocks reaches ``fraction``."""
+        if self.fraction is None:
+            return self.window_blocks
+        return _streaming_window(grid.num_blocks, grid.first_query_block, self.sink_blocks, self.fraction)
 
     def block_mask(self, q, k, grid: BlockGrid, softmax_scale: float, sink: torch.Tensor, key_start) -> torch.Tensor:
         """bool [B, Hq, nqb, nb] (the caller adds the diagonal and applies the causal and padding limits).
@@ -181,7 +207,7 @@ class StreamingPattern:
         batch, heads = q.shape[0], q.shape[2]
         j = torch.arange(grid.num_blocks, device=q.device)
         i = torch.arange(grid.first_query_block, grid.num_blocks, device=q.device)
-        local = (j[None, :] <= i[:, None]) & (j[None, :] > i[:, None] - self.window_blocks)  # [nqb, nb]
+        local = (j[None, :] <= i[:, None]) & (j[None, :] > i[:, None] - self.window(grid))  # [nqb, nb]
         sinks = (j[None, :] >= sink[:, None]) & (j[None, :] < sink[:, None] + self.sink_blocks)  # [B, nb]
         mask = local[None] | sinks[:, None, :]  # [B, nqb, nb]
         return mask[:, None].expand(batch, heads, -1, -1)
@@ -191,10 +217,18 @@ class StreamingPattern:
 class VerticalSlashPattern:
     """Fixed budgets of vertical (key) and slash (offset) blocks per head, from the representative scores."""
 
-    vertical_blocks: int
-    slash_blocks: int
+    vertical_blocks: Optional[int]
+    slash_blocks: Optional[int]
     block_size: int
+    fraction: Optional[float] = None  # when set, both budgets come from it
     code: int = VERTICAL_SLASH
+
+    def budgets(self, grid: BlockGrid) -> tuple[int, int]:
+        """(vertical, slash) blocks: as given, or the smallest equal pair whose nominal share reaches ``fraction``."""
+        if self.fraction is None:
+            return self.vertical_blocks, self.slash_blocks
+        budget = _vertical_slash_budget(grid.num_blocks, grid.first_query_block, self.fraction)
+        return budget, budget
 
     def block_mask(self, q, k, grid: BlockGrid, softmax_scale: float, sink: torch.Tensor, key_start) -> torch.Tensor:
         """bool [B, Hq, nqb, nb]; arguments as :meth:`StreamingPattern.block_mask`."""
@@ -213,8 +247,9 @@ class VerticalSlashPattern:
         j = torch.arange(nb, device=q.device)
         vertical_scores = pool_key_blocks(a_v, grid).masked_fill((j[None, :] < sink[:, None])[:, None, :], -1.0)
         slash_scores = pool_offset_blocks(a_s, grid)  # [B, Hq, nb] by offset block
-        vertical = _top(vertical_scores, self.vertical_blocks)  # [B, Hq, nb]
-        slash = _top(slash_scores, self.slash_blocks)
+        vertical_budget, slash_budget = self.budgets(grid)
+        vertical = _top(vertical_scores, vertical_budget)  # [B, Hq, nb]
+        slash = _top(slash_scores, slash_budget)
         i = torch.arange(grid.first_query_block, nb, device=q.device)
         offset = (i[:, None] - j[None, :]).clamp_min(0)  # [nqb, nb]
         return vertical[:, :, None, :] | slash[:, :, offset]
@@ -229,11 +264,46 @@ def _top(scores: torch.Tensor, count: int) -> torch.Tensor:
     return mask
 
 
+def _causal_pairs(num_blocks: int, first: int) -> int:
+    """Block-causal pairs of the present query blocks first..nb-1 (no padding)."""
+    return sum(i + 1 for i in range(first, num_blocks))
+
+
+@functools.lru_cache(maxsize=256)
+def _streaming_window(num_blocks: int, first: int, sink_blocks: int, fraction: float) -> int:
+    """The narrowest window (blocks) whose streaming pattern computes >= fraction of the causal pairs
+    (no padding: sink block 0). Pure integer arithmetic on the grid, once per shape."""
+    target = fraction * _causal_pairs(num_blocks, first)
+    for window in range(1, num_blocks + 1):
+        # Row i computes its window (i - w, i] and the sink blocks before it.
+        count = sum(min(i + 1, window) + min(sink_blocks, max(0, i + 1 - window)) for i in range(first, num_blocks))
+        if count >= target - 1e-9:
+            return window
+    return num_blocks
+
+
+@functools.lru_cache(maxsize=256)
+def _vertical_slash_budget(num_blocks: int, first: int, fraction: float) -> int:
+    """The smallest k such that k vertical + k slash blocks (plus diagonal and sink), counted without
+    overlap, reach >= fraction of the causal pairs; every block for fraction 1."""
+    if fraction >= 1:
+        return num_blocks
+    target = fraction * _causal_pairs(num_blocks, first)
+    for k in range(0, num_blocks + 1):
+        if sum(min(i + 1, 2 * k + 2) for i in range(first, num_blocks)) >= target - 1e-9:
+            return k
+    return num_blocks
+
+
 def _pattern(method: Method):
     values = method.config
     bs = values["block_size"]
+    fraction = values.get("fraction")
     if method.kind == "streaming":
-        return StreamingPattern(math.ceil(values["sink"] / bs), math.ceil(values["window"] / bs), bs)
+        window = None if fraction is not None else math.ceil(values["window"] / bs)
+        return StreamingPattern(math.ceil(values["sink"] / bs), window, bs, fraction)
+    if fraction is not None:
+        return VerticalSlashPattern(None, None, bs, fraction)
     return VerticalSlashPattern(values["vertical"], values["slash"], bs)
 
 
