@@ -18,10 +18,8 @@ expands into one method per value (a sweep)::
     streaming:fraction=0.3, vertical_slash:fraction=0.3
                                             the budget from a target share of the causal blocks, per
                                             prompt length (to match FlexPrefill's measured share): the
-                                            narrowest window that reaches it (exact), or the smallest
-                                            equal vertical and slash budgets whose count, assuming no
-                                            overlap between the blocks, reaches it (nominal: overlaps
-                                            make the real share lower; the table reports the real one)
+                                            narrowest window that reaches it, or per head the smallest
+                                            equal vertical and slash budgets that reach it
 
 FlexPrefill methods use :func:`flexprefill_hf.patch_model`; the two baselines use an attention function
 registered with transformers as "flexprefill_eval" (with the same mask function as "flexprefill"), which
@@ -220,18 +218,12 @@ class VerticalSlashPattern:
     vertical_blocks: Optional[int]
     slash_blocks: Optional[int]
     block_size: int
-    fraction: Optional[float] = None  # when set, both budgets come from it
+    fraction: Optional[float] = None  # when set, per head the smallest equal budgets that reach it
     code: int = VERTICAL_SLASH
 
-    def budgets(self, grid: BlockGrid) -> tuple[int, int]:
-        """(vertical, slash) blocks: as given, or the smallest equal pair whose nominal share reaches ``fraction``."""
-        if self.fraction is None:
-            return self.vertical_blocks, self.slash_blocks
-        budget = _vertical_slash_budget(grid.num_blocks, grid.first_query_block, self.fraction)
-        return budget, budget
-
     def block_mask(self, q, k, grid: BlockGrid, softmax_scale: float, sink: torch.Tensor, key_start) -> torch.Tensor:
-        """bool [B, Hq, nqb, nb]; arguments as :meth:`StreamingPattern.block_mask`."""
+        """bool [B, Hq, nqb, nb] with the diagonal and the limits applied; arguments as
+        :meth:`StreamingPattern.block_mask`."""
         from ..ops.selection.scores import pool_key_blocks, pool_offset_blocks, representative_scores
 
         nb = grid.num_blocks
@@ -246,22 +238,50 @@ class VerticalSlashPattern:
             a_v, a_s = representative_scores(q, k, grid, softmax_scale, valid)
         j = torch.arange(nb, device=q.device)
         vertical_scores = pool_key_blocks(a_v, grid).masked_fill((j[None, :] < sink[:, None])[:, None, :], -1.0)
-        slash_scores = pool_offset_blocks(a_s, grid)  # [B, Hq, nb] by offset block
-        vertical_budget, slash_budget = self.budgets(grid)
-        vertical = _top(vertical_scores, vertical_budget)  # [B, Hq, nb]
-        slash = _top(slash_scores, slash_budget)
+        vertical_rank = _rank(vertical_scores)  # [B, Hq, nb]: 0 = the best key block
+        slash_rank = _rank(pool_offset_blocks(a_s, grid))  # by offset block
         i = torch.arange(grid.first_query_block, nb, device=q.device)
         offset = (i[:, None] - j[None, :]).clamp_min(0)  # [nqb, nb]
-        return vertical[:, :, None, :] | slash[:, :, offset]
+        always, allowed = _limits(grid, sink)
+
+        def mask_of(vertical_budget: torch.Tensor, slash_budget: torch.Tensor) -> torch.Tensor:
+            vertical = vertical_rank < vertical_budget[..., None]  # [B, Hq, nb]
+            slash = slash_rank < slash_budget[..., None]
+            return ((vertical[:, :, None, :] | slash[:, :, offset]) | always) & allowed
+
+        shape = vertical_rank.shape[:2]
+        if self.fraction is None:
+            budget = torch.full(shape, self.vertical_blocks, device=q.device)
+            return mask_of(budget, torch.full(shape, self.slash_blocks, device=q.device))
+        # Per head, the smallest k (vertical = slash = k) whose block count reaches the target: the count
+        # grows with k, so a binary search of fixed length, all heads at once (no host sync).
+        target = self.fraction * causal_block_counts(grid, sink).double()[:, None] - 1e-9  # [B, 1]
+        low = torch.zeros(shape, dtype=torch.long, device=q.device)
+        high = torch.full(shape, nb, dtype=torch.long, device=q.device)  # k = nb computes every block
+        for _ in range(max(1, nb.bit_length())):
+            middle = (low + high) // 2
+            reached = mask_of(middle, middle).sum((-1, -2)) >= target
+            high = torch.where(reached, middle, high)
+            low = torch.where(reached, low, middle + 1)
+        return mask_of(high, high)
 
 
-def _top(scores: torch.Tensor, count: int) -> torch.Tensor:
-    """bool, same shape: the ``count`` highest entries of each row (all when count >= the row)."""
-    count = min(count, scores.shape[-1])
-    mask = torch.zeros_like(scores, dtype=torch.bool)
-    if count > 0:
-        mask.scatter_(-1, scores.topk(count, dim=-1).indices, True)
-    return mask
+def _rank(scores: torch.Tensor) -> torch.Tensor:
+    """int64, same shape: the position of each entry when its row is sorted descending (ties: lower index first)."""
+    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
+    ranks = torch.arange(scores.shape[-1], device=scores.device).expand_as(order)
+    return torch.empty_like(order).scatter_(-1, order, ranks)
+
+
+def _limits(grid: BlockGrid, sink: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """bool [B, 1, nqb, nb] each: the blocks every pattern computes (the diagonal, the sink block) and
+    the blocks any pattern may compute (causal, at or after the sink block)."""
+    j = torch.arange(grid.num_blocks, device=sink.device)
+    i = torch.arange(grid.first_query_block, grid.num_blocks, device=sink.device)
+    diagonal = (j[None, :] == i[:, None])[None, None]
+    always = diagonal | (j == sink[:, None])[:, None, None, :]
+    allowed = (j[None, :] <= i[:, None])[None, None] & (j >= sink[:, None])[:, None, None, :]
+    return always, allowed
 
 
 def _causal_pairs(num_blocks: int, first: int) -> int:
@@ -279,19 +299,6 @@ def _streaming_window(num_blocks: int, first: int, sink_blocks: int, fraction: f
         count = sum(min(i + 1, window) + min(sink_blocks, max(0, i + 1 - window)) for i in range(first, num_blocks))
         if count >= target - 1e-9:
             return window
-    return num_blocks
-
-
-@functools.lru_cache(maxsize=256)
-def _vertical_slash_budget(num_blocks: int, first: int, fraction: float) -> int:
-    """The smallest k such that k vertical + k slash blocks (plus diagonal and sink), counted without
-    overlap, reach >= fraction of the causal pairs; every block for fraction 1."""
-    if fraction >= 1:
-        return num_blocks
-    target = fraction * _causal_pairs(num_blocks, first)
-    for k in range(0, num_blocks + 1):
-        if sum(min(i + 1, 2 * k + 2) for i in range(first, num_blocks)) >= target - 1e-9:
-            return k
     return num_blocks
 
 
@@ -373,12 +380,8 @@ def eval_attention_forward(module, query, key, value, attention_mask, scaling=No
     grid = BlockGrid(q_len, k_len, pattern.block_size)
     starts = torch.zeros(q.shape[0], dtype=torch.long, device=q.device) if key_start is None else key_start.long()
     sink = (starts.clamp(max=k_len - 1) + grid.pad) // grid.block_size  # [B]
-    mask = pattern.block_mask(q, k, grid, scale, sink, key_start)  # [B, Hq, nqb, nb]
-    j = torch.arange(grid.num_blocks, device=q.device)
-    i = torch.arange(grid.first_query_block, grid.num_blocks, device=q.device)
-    diagonal = (j[None, :] == i[:, None])[None, None]
-    allowed = (j[None, :] <= i[:, None])[None, None] & (j >= sink[:, None])[:, None, None, :]
-    mask = (mask | diagonal | (j == sink[:, None])[:, None, None, :]) & allowed
+    always, allowed = _limits(grid, sink)
+    mask = (pattern.block_mask(q, k, grid, scale, sink, key_start) | always) & allowed  # [B, Hq, nqb, nb]
     structure = block_mask_to_structure(mask, grid)
     if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
         from ..ops.attention.block_sparse_triton import block_sparse_attention_triton

@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# The accuracy suite (issue 10) on the GPU, one group of methods per call (each call stays under 10 minutes).
+#
+#   bash benchmarks/run_accuracy.sh GROUP [METHOD...]
+#
+# Groups (METHOD specs as in `python -m flexprefill_hf.eval --help`; given METHODs replace the group's):
+#   core        dense, flexprefill (the model's preset: SmolLM2 -> default, gamma 0.95, tau 0.1), flexprefill:gamma=0.9
+#   ablations   flexprefill_vs_only (tau 0), flexprefill_qa_only (tau 1e9)
+#   sweep       flexprefill:gamma=0.8|0.85|0.99 (with core's 0.9 and 0.95: the five-point sweep of the plot)
+#   baselines   streaming:fraction=$FRACTION, vertical_slash:fraction=$FRACTION; run it once per length
+#               (LENGTHS=2048 FRACTION=<FlexPrefill's mean computed share at 2048 from core>, and so on)
+#   NAME        any other name: the METHODs given
+# Environment: LENGTHS (default "2048 4096 8192"), SAMPLES (32), BATCH (32), TASKS (all), SEED (0),
+#   DEVICE (cuda), DTYPE (bfloat16), RESULTS (default $OUT/accuracy, else ./accuracy_runs).
+# Every FlexPrefill and baseline method runs with cuda_dense_below=0 (set by the suite), so the sparse
+# kernels really run at these lengths. Output: RESULTS/GROUP[-LENGTHS]/{samples.jsonl,results.md,heatmaps.json,run.json}
+# (plots too where matplotlib is installed). Combine the groups afterwards, on any machine with matplotlib:
+#   python -m flexprefill_hf.eval --merge DIR... --out benchmarks/accuracy
+# On the device this runs after benchmarks/gpu_session.sh has staged the embedded model:
+#   bash benchmarks/gpu_session.sh run bash benchmarks/run_accuracy.sh core
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+GROUP=${1:?usage: $0 GROUP [METHOD...]}
+shift
+LENGTHS=${LENGTHS:-2048 4096 8192}
+RESULTS=${RESULTS:-${OUT:+$OUT/accuracy}}
+RESULTS=${RESULTS:-accuracy_runs}
+if [ $# -gt 0 ]; then
+    METHODS=("$@")
+else
+    case "$GROUP" in
+        core) METHODS=(dense flexprefill "flexprefill:gamma=0.9") ;;
+        ablations) METHODS=(flexprefill_vs_only flexprefill_qa_only) ;;
+        sweep) METHODS=("flexprefill:gamma=0.8|0.85|0.99") ;;
+        baselines)
+            : "${FRACTION:?baselines needs FRACTION: the mean computed share of FlexPrefill at these LENGTHS}"
+            METHODS=("streaming:fraction=$FRACTION" "vertical_slash:fraction=$FRACTION") ;;
+        *) echo "unknown group $GROUP and no METHODs given" >&2; exit 2 ;;
+    esac
+fi
+NAME=$GROUP
+[ "$GROUP" = baselines ] && NAME="$GROUP-${LENGTHS// /-}"
+PLOTS=()
+python3 -c "import matplotlib" 2>/dev/null || PLOTS=(--no-plots)
+# shellcheck disable=SC2086  # LENGTHS and TASKS are word lists
+python3 -m flexprefill_hf.eval --device "${DEVICE:-cuda}" --dtype "${DTYPE:-bfloat16}" --lengths $LENGTHS \
+    --tasks ${TASKS:-all} --samples "${SAMPLES:-32}" --batch-size "${BATCH:-32}" --seed "${SEED:-0}" \
+    --methods "${METHODS[@]}" --out "$RESULTS/$NAME" "${PLOTS[@]}"
+grep '\*\*average\*\*' "$RESULTS/$NAME/results.md"
