@@ -72,10 +72,18 @@ def attention(**changes):
     return flexprefill_attention(args.pop("q"), args.pop("k"), args.pop("v"), **args)
 
 
-def grad_attention():
-    q, k, v = qkv()
+def batch_of_two(**changes):
+    """attention()'s arguments for a batch of two sequences, with some replaced."""
+    q, k, v = qkv(batch=2)
+    return {"q": q, "k": k, "v": v, **changes}
+
+
+def grad_attention(name: str):
+    """The operator with grad mode on and one of q, k, v requiring grad."""
+    tensors = dict(zip("qkv", qkv()))
+    tensors[name].requires_grad_()
     with torch.enable_grad():
-        return flexprefill_attention(q.requires_grad_(), k, v)
+        return flexprefill_attention(tensors["q"], tensors["k"], tensors["v"])
 
 
 def first_forward(env, train: bool):
@@ -130,7 +138,8 @@ CONFIG_ROWS = [
     row("config-min_budget-negative", lambda e: FlexPrefillConfig(min_budget=-1), ValueError, "min_budget=-1", "expected an int >= 0"),
     row("config-max_budget-float", lambda e: FlexPrefillConfig(max_budget=2048.0), TypeError, "max_budget=2048.0 has type float; expected an int"),
     row("config-max_budget-zero", lambda e: FlexPrefillConfig(max_budget=0, min_budget=0), ValueError, "max_budget=0", "expected an int >= 1"),
-    row("config-max_budget-below-min", lambda e: FlexPrefillConfig(max_budget=512), ValueError, "max_budget=512", "min_budget=1024", "expected max_budget >= min_budget"),
+    row("config-max_budget-below-min", lambda e: FlexPrefillConfig(max_budget=512), ValueError, "max_budget=512 is smaller than min_budget=1024", "expected max_budget >= min_budget"),
+    row("config-max_budget-fraction", lambda e: FlexPrefillConfig(max_budget=1.5), TypeError, "max_budget=1.5 has type float; expected an int"),
     row("config-dense_threshold-float", lambda e: FlexPrefillConfig(dense_threshold=100.5), TypeError, "dense_threshold=100.5 has type float; expected an int"),
     row("config-dense_threshold-negative", lambda e: FlexPrefillConfig(dense_threshold=-1), ValueError, "dense_threshold=-1", "expected an int >= 0"),
     row("config-cuda_dense_below-float", lambda e: FlexPrefillConfig(cuda_dense_below=24576.0), TypeError, "cuda_dense_below=24576.0 has type float; expected an int"),
@@ -186,13 +195,18 @@ OPERATOR_ROWS = [
     row("op-key_start-too-large", lambda e: attention(key_start=torch.tensor([5000])), ValueError, "key_start", "5000", "expected 0 <= key_start[b] < k_len"),
     row("op-key_start-k_len", lambda e: attention(key_start=torch.tensor([256])), ValueError, "key_start", "256", "expected 0 <= key_start[b] < k_len"),
     row("op-key_start-negative", lambda e: attention(key_start=torch.tensor([-1], dtype=torch.int32)), ValueError, "key_start", "-1", "expected 0 <= key_start[b] < k_len"),
+    row("op-key_start-int16", lambda e: attention(key_start=torch.zeros(1, dtype=torch.int16)), TypeError, "key_start is a tensor of dtype torch.int16", "int32 or int64"),
+    # Batch 2: the bad start is the second sequence's, the first is valid.
+    row("op-key_start-second-sequence", lambda e: attention(**batch_of_two(key_start=torch.tensor([0, 256]))), ValueError, "key_start has value 256", "expected 0 <= key_start[b] < k_len = 256"),
     row("op-config-str", lambda e: attention(config="gamma=0.9"), TypeError, "config has type str", "expected FlexPrefillConfig or None"),
     row("op-config-dict", lambda e: attention(config={"gamma": 0.9}), TypeError, "config has type dict", "expected FlexPrefillConfig or None"),
     row("op-softmax_scale-str", lambda e: attention(softmax_scale="0.125"), TypeError, "softmax_scale='0.125'", "has type str", "expected a float or None"),
+    row("op-softmax_scale-list", lambda e: attention(softmax_scale=[0.1]), TypeError, "softmax_scale=[0.1] has type list", "expected a float or None"),
     row("op-softmax_scale-tensor", lambda e: attention(softmax_scale=torch.tensor(0.125)), TypeError, "softmax_scale=", "has type Tensor", "expected a float or None"),
     row("op-softmax_scale-nan", lambda e: attention(softmax_scale=float("nan")), ValueError, "softmax_scale=nan", "expected a finite float"),
     row("op-softmax_scale-inf", lambda e: attention(softmax_scale=float("inf")), ValueError, "softmax_scale=inf", "expected a finite float"),
-    row("op-gradients", lambda e: grad_attention(), ValueError, "does not support gradients"),
+    row("op-gradients", lambda e: grad_attention("q"), ValueError, "does not support gradients"),
+    row("op-gradients-v", lambda e: grad_attention("v"), ValueError, "does not support gradients"),
     row("op-with-stats-key_start", lambda e: flexprefill_attention_with_stats(*qkv(), key_start=torch.tensor([-3])), ValueError, "key_start", "-3", "expected 0 <= key_start[b] < k_len"),
     row("op-with-stats-config", lambda e: flexprefill_attention_with_stats(*qkv(), config=0.9), TypeError, "config has type float", "expected FlexPrefillConfig or None"),
 ]
@@ -200,8 +214,8 @@ OPERATOR_ROWS = [
 MODEL_ROWS = [
     # patch_model
     row("patch-unsupported", lambda e: patch_model(e.unsupported), ValueError, "'mistral'", UNSUPPORTED, "llama"),
-    row("patch-no-config", lambda e: patch_model(torch.nn.Linear(2, 2)), ValueError, UNSUPPORTED),
-    row("patch-not-a-module", lambda e: patch_model("llama"), TypeError, "model", "str", "Module"),
+    row("patch-no-config", lambda e: patch_model(torch.nn.Linear(2, 2)), ValueError, "model_type None", UNSUPPORTED),
+    row("patch-not-a-module", lambda e: patch_model("llama"), TypeError, "model='llama' has type str; expected a torch.nn.Module (a transformers model)"),
     row("patch-config-int", lambda e: patch_model(e.plain, 3), TypeError, "config=3 has type int", "expected None, a preset name, a YAML path, a Preset or a FlexPrefillConfig"),
     row("patch-unknown-preset", lambda e: patch_model(e.plain, "no-such-preset"), ValueError, "unknown preset 'no-such-preset'"),
     row("patch-gamma", lambda e: patch_model(e.plain, gamma=2.0), ValueError, "gamma=2.0", "expected 0 < gamma <= 1"),
@@ -210,11 +224,13 @@ MODEL_ROWS = [
     row("patch-layer-past-end", lambda e: patch_model(e.plain, e.yaml("layers: {5: {gamma: 1.0}}\n")), ValueError, "layers.5", "the model has 2 layers"),
     # unpatch_model, set_layer_config, layer_configs, record_stats, last_stats
     row("unpatch-not-a-module", lambda e: unpatch_model("llama"), TypeError, "model", "str", "Module"),
+    row("unpatch-none", lambda e: unpatch_model(None), TypeError, "model=None has type NoneType"),
     row("set-layer-unpatched", lambda e: set_layer_config(e.plain, 0, gamma=0.9), ValueError, "set_layer_config needs a patched model", "patch_model"),
     row("set-layer-unsupported", lambda e: set_layer_config(e.unsupported, 0, gamma=0.9), ValueError, "set_layer_config needs a patched model"),
     row("set-layer-out-of-range", lambda e: set_layer_config(e.patched, 2, gamma=0.9), ValueError, "layer_idx=2", "expected 0 <= layer_idx < 2"),
     row("set-layer-negative", lambda e: set_layer_config(e.patched, -1, gamma=0.9), ValueError, "layer_idx=-1", "expected 0 <= layer_idx < 2"),
     row("set-layer-float-index", lambda e: set_layer_config(e.patched, 0.0, gamma=0.9), TypeError, "layer_idx=0.0 has type float; expected an int"),
+    row("set-layer-bool-index", lambda e: set_layer_config(e.patched, True, gamma=0.9), TypeError, "layer_idx=True has type bool; expected an int"),
     row("set-layer-config-dict", lambda e: set_layer_config(e.patched, 0, {"gamma": 0.9}), TypeError, "has type dict", "expected a FlexPrefillConfig or None"),
     row("set-layer-gamma", lambda e: set_layer_config(e.patched, 0, gamma=1.5), ValueError, "gamma=1.5", "expected 0 < gamma <= 1"),
     row("set-layer-unknown-field", lambda e: set_layer_config(e.patched, 0, gama=1.0), TypeError, "unknown FlexPrefillConfig field(s) ['gama']"),

@@ -1,6 +1,6 @@
-"""Routing inside the attention function, the mask function, statistics recording, and the bad input of
-the Hugging Face entries (patch_model, unpatch_model, set_layer_config, layer_configs, record_stats,
-from_pretrained with attn_implementation="flexprefill")."""
+"""Routing inside the attention function, the mask function, statistics recording, per-layer configuration,
+and how an unsupported architecture loaded with attn_implementation="flexprefill" fails. The bad-input table
+of every Hugging Face entry is in test_bad_input.py."""
 
 import inspect
 import warnings
@@ -34,11 +34,17 @@ def _logits(model, ids, **kwargs):
         return model(ids, **kwargs).logits
 
 
+@pytest.fixture(scope="module")
+def _llama_once():
+    return tiny_model("llama")
+
+
 @pytest.fixture()
-def llama():
-    model = tiny_model("llama")
-    yield model
-    fp.unpatch_model(model)
+def llama(_llama_once):
+    """The module's tiny Llama (built once), unpatched again after each test: unpatch_model restores exactly."""
+    yield _llama_once
+    fp.unpatch_model(_llama_once)
+    assert _llama_once.config._attn_implementation == "sdpa"
 
 
 @pytest.fixture()
@@ -320,114 +326,6 @@ def test_unsupported_attention_module_called_directly_raises():
         routing.flexprefill_attention_forward(attention, query, key, value, None)
     with pytest.raises(ValueError, match=UNSUPPORTED):  # also when the call would run dense
         routing.flexprefill_attention_forward(attention, query, key, value, None, dropout=0.5)
-
-
-def _patched_llama():
-    return fp.patch_model(tiny_model("llama"), gamma=0.9, **SPARSE)
-
-
-# (entry, call, error type, message fragment): what a user gets for each bad input.
-BAD_INPUT = [
-    ("patch_model unsupported", lambda: fp.patch_model(tiny_unsupported_model()), ValueError, UNSUPPORTED),
-    ("layer_configs unsupported", lambda: fp.layer_configs(tiny_unsupported_model()), ValueError, UNSUPPORTED),
-    (
-        "record_stats unsupported",
-        lambda: fp.record_stats(tiny_unsupported_model()).__enter__(),
-        ValueError,
-        UNSUPPORTED,
-    ),
-    (
-        "record_stats unpatched",
-        lambda: fp.record_stats(tiny_model("llama")).__enter__(),
-        ValueError,
-        "record_stats needs a model that runs FlexPrefill attention, but its attn_implementation is 'sdpa'",
-    ),
-    (
-        "patch_model config type",
-        lambda: fp.patch_model(tiny_model("llama"), 0.9),
-        TypeError,
-        "config=0.9 has type float; expected None, a preset name, a YAML path, a Preset or a FlexPrefillConfig",
-    ),
-    (
-        "patch_model unknown preset",
-        lambda: fp.patch_model(tiny_model("llama"), "llama-3"),
-        ValueError,
-        "unknown preset 'llama-3'; expected a YAML path or one of: default, glm-4-9b-chat",
-    ),
-    (
-        "patch_model float field",
-        lambda: fp.patch_model(tiny_model("llama"), block_size=128.0),
-        TypeError,
-        "block_size=128.0 has type float; expected an int",
-    ),
-    (
-        "patch_model unknown field",
-        lambda: fp.patch_model(tiny_model("llama"), gama=0.9),
-        TypeError,
-        "unknown FlexPrefillConfig field(s) ['gama']",
-    ),
-    (
-        "set_layer_config unpatched",
-        lambda: fp.set_layer_config(tiny_model("llama"), 0, gamma=1.0),
-        ValueError,
-        "set_layer_config needs a patched model; call flexprefill_hf.patch_model(model) first",
-    ),
-    (
-        "set_layer_config layer too large",
-        lambda: fp.set_layer_config(_patched_llama(), 2, gamma=1.0),
-        ValueError,
-        "layer_idx=2 is out of range; expected 0 <= layer_idx < 2",
-    ),
-    (
-        "set_layer_config negative layer",
-        lambda: fp.set_layer_config(_patched_llama(), -1, gamma=1.0),
-        ValueError,
-        "layer_idx=-1 is out of range; expected 0 <= layer_idx < 2",
-    ),
-    (
-        "set_layer_config float layer",
-        lambda: fp.set_layer_config(_patched_llama(), 1.0, gamma=1.0),
-        TypeError,
-        "layer_idx=1.0 has type float; expected an int",
-    ),
-    (
-        "set_layer_config bool layer",
-        lambda: fp.set_layer_config(_patched_llama(), True, gamma=1.0),
-        TypeError,
-        "layer_idx=True has type bool; expected an int",
-    ),
-    (
-        "set_layer_config config type",
-        lambda: fp.set_layer_config(_patched_llama(), 0, {"gamma": 1.0}),
-        TypeError,
-        "config={'gamma': 1.0} has type dict; expected a FlexPrefillConfig or None",
-    ),
-    (
-        "patch_model not a module",
-        lambda: fp.patch_model("llama"),
-        TypeError,
-        "model='llama' has type str; expected a torch.nn.Module (a transformers model)",
-    ),
-    ("patch_model no config", lambda: fp.patch_model(torch.nn.Linear(2, 2)), ValueError, "model_type None is not"),
-    ("unpatch_model not a module", lambda: fp.unpatch_model(None), TypeError, "model=None has type NoneType"),
-    ("set_layer_config not a module", lambda: fp.set_layer_config("x", 0), TypeError, "model='x' has type str"),
-    ("layer_configs not a module", lambda: fp.layer_configs(3), TypeError, "model=3 has type int"),
-    ("record_stats not a module", lambda: fp.record_stats("x").__enter__(), TypeError, "model='x' has type str"),
-    ("last_stats not a module", lambda: fp.last_stats("x"), TypeError, "model='x' has type str"),
-    (
-        "set_layer_config bad value",
-        lambda: fp.set_layer_config(_patched_llama(), 0, gamma=1.5),
-        ValueError,
-        "gamma=1.5 is not supported; expected 0 < gamma <= 1",
-    ),
-]
-
-
-@pytest.mark.parametrize("entry, call, error, message", BAD_INPUT, ids=[row[0] for row in BAD_INPUT])
-def test_bad_input(entry, call, error, message):
-    with pytest.raises(error) as raised:
-        call()
-    assert message in str(raised.value), str(raised.value)
 
 
 def test_rejected_calls_change_nothing(llama):
