@@ -255,3 +255,34 @@ def test_ablations_force_the_pattern(kind, query_aware):
         assert ((stats.pattern == QUERY_AWARE) == query_aware).all()
     assert summarize(layers, 1)[0]["query_aware_share"] == (1.0 if query_aware else 0.0)
     assert model.config._attn_implementation == "sdpa"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the baselines' Triton path")
+@pytest.mark.parametrize(
+    "pattern",
+    [StreamingPattern(1, 2, 64), StreamingPattern(1, None, 128, 0.4), VerticalSlashPattern(2, 2, 64), VerticalSlashPattern(None, None, 128, 0.5)],
+)
+def test_baselines_on_cuda_run_the_kernel_on_their_blocks(pattern):
+    """bf16 on CUDA: the Triton kernel over the pattern's blocks, against the float64 reference on the same blocks."""
+    from flexprefill_hf.eval.methods import _limits
+
+    q64, k64, v64 = _inputs(batch=2, n=1000, q_heads=4, kv_heads=2, dim=64, seed=7)
+    q, k, v = (t.to("cuda", torch.bfloat16) for t in (q64, k64, v64))
+    key_start = torch.tensor([0, 130], device="cuda")
+    out, stats = _run_pattern(pattern, q, k, v, key_start)
+    grid = BlockGrid(1000, 1000, pattern.block_size)
+    sink = (key_start + grid.pad) // grid.block_size
+    qt, kt = q.transpose(1, 2), k.transpose(1, 2)
+    always, allowed = _limits(grid, sink)
+    mask = (pattern.block_mask(qt, kt, grid, 0.25, sink, key_start.int()) | always) & allowed
+    structure = block_mask_to_structure(mask.cpu(), grid)
+    expected, _ = block_sparse_attention_reference(
+        q.double().cpu().transpose(1, 2), k.double().cpu().transpose(1, 2), v.double().cpu().transpose(1, 2),
+        structure, 0.25, key_start.cpu(),
+    )
+    for got, want in zip(_real_rows(out.double().cpu(), key_start.cpu()), _real_rows(expected, key_start.cpu())):
+        torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
+    assert ((stats.computed_fraction > 0) & (stats.computed_fraction <= 1)).all()
+    if pattern.fraction is not None:
+        assert (stats.computed_fraction >= pattern.fraction - 1e-6).all()
