@@ -14,9 +14,24 @@ are not the last keys (a static cache) -- is delegated to transformers' ``sdpa_m
 function then sees a 4-D mask and runs dense.
 
 It is also where a model loaded with ``from_pretrained(..., attn_implementation="flexprefill")`` of an
-unsupported architecture fails: transformers (4.53 and 5.x) checks at load time only that the name is
-registered and offers no hook to validate the model, so the first forward raises ValueError here, before
-any layer runs, in training mode too. The check is cached per model type.
+unsupported architecture fails: at the first forward, before any layer runs, in training mode too (the
+check is a dict lookup per forward). Not at load time, because transformers runs nothing of ours then.
+What it does at load, read in transformers 5.24 (``modeling_utils.py``; 4.53.3's
+``_autoset_attn_implementation``, lines 2217-2347, makes the same two key-membership tests):
+
+* ``PreTrainedModel.__init__`` (line 1258) calls ``_check_and_adjust_attn_implementation`` (1710), which for
+  a name that is not a hub kernel calls ``get_correct_attn_implementation`` (1832, 1855); that tests only
+  ``name in ["eager"] + ALL_ATTENTION_FUNCTIONS.valid_keys()`` (1857). ``GeneralInterface.valid_keys``
+  (``utils/generic.py`` 1248) lists the keys: the registered value is never read, let alone called, so a
+  callable object in its place would learn nothing at load either.
+* ``set_attn_implementation`` (1970) goes through the same check (2000); the config's
+  ``_attn_implementation`` setter (``configuration_utils.py`` 599) stores the string.
+* The first read of the registered value is ``AttentionInterface.get_interface`` (5261), called by each
+  attention module's forward (``models/llama/modeling_llama.py`` 254) -- after this mask function, which
+  ``create_causal_mask`` calls earlier in the same forward with the model's config.
+
+The only load-time hooks left would be a key that is a ``str`` subclass with its own ``__eq__`` (it would
+see the name, never the model) or wrapping ``from_pretrained``; neither is clean, so we do neither.
 """
 
 from __future__ import annotations
