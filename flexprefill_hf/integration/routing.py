@@ -13,7 +13,9 @@ an unsupported architecture raises ValueError, before any routing, in training m
 
     * prefill, a prefill on top of a cache, a left-padded batch -> the FlexPrefill operator, queries
       at the last N key positions, ``key_start = K - mask.sum(-1)`` computed on the device;
-    * decode and prompts at or below the dense threshold -> the operator too, which runs them dense;
+    * decode and prompts at or below the dense threshold -> the operator too, which runs them dense
+      (decode: one unmasked SDPA call, as transformers' own ``sdpa`` makes);
+    * statistics (``FlexPrefillStats``) are built only for prefills inside ``record_stats``;
     * dense attention here (``dense_fallback.py``), with one warning per reason and process:
       ``output_attentions=True``, attention dropout, a 4-D mask, non-causal attention, a sliding window
       active at this length, and gradients.
@@ -32,7 +34,8 @@ from typing import Optional
 
 import torch
 
-from ..ops.flexprefill import flexprefill_attention_with_stats
+from ..ops.backends import decode_attention
+from ..ops.flexprefill import flexprefill_attention, flexprefill_attention_with_stats
 from .dense_fallback import dense_attention_forward
 from .layer_config import layer_config
 from .stats import RECORDER_ATTRIBUTE
@@ -89,21 +92,22 @@ def flexprefill_attention_forward(
             output_attentions=bool(kwargs.get("output_attentions", False)),
         )
 
+    if not prefill and attention_mask is None:
+        # Decode without padding: the call transformers' own sdpa makes (one unmasked SDPA, GQA without
+        # repeating K/V), after the constant-time checks above; no transposes, no validation of shapes
+        # transformers built itself, no statistics (decode steps are never recorded).
+        return decode_attention(query, key, value, scaling).transpose(1, 2), None
     key_start = None
     if attention_mask is not None:
         # Left padding: the real keys of sequence b are the last mask[b].sum() ones. No host sync.
         key_start = (key.shape[2] - attention_mask.sum(-1, dtype=torch.int32)).to(query.device)
-    out, stats = flexprefill_attention_with_stats(
-        query.transpose(1, 2),  # [B, N, Hq, D]
-        key.transpose(1, 2),  # [B, K, Hkv, D]
-        value.transpose(1, 2),
-        config,
-        softmax_scale=scaling,
-        key_start=key_start,
-    )
+    q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)  # [B, N, H, D] views, no copy
     if recorder is not None and prefill:
+        out, stats = flexprefill_attention_with_stats(q, k, v, config, softmax_scale=scaling, key_start=key_start)
         recorder.record(module.layer_idx, stats)
-    return out, None
+        return out, None
+    # Every other call outside record_stats (and a padded decode step): the operator without statistics.
+    return flexprefill_attention(q, k, v, config, softmax_scale=scaling, key_start=key_start), None
 
 
 def dense_reason(module, query, key, value, attention_mask, dropout, kwargs) -> Optional[str]:

@@ -12,7 +12,8 @@ Block-sparse forward (:func:`choose_sparse_backend`):
 
 Dense causal attention (:func:`choose_dense_backend`), never with a mask where none is needed:
     "masked"           left padding, and CPU prefills on a cache: SDPA with a per-chunk additive mask
-                       (``attention/block_sparse_torch.py``; O(chunk * k_len) memory).
+                       (``attention/block_sparse_torch.py``; O(chunk * k_len) memory). A padded decode step
+                       instead runs :func:`decode_attention` with the [B, k_len] padding row as its only mask.
     "sdpa"             one query row (decode: it sees every key, so no mask and ``is_causal=False``, the call
                        transformers' own sdpa makes), and CPU prompts with q_len == k_len (``is_causal=True``).
     "fa4"              flash-attn-4's dense causal forward (bottom-right): CUDA, fp16/bf16, capability >= 9.0,
@@ -29,7 +30,6 @@ Decode goes to plain SDPA even with flash-attn-4 present: FA4 runs one tile per 
 from __future__ import annotations
 
 import contextlib
-import functools
 import inspect
 from typing import Callable, Optional, Union
 
@@ -119,12 +119,16 @@ def choose_dense_backend(q: torch.Tensor, k: torch.Tensor, key_start: Optional[t
     )
 
 
-@functools.lru_cache(maxsize=None)
 def _sdpa_priority_supported() -> bool:
     """torch.nn.attention.sdpa_kernel takes ``set_priority`` (the list order as priority) in newer torch."""
     from torch.nn.attention import sdpa_kernel
 
     return "set_priority" in inspect.signature(sdpa_kernel).parameters
+
+
+# Read once at import: dynamo cannot trace inspect.signature(sdpa_kernel), and the dense route runs inside
+# torch.compile (sdpa_kernel itself, with set_priority, traces under fullgraph=True; tests/test_decode_path.py).
+_SDPA_SET_PRIORITY = _sdpa_priority_supported()
 
 
 def cudnn_first():
@@ -135,7 +139,7 @@ def cudnn_first():
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-    if _sdpa_priority_supported():
+    if _SDPA_SET_PRIORITY:
         return sdpa_kernel(order, set_priority=True)
     return contextlib.nullcontext()
 
@@ -155,6 +159,13 @@ def dense_attention(
     No validation: the operator validates first.
     """
     name = choose_dense_backend(q, k, key_start) if backend is None else backend
+    if q.shape[1] == 1 and (name == "sdpa" or (name == "masked" and key_start is not None)):
+        # Decode: no causal mask (the row sees every key), at most a [B, k_len] padding mask.
+        key_mask = None
+        if key_start is not None:
+            key_mask = torch.arange(k.shape[1], device=k.device)[None, :] >= key_start[:, None]
+        out = decode_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), softmax_scale, key_mask)
+        return out.transpose(1, 2)
     if name == "masked":
         from .attention.block_sparse_torch import masked_attention_torch
 
@@ -178,3 +189,29 @@ def dense_attention(
     else:
         raise ValueError(f"backend={name!r} is not a dense backend; expected one of {DENSE_BACKENDS}")
     return out.transpose(1, 2)
+
+
+def decode_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    softmax_scale: Optional[float],
+    key_mask: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """One query row per sequence over its whole cache, in transformers' layout: the call its ``sdpa`` makes.
+
+    query [B, Hq, 1, D], key/value [B, Hkv, K, D] (Hq a multiple of Hkv; KV heads not repeated); softmax_scale
+    None means 1 / sqrt(D); key_mask optional bool [B, K], True = a real key (left padding), every row with at
+    least one real key (a decode query is the last, real, position). Returns [B, Hq, 1, D] in query's dtype.
+
+    Without a mask: one SDPA call with ``enable_gqa`` and no mask. With one: the G = Hq / Hkv query heads of a KV
+    head become G query rows of that head (``[B, Hkv, G, D]``), so K/V are read once and the mask is the [B, K]
+    row broadcast, never expanded over heads or repeated K/V. No host sync, no Python work that grows with K.
+    """
+    if key_mask is None:
+        return F.scaled_dot_product_attention(query, key, value, scale=softmax_scale, enable_gqa=True)
+    batch, q_heads, _, head_dim = query.shape
+    kv_heads = key.shape[1]
+    packed = query.reshape(batch, kv_heads, q_heads // kv_heads, head_dim)
+    out = F.scaled_dot_product_attention(packed, key, value, attn_mask=key_mask[:, None, None, :], scale=softmax_scale)
+    return out.reshape(batch, q_heads, 1, head_dim)

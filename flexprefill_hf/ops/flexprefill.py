@@ -10,7 +10,7 @@ import torch
 
 from ..config import FlexPrefillConfig
 from .attention.block_sparse_torch import block_sparse_attention_torch
-from .attention.dense import dense_attention_torch
+from .backends import choose_sparse_backend, dense_attention
 from .grid import BlockGrid, causal_block_counts
 from .runtime import KERNEL_DTYPES
 from .selection import select_blocks
@@ -65,10 +65,15 @@ def flexprefill_attention(
         [B, q_len, Hq, D] in q's dtype. Rows with no real key (padding queries) are 0. B = 0 gives an
         empty output (as SDPA does).
 
-    Routes: fp16/bf16 CUDA tensors run the Triton kernels; CPU tensors the same function in PyTorch.
-    Dense: decode (q_len == 1), prompts of at most ``config.effective_dense_threshold`` keys
-    (ops/README.md §5), fp32/fp64 CUDA tensors, and CUDA prompts of fewer than ``config.cuda_dense_below``
-    keys (where dense is faster).
+    Routes (``ops/backends.py`` names the kernel for each case and says why):
+    * dense: decode (q_len == 1), prompts of at most ``config.effective_dense_threshold`` keys
+      (ops/README.md §5), fp32/fp64 CUDA tensors, and CUDA prompts of fewer than ``config.cuda_dense_below``
+      keys (where dense is faster). Run by the best dense backend: flash-attn-4 where it imports (Hopper+,
+      fp16/bf16, not under torch.compile), else SDPA with cuDNN first, else SDPA's default; decode is one
+      unmasked SDPA call, as transformers' own ``sdpa`` makes. No statistics are built here.
+    * sparse: block selection, then the block-sparse forward: flash-attn-4 on Hopper+ (block 128, head dim
+      <= 128, no left padding, not under torch.compile, where it cannot be traced), else the Triton kernel;
+      CPU tensors run the same function in PyTorch.
 
     Gradients: not supported. With grad mode on and q, k or v requiring grad this raises ValueError;
     call it under ``torch.no_grad()`` or ``torch.inference_mode()``.
@@ -79,7 +84,7 @@ def flexprefill_attention(
     NaN. In the sparse path a non-finite representative query (the last block) or key also makes that
     head's block selection meaningless. Give finite inputs.
     """
-    return flexprefill_attention_with_stats(q, k, v, config, softmax_scale=softmax_scale, key_start=key_start)[0]
+    return _forward(q, k, v, config, softmax_scale, key_start, with_stats=False)[0]
 
 
 def flexprefill_attention_with_stats(
@@ -91,31 +96,51 @@ def flexprefill_attention_with_stats(
     softmax_scale: Optional[float] = None,
     key_start: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, FlexPrefillStats]:
-    """:func:`flexprefill_attention` that also returns what it chose, as :class:`FlexPrefillStats`."""
+    """:func:`flexprefill_attention` that also returns what it chose, as :class:`FlexPrefillStats`.
+
+    The statistics cost a few small tensors per call (on the dense route too): the model integration asks
+    for them only inside ``record_stats``.
+    """
+    out, stats = _forward(q, k, v, config, softmax_scale, key_start, with_stats=True)
+    return out, stats
+
+
+def _forward(q, k, v, config, softmax_scale, key_start, with_stats: bool):
+    """(out, stats or None): the operator; stats are built only when ``with_stats``."""
     check_attention_inputs(q, k, v, key_start)
     if config is not None and not isinstance(config, FlexPrefillConfig):
         raise TypeError(f"config has type {type(config).__name__}; expected FlexPrefillConfig or None")
     check_softmax_scale(softmax_scale)
-    config = FlexPrefillConfig() if config is None else config
+    config = _DEFAULT_CONFIG if config is None else config
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
     q_len, k_len = q.shape[1], k.shape[1]
-    takes_sparse = not q.is_cuda or (q.dtype in KERNEL_DTYPES and k_len >= config.cuda_dense_below)
-    dense = q_len == 1 or k_len <= config.effective_dense_threshold or not takes_sparse
+    # Decode first: one comparison, then nothing else to decide.
+    dense = q_len == 1 or k_len <= config.effective_dense_threshold
+    if not dense and q.is_cuda:
+        dense = q.dtype not in KERNEL_DTYPES or k_len < config.cuda_dense_below
     if q.shape[0] == 0:
-        return torch.empty(q.shape, dtype=q.dtype, device=q.device), _empty_stats(q, dense)
+        return torch.empty(q.shape, dtype=q.dtype, device=q.device), (_empty_stats(q, dense) if with_stats else None)
     if dense:
-        out = dense_attention_torch(q, k, v, scale, key_start)
-        return out, _dense_stats(q, k, config, key_start)
+        out = dense_attention(q, k, v, scale, key_start)
+        return out, (_dense_stats(q, k, config, key_start) if with_stats else None)
 
     selection = select_blocks(q, k, config, scale, key_start)
-    if q.is_cuda:
+    structure = selection.structure
+    backend, _ = choose_sparse_backend(q, k, structure, key_start)
+    if backend == "fa4":
+        from .attention.block_sparse_fa4 import block_sparse_attention_fa4
+
+        out = block_sparse_attention_fa4(q, k, v, structure, softmax_scale=scale)
+    elif backend == "triton":
         # Imported here: the kernel module is compiled for the device (or the interpreter) on first use.
         from .attention.block_sparse_triton import block_sparse_attention_triton
 
-        out = block_sparse_attention_triton(q, k, v, selection.structure, softmax_scale=scale, key_start=key_start)
+        out = block_sparse_attention_triton(q, k, v, structure, softmax_scale=scale, key_start=key_start)
     else:
-        out = block_sparse_attention_torch(q, k, v, selection.structure, scale, key_start)
-    computed = selection.structure.counts.sum(-1, dtype=torch.int32)  # [B, Hq]
+        out = block_sparse_attention_torch(q, k, v, structure, scale, key_start)
+    if not with_stats:
+        return out, None
+    computed = structure.counts.sum(-1, dtype=torch.int32)  # [B, Hq]
     stats = FlexPrefillStats(
         query_aware=selection.query_aware,
         js_distance=selection.js_distance.float(),
@@ -124,6 +149,9 @@ def flexprefill_attention_with_stats(
         dense=False,
     )
     return out, stats
+
+
+_DEFAULT_CONFIG = FlexPrefillConfig()
 
 
 def _empty_stats(q: torch.Tensor, dense: bool) -> FlexPrefillStats:
