@@ -176,8 +176,8 @@ def dense_attention(
         return flash_attn_func(q, k, v, softmax_scale=softmax_scale, causal=True)[0]
     qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     if name == "sdpa":
-        causal = q.shape[1] > 1  # one row sees every key; otherwise q_len == k_len (top-left = bottom-right)
-        out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=causal, scale=softmax_scale, enable_gqa=True)
+        # q_len > 1 here (one row went to decode_attention above), so q_len == k_len: top-left = bottom-right.
+        out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=softmax_scale, enable_gqa=True)
     elif name == "sdpa_cudnn":
         with cudnn_first():
             out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=softmax_scale, enable_gqa=True)

@@ -35,8 +35,10 @@ def dense_attention_torch(
     """
     q_len = q.shape[1]
     if key_start is None and (q_len == 1 or q_len == k.shape[1]):
+        # A Python bool, not q_len > 1: under torch.compile with dynamic shapes that would be a SymBool.
+        causal = False if q_len == 1 else True
         out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=q_len > 1, scale=softmax_scale,
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal, scale=softmax_scale,
             enable_gqa=True,
         )
         return out.transpose(1, 2)
