@@ -75,7 +75,9 @@ def last_stats(model: torch.nn.Module) -> Optional[list[Optional[FlexPrefillStat
     """Per-layer statistics of the last prefill recorded by ``record_stats``; None if nothing was recorded.
 
     Each entry is a :class:`FlexPrefillStats` (per batch and query head: pattern chosen, JS distance,
-    blocks and fraction computed), or None for a layer that ran dense outside the operator.
+    blocks and fraction computed), or None for a layer that ran dense outside the operator. Its tensors are
+    on the device its layer ran on: for a model split over devices (accelerate's ``device_map``) move them to
+    one device before combining layers (``torch.stack([s.computed_fraction.cpu() for s in stats])``).
     TypeError when ``model`` is not a torch module.
     """
     check_model_argument(model)
