@@ -27,10 +27,39 @@ def structured_qkv(
 
     Construction, per KV head: half of the dims carry a rotary code of the position (q and k share a
     content vector, so q_t . k_s grows as |t - s| shrinks: a local band); a "sink" direction u is added
-    to the first 4 keys and to about 1 % of the keys (vertical stripes) and to every query; the rest is
-    noise. The weights of the three parts vary across heads, so some heads are local, some striped,
-    some diffuse.
+    to the first 4 keys and to about 1 % of the keys (vertical stripes, isolated keys) and to every query;
+    the rest is noise. The weights of the three parts vary across heads, so some heads are local, some
+    striped, some diffuse.
     """
+    return _synthetic_qkv(batch, seq_len, q_heads, kv_heads, head_dim, q_len, dtype, device, generator, run=1)
+
+
+def clustered_qkv(
+    batch: int,
+    seq_len: int,
+    q_heads: int,
+    kv_heads: int,
+    head_dim: int,
+    *,
+    q_len: Optional[int] = None,
+    run: int = 16,
+    dtype: torch.dtype = torch.float32,
+    device="cpu",
+    generator: Optional[torch.Generator] = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """As :func:`structured_qkv`, but the vertical stripes come in runs of ``run`` consecutive keys (default 16).
+
+    Same shapes and layout. About 1 % of the positions start a run, so about ``run`` % of the keys are striped,
+    in contiguous clusters, as retrieval heads of trained models show (a passage, not scattered tokens):
+    the stripe mass then falls into few key blocks, which is what block-sparse selection exploits.
+    """
+    if not isinstance(run, int) or isinstance(run, bool) or run < 1:
+        raise ValueError(f"run={run!r} is not supported; expected an int >= 1")
+    return _synthetic_qkv(batch, seq_len, q_heads, kv_heads, head_dim, q_len, dtype, device, generator, run=run)
+
+
+def _synthetic_qkv(batch, seq_len, q_heads, kv_heads, head_dim, q_len, dtype, device, generator, run: int):
+    """The construction of :func:`structured_qkv`; ``run`` > 1 widens each stripe start to ``run`` keys."""
     q_len = seq_len if q_len is None else q_len
     g = generator
     # Built in float64 on the CPU for tests; in float32 on a GPU (benchmarks at 128K+ tokens).
@@ -61,6 +90,9 @@ def structured_qkv(
     k = torch.randn(batch, seq_len, kv_heads, head_dim, generator=g, dtype=work, device=device) * 0.5
     k[..., :half] += code
     striped = torch.rand(batch, seq_len, generator=g, device=device) < 0.01
+    if run > 1:  # key t is striped when a run starts at one of t - run + 1 .. t (a sliding max over the starts)
+        starts = torch.nn.functional.pad(striped.float()[:, None], (run - 1, 0))
+        striped = torch.nn.functional.max_pool1d(starts, run, stride=1)[:, 0] > 0
     striped[:, :4] = True
     stripe_w = striped * (0.5 + torch.rand(batch, seq_len, generator=g, dtype=work, device=device))  # [B, n]
     stripe_w[:, :4] = 1.5
