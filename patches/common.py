@@ -10,16 +10,19 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
+
+_NO_ATTRIBUTE = object()
 
 
 def check_head_layout(model: torch.nn.Module, modules: Sequence[torch.nn.Module]) -> None:
     """Check the grouped-query layout the attention function assumes.
 
     Query head h reads KV head h // G (G = ``num_key_value_groups``), as transformers' ``repeat_kv``
-    orders heads; q_proj and k_proj must produce whole heads of ``head_dim``; attention is causal.
+    orders heads; q_proj, k_proj and v_proj (or a fused qkv_proj) must produce whole heads of ``head_dim``;
+    attention is causal.
     """
     config = model.config
     heads = getattr(config, "num_attention_heads", None)
@@ -37,7 +40,9 @@ def check_head_layout(model: torch.nn.Module, modules: Sequence[torch.nn.Module]
         groups = getattr(module, "num_key_value_groups", heads // kv_heads)
         if groups != heads // kv_heads:
             raise ValueError(f"{name} has num_key_value_groups={groups}; expected {heads // kv_heads}")
-        for proj, count in (("q_proj", heads), ("k_proj", kv_heads), ("v_proj", kv_heads)):
+        # Separate projections (most families), or one fused qkv_proj (Phi-3) split in this order.
+        fused = heads + 2 * kv_heads
+        for proj, count in (("q_proj", heads), ("k_proj", kv_heads), ("v_proj", kv_heads), ("qkv_proj", fused)):
             out_features = getattr(getattr(module, proj, None), "out_features", None)
             if out_features is not None and out_features != count * head_dim:
                 raise ValueError(
@@ -47,20 +52,35 @@ def check_head_layout(model: torch.nn.Module, modules: Sequence[torch.nn.Module]
             raise ValueError(f"{name} is not causal; FlexPrefill is a causal prefill attention")
 
 
+def layer_sliding_window(model: torch.nn.Module, module: torch.nn.Module) -> Optional[int]:
+    """The sliding window of one attention layer in tokens, or None when it attends to every earlier token.
+
+    transformers states it in one of two ways: ``module.sliding_window`` on each layer (Qwen2, Qwen3,
+    Gemma 3: None on the full-attention layers), or, for modules without the attribute (Mistral, Phi-3),
+    ``config.sliding_window`` for every layer, which those modules pass to the attention function.
+    """
+    window = getattr(module, "sliding_window", _NO_ATTRIBUTE)
+    if window is _NO_ATTRIBUTE:
+        window = getattr(model.config, "sliding_window", None)
+    return window if isinstance(window, int) and not isinstance(window, bool) and window > 0 else None
+
+
 def warn_sliding_window_layers(model: torch.nn.Module, modules: Sequence[torch.nn.Module]) -> None:
     """Warn once per patch about layers with a sliding window: the attention function runs them dense.
 
-    transformers sets ``module.sliding_window`` on the layers that use one (Qwen2 with
-    ``use_sliding_window=True``: the layers ``config.layer_types`` marks "sliding_attention"); a
-    FlexPrefill block pattern cannot express the window, so those layers fall back to SDPA with the
-    window once a prompt is longer than it.
+    A FlexPrefill block pattern cannot express the window, so those layers fall back to SDPA with the
+    window once a prompt is longer than it; shorter prompts never reach the window and run FlexPrefill.
+    The decision is per layer (Gemma 3 mixes sliding and global layers) and is named here once, not per call.
     """
-    windowed = [m.layer_idx for m in modules if getattr(m, "sliding_window", None) is not None]
+    windows = {m.layer_idx: layer_sliding_window(model, m) for m in modules}
+    windowed = [i for i, w in windows.items() if w is not None]
     if windowed:
-        window = getattr(modules[windowed[0]], "sliding_window")
+        sizes = sorted({windows[i] for i in windowed})
+        size_text = f"{sizes[0]} tokens" if len(sizes) == 1 else f"{sizes} tokens"
+        layers_text = "all layers" if len(windowed) == len(modules) else f"layers {windowed}"
         warnings.warn(
-            f"{type(model).__name__} layers {windowed} use a sliding window of {window} tokens; FlexPrefill cannot "
-            f"express it, so these layers run dense attention on prompts longer than {window} tokens",
+            f"{type(model).__name__}: {layers_text} use a sliding window of {size_text}; FlexPrefill cannot "
+            f"express it, so these layers run dense attention on prompts longer than {min(sizes)} tokens",
             UserWarning,
             stacklevel=4,  # the caller of patch_model (through check_model and patch_model)
         )

@@ -1,17 +1,38 @@
 """The architecture registry: ``config.model_type`` -> its :class:`ArchitecturePatch`.
 
-The three families need no code of their own; what differs is stated here:
+No family needs code of its own; what differs is stated here:
 
-* llama: Llama-3.x, Yi, SmolLM2 and every checkpoint with ``model_type`` "llama"; the standard layout.
+* llama: Llama-3.x (3.1, 3.2), Yi, SmolLM2 and every checkpoint with ``model_type`` "llama"; the standard layout.
 * qwen2: Qwen2 and Qwen2.5; q/k/v projections with bias (invisible to the attention function), and
   optional sliding-window layers (``use_sliding_window=True``; off in Qwen2-7B-Instruct), which the
   common check names and the attention function runs dense once a prompt is longer than the window.
+* qwen3: Qwen3 ("qwen3") and Qwen3-MoE ("qwen3_moe"). RMS norms on q and k per head (applied before the
+  attention function), an explicit ``head_dim`` (128 in the released checkpoints, whatever the hidden size);
+  the mixture of experts is in the MLP, which attention never sees. Sliding windows as qwen2 (off in the
+  released checkpoints).
+* mistral: Mistral-7B, Mistral-Nemo, Mistral-Small (``model_type`` "mistral"). The window is
+  ``config.sliding_window`` for every layer, passed to the attention function as a keyword (the modules have
+  no ``sliding_window`` attribute): 4096 in Mistral-7B-v0.1, null from v0.2 on. Where it is set, prompts longer
+  than it run dense.
+* phi3: Phi-3, Phi-3.5-mini, Phi-4-mini and Phi-4 ("phi3"). One fused ``qkv_proj``, split into query, key
+  and value heads before the attention function; ``config.sliding_window`` as for mistral (2047 in
+  Phi-3-mini-4k-instruct: prompts longer than that run dense there).
+* gemma3: Gemma 3 text models ("gemma3_text", ``Gemma3ForCausalLM``: gemma-3-1b and gemma-3-270m). q/k
+  RMS norms; the scale is ``query_pre_attn_scalar ** -0.5`` (not ``head_dim ** -0.5``), which transformers
+  passes as ``scaling`` and the attention function uses; ``config.layer_types`` makes five of every six
+  layers "sliding_attention" (``module.sliding_window`` set): those run dense once a prompt is longer than
+  the window, the global layers run FlexPrefill -- a decision per layer and prompt length. Gemma 3 declares
+  ``attn_logit_softcapping`` but its attention modules never pass it (transformers 4.53 and 5.x), so no
+  softcapping is lost. Bidirectional Gemma 3 (``use_bidirectional_attention``) is refused as non-causal.
 * glm: GLM-4 in transformers' own code, ``model_type`` "glm" (GLM-4-9B-Chat-hf) and "glm4"
-  (GLM-4-0414). The rotary embedding covers only part of each head (applied to q and k before the
-  attention function) and ``head_dim`` is explicit; GLM-4-9B has 32 query heads on 2 KV heads (G = 16).
+  (GLM-4-0414: GLM-4-9B-0414, GLM-4-32B-0414, GLM-Z1; class ``Glm4ForCausalLM``). The rotary embedding
+  covers only part of each head (applied to q and k before the attention function) and ``head_dim`` is
+  explicit; GLM-4-9B has 32 query heads on 2 KV heads (G = 16).
 
-The original THUDM/glm-4-9b-chat (``model_type`` "chatglm", remote code) fuses q, k and v and does not go
-through transformers' attention registry: it is refused with a pointer to the -hf checkpoint.
+Refused with a reason (``_HINTS``): the original THUDM/glm-4-9b-chat ("chatglm", remote code) fuses q, k and
+v and does not go through transformers' attention registry; Gemma 2 ("gemma2") caps its attention logits with
+a tanh (``softcap``), which FlexPrefill's kernels do not apply; the multimodal Gemma 3 ("gemma3", 4B-27B) lets
+image tokens attend bidirectionally.
 How to add an architecture: ``patches/README.md``.
 """
 
@@ -28,6 +49,12 @@ PATCHES: tuple[ArchitecturePatch, ...] = (
     ArchitecturePatch(family="llama", model_types=("llama",), attention_classes=("LlamaAttention",)),
     ArchitecturePatch(family="qwen2", model_types=("qwen2",), attention_classes=("Qwen2Attention",)),
     ArchitecturePatch(
+        family="qwen3", model_types=("qwen3", "qwen3_moe"), attention_classes=("Qwen3Attention", "Qwen3MoeAttention")
+    ),
+    ArchitecturePatch(family="mistral", model_types=("mistral",), attention_classes=("MistralAttention",)),
+    ArchitecturePatch(family="phi3", model_types=("phi3",), attention_classes=("Phi3Attention",)),
+    ArchitecturePatch(family="gemma3", model_types=("gemma3_text",), attention_classes=("Gemma3Attention",)),
+    ArchitecturePatch(
         family="glm", model_types=("glm", "glm4"), attention_classes=("GlmAttention", "Glm4Attention")
     ),
 )
@@ -37,6 +64,14 @@ _HINTS = {
     "chatglm": (
         "THUDM/glm-4-9b-chat with remote code fuses q, k and v and does not go through transformers' attention "
         "registry; load the transformers-native checkpoint THUDM/glm-4-9b-chat-hf (model_type 'glm') instead"
+    ),
+    "gemma2": (
+        "Gemma 2 caps its attention logits with a tanh (attn_logit_softcapping, passed as `softcap`), which "
+        "FlexPrefill's kernels do not apply"
+    ),
+    "gemma3": (
+        "the multimodal Gemma 3 lets image tokens attend bidirectionally, which FlexPrefill cannot express; "
+        "the text-only model (model_type 'gemma3_text', Gemma3ForCausalLM) is supported"
     ),
 }
 

@@ -11,7 +11,7 @@ from flexprefill_hf.integration import register
 
 register()
 
-ARCHITECTURES = ("llama", "qwen2", "glm", "glm4")
+ARCHITECTURES = ("llama", "qwen2", "qwen3", "qwen3_moe", "mistral", "phi3", "gemma3_text", "glm", "glm4")
 VOCAB = 128
 # Blocks of 64 and a 128-token minimum budget: the dense threshold is 128 tokens, so prompts of a few
 # hundred tokens and more take the sparse path.
@@ -37,9 +37,33 @@ _SPECS = {
     "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
     # The 7:1 grouped-query ratio of Qwen2-7B (28 query, 4 KV heads), scaled down.
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(hidden_size=112, num_attention_heads=7, num_key_value_heads=1)),
+    # head_dim is explicit in Qwen3 (128 by default, whatever the hidden size).
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(head_dim=16)),
+    "qwen3_moe": (
+        "Qwen3MoeConfig",
+        "Qwen3MoeForCausalLM",
+        dict(head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32),
+    ),
+    # No window, as Mistral-7B-v0.2 and later (MistralConfig's own default is 4096, as v0.1).
+    "mistral": ("MistralConfig", "MistralForCausalLM", dict(sliding_window=None)),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", {}),
+    # Gemma 3's pattern scaled down: a sliding layer (window 256: dense on the test prompts) then a global one.
+    # query_pre_attn_scalar 64 != head_dim 16: the scale transformers passes (1/8) is not 1/sqrt(head_dim).
+    "gemma3_text": (
+        "Gemma3TextConfig",
+        "Gemma3ForCausalLM",
+        dict(
+            head_dim=16,
+            query_pre_attn_scalar=64,
+            sliding_window=256,
+            layer_types=["sliding_attention", "full_attention"],
+        ),
+    ),
     "glm": ("GlmConfig", "GlmForCausalLM", dict(head_dim=16)),
     "glm4": ("Glm4Config", "Glm4ForCausalLM", dict(head_dim=16)),
 }
+# An architecture the registry does not list, for the refusal tests: Gemma 2 caps attention logits (softcap).
+UNSUPPORTED_MODEL_TYPE = "gemma2"
 
 
 def tiny_model(architecture: str, seed: int = 0, **changes) -> torch.nn.Module:
@@ -52,11 +76,28 @@ def tiny_model(architecture: str, seed: int = 0, **changes) -> torch.nn.Module:
 
 
 def tiny_unsupported_model(seed: int = 0, **changes) -> torch.nn.Module:
-    """A float32 Mistral model (an architecture the registry does not list), eval mode, attention "sdpa"."""
-    config = transformers.MistralConfig(**{**_COMMON, **changes})
-    config._attn_implementation = "sdpa"
+    """A float32 Gemma 2 model (an architecture the registry refuses), eval mode, attention "eager".
+
+    Eager: transformers 5.x refuses SDPA for Gemma 2, whose softcapping SDPA cannot apply either.
+    """
+    config = transformers.Gemma2Config(**{**_COMMON, "head_dim": 16, **changes})
+    config._attn_implementation = "eager"
     torch.manual_seed(seed)
-    return transformers.MistralForCausalLM(config).eval()
+    return transformers.Gemma2ForCausalLM(config).eval()
+
+
+def sliding_windows(model: torch.nn.Module) -> list:
+    """Each attention layer's sliding window (None: full attention), as the registry's check reads it."""
+    from flexprefill_hf.patches import lookup
+    from flexprefill_hf.patches.common import layer_sliding_window
+
+    modules = lookup(model.config.model_type).attention_modules(model)
+    return [layer_sliding_window(model, m) for m in modules]
+
+
+def window_active(model: torch.nn.Module, keys: int) -> list:
+    """Per layer: True where a sliding window cuts ``keys`` keys (the routing then runs the layer dense)."""
+    return [w is not None and keys > w for w in sliding_windows(model)]
 
 
 def random_ids(length: int, seed: int, batch: int = 1) -> torch.Tensor:

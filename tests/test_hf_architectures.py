@@ -1,14 +1,29 @@
 """Every registered architecture, on a small random-weight model of its real transformers class.
 
 Prompts of 550-800 tokens with block_size 64 and min_budget 128, so the sparse path runs (the
-statistics confirm it). gamma = 1, tau = 0 must reproduce SDPA to fp32 rounding.
+statistics confirm it). gamma = 1, tau = 0 must reproduce SDPA to fp32 rounding. Layers whose sliding
+window is active at the prompt's length (Gemma 3's sliding layers in ``hf_tiny``) run dense and record
+no statistics; every model has at least one layer on the sparse path.
 """
 
 import copy
+import warnings
 
 import pytest
 import torch
-from hf_tiny import ARCHITECTURES, EXACT, SPARSE, assert_close, cache_keyword, left_pad, random_ids, tiny_model
+import transformers
+from hf_tiny import (
+    ARCHITECTURES,
+    EXACT,
+    SPARSE,
+    UNSUPPORTED_MODEL_TYPE,
+    assert_close,
+    cache_keyword,
+    left_pad,
+    random_ids,
+    tiny_model,
+    window_active,
+)
 
 import flexprefill_hf.integration as fp
 from flexprefill_hf.config import FlexPrefillConfig
@@ -39,6 +54,18 @@ def sdpa_logits(model, prompt):
     return _logits(model, prompt)
 
 
+def _check_routes(model, stats, keys, dense, some_operator=True):
+    """Windowed layers recorded nothing (dense fallback); the others ran the operator, dense or not as given."""
+    active = window_active(model, keys)
+    assert len(stats) == model.config.num_hidden_layers == len(active)
+    assert not (some_operator and all(active)), "no layer can take the sparse path in this test"
+    for layer, (s, windowed) in enumerate(zip(stats, active)):
+        if windowed:
+            assert s is None, f"layer {layer}: its sliding window is active but the operator ran"
+        else:
+            assert s is not None and s.dense == dense, f"layer {layer}: expected dense={dense}, got {s}"
+
+
 def test_gamma_one_equals_sdpa(model, prompt, sdpa_logits):
     fp.patch_model(model, **EXACT)
     try:
@@ -47,8 +74,7 @@ def test_gamma_one_equals_sdpa(model, prompt, sdpa_logits):
         stats = fp.last_stats(model)
     finally:
         fp.unpatch_model(model)
-    assert len(stats) == model.config.num_hidden_layers
-    assert all(s is not None and not s.dense for s in stats), "the sparse path did not run"
+    _check_routes(model, stats, prompt.shape[1], dense=False)  # the sparse path ran
     assert_close(logits, sdpa_logits)
 
 
@@ -60,10 +86,12 @@ def test_gamma_below_one_differs_but_is_finite(model, prompt, sdpa_logits):
         stats = fp.last_stats(model)
     finally:
         fp.unpatch_model(model)
+    _check_routes(model, stats, prompt.shape[1], dense=False)
+    sparse = [s for s in stats if s is not None]
     assert torch.isfinite(logits).all()
     assert (logits - sdpa_logits).abs().max() > 1e-2
-    assert all(float(s.computed_fraction.mean()) < 1.0 for s in stats)
-    assert all(bool(torch.isfinite(s.js_distance).all()) for s in stats)
+    assert all(float(s.computed_fraction.mean()) < 1.0 for s in sparse)
+    assert all(bool(torch.isfinite(s.js_distance).all()) for s in sparse)
 
 
 def _state(model):
@@ -101,13 +129,13 @@ def test_from_pretrained_with_flexprefill(model, prompt, sdpa_logits, tmp_path):
     # No patch_model: the preset matched from the config (dense threshold 1024 tokens: this prompt runs dense).
     with fp.record_stats(loaded):
         logits = _logits(loaded, prompt)
-    assert all(s is not None and s.dense for s in fp.last_stats(loaded))
+    _check_routes(loaded, fp.last_stats(loaded), prompt.shape[1], dense=True)
     assert_close(logits, sdpa_logits)
 
     fp.patch_model(loaded, **EXACT)
     with fp.record_stats(loaded):
         logits = _logits(loaded, prompt)
-    assert all(not s.dense for s in fp.last_stats(loaded))
+    _check_routes(loaded, fp.last_stats(loaded), prompt.shape[1], dense=False)
     assert_close(logits, sdpa_logits)
     fp.unpatch_model(loaded)
     assert loaded.config._attn_implementation == "flexprefill"
@@ -188,11 +216,16 @@ def test_registry_refuses_chatglm_and_unknown_models():
     from flexprefill_hf.patches import lookup, supported_model_types
 
     assert set(supported_model_types()) == set(ARCHITECTURES)
+    listed = ", ".join(sorted(ARCHITECTURES))
     with pytest.raises(ValueError, match="'chatglm' is not supported by FlexPrefill; supported model types: .*-hf"):
         lookup("chatglm")
-    for model_type in ("mistral", None):
+    with pytest.raises(ValueError, match=f"'{UNSUPPORTED_MODEL_TYPE}' is not supported by FlexPrefill; .*softcap"):
+        lookup(UNSUPPORTED_MODEL_TYPE)
+    with pytest.raises(ValueError, match="'gemma3' is not supported by FlexPrefill; .*bidirectionally.*'gemma3_text'"):
+        lookup("gemma3")
+    for model_type in ("olmo", None):
         with pytest.raises(ValueError, match=f"{model_type!r} is not supported by FlexPrefill; supported model "
-                           "types: glm, glm4, llama, qwen2$"):
+                           f"types: {listed}$"):
             lookup(model_type)
 
 
@@ -203,3 +236,60 @@ def test_every_registered_architecture_is_built_here(architecture):
     model = tiny_model(architecture)
     modules = lookup(model.config.model_type).attention_modules(model)
     assert [m.layer_idx for m in modules] == list(range(model.config.num_hidden_layers))
+
+
+def test_gemma3_scale_is_query_pre_attn_scalar():
+    # transformers passes scaling = query_pre_attn_scalar ** -0.5; hf_tiny makes it differ from head_dim ** -0.5,
+    # so test_gamma_one_equals_sdpa (SDPA uses that scaling) fails if the attention function ignores it.
+    model = tiny_model("gemma3_text")
+    config = model.config
+    for layer in model.model.layers:
+        assert layer.self_attn.scaling == config.query_pre_attn_scalar**-0.5 != config.head_dim**-0.5
+
+
+@pytest.mark.skipif(
+    "use_bidirectional_attention" not in transformers.Gemma3TextConfig().to_dict(),
+    reason="this transformers has no bidirectional Gemma 3",
+)
+def test_bidirectional_gemma3_is_refused():
+    model = tiny_model("gemma3_text", use_bidirectional_attention=True)
+    with pytest.raises(ValueError, match="Gemma3Attention \\(layer 0\\) is not causal"):
+        fp.patch_model(model)
+    assert model.config._attn_implementation == "sdpa"
+
+
+# (architecture, config changes): every layer windowed (Mistral-7B-v0.1's form: config.sliding_window, passed as a
+# keyword), a per-layer pattern (Gemma 3: module.sliding_window on the sliding layers), and Qwen3's windowed layers.
+WINDOWED = [
+    ("mistral", dict(sliding_window=256), [0, 1]),
+    ("gemma3_text", {}, [0]),
+    ("qwen3", dict(use_sliding_window=True, sliding_window=256, max_window_layers=1), [1]),
+]
+
+
+@pytest.mark.parametrize("architecture, changes, windowed", WINDOWED, ids=[w[0] for w in WINDOWED])
+def test_sliding_window_layers_dense_when_active_and_warned_once(architecture, changes, windowed):
+    model = tiny_model(architecture, **changes)
+    assert [i for i, active in enumerate(window_active(model, 257)) if active] == windowed
+    short, long = random_ids(250, seed=6), random_ids(600, seed=7)  # 250 keys: inside the window; 600: beyond it
+    expected_short, expected_long = _logits(model, short), _logits(model, long)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fp.patch_model(model, **EXACT)
+        at_patch = [str(w.message) for w in caught]
+        try:
+            with fp.record_stats(model):
+                assert_close(_logits(model, short), expected_short)
+            _check_routes(model, fp.last_stats(model), 250, dense=False)  # no window active: every layer sparse
+            assert all(s is not None for s in fp.last_stats(model))
+            for _ in range(3):
+                with fp.record_stats(model):
+                    assert_close(_logits(model, long), expected_long)
+                _check_routes(model, fp.last_stats(model), 600, dense=False, some_operator=False)
+        finally:
+            fp.unpatch_model(model)
+    layers = "all layers" if len(windowed) == model.config.num_hidden_layers else f"layers {windowed}"
+    assert len(at_patch) == 1 and f"{layers} use a sliding window of 256 tokens" in at_patch[0], at_patch
+    # The routing may name the fallback once per process, never once per call or layer.
+    at_calls = [str(w.message) for w in caught[1:]]
+    assert len(at_calls) <= 1 and all("sliding window" in m for m in at_calls), at_calls

@@ -16,13 +16,24 @@ PAPER_GAMMAS = {
     "qwen2-7b-instruct": 0.9,
     "default": 0.95,
 }
+# Presets for models the paper did not tune: a default each, not a claim (the files say which setting they follow).
+UNTUNED_GAMMAS = {
+    "qwen2.5": 0.9,  # Qwen2's
+    "llama-3.2": 0.95,  # Llama-3.1's
+    "qwen3": 0.95,  # the paper's default, for the types without a paper setting
+    "mistral": 0.95,
+    "phi3": 0.95,
+    "gemma3-text": 0.95,
+}
 
 
-def test_packaged_presets_hold_the_paper_settings():
-    assert set(preset_names()) == set(PAPER_GAMMAS)
-    for name, gamma in PAPER_GAMMAS.items():
+def test_packaged_presets_hold_the_paper_settings_and_untuned_defaults():
+    assert set(preset_names()) == set(PAPER_GAMMAS) | set(UNTUNED_GAMMAS)
+    for name, gamma in {**PAPER_GAMMAS, **UNTUNED_GAMMAS}.items():
         config = load_preset(name).config
         assert config == FlexPrefillConfig(gamma=gamma, tau=0.1, block_size=128, min_budget=1024), name
+    for name in UNTUNED_GAMMAS:
+        assert "untuned" in load_preset(name).description, name
 
 
 @pytest.mark.parametrize(
@@ -35,11 +46,23 @@ def test_packaged_presets_hold_the_paper_settings():
         ("glm", "THUDM/glm-4-9b-chat-hf", "glm-4-9b-chat"),
         ("glm", "/models/glm-4-9b-chat-1m-hf", "glm-4-9b-chat"),
         ("glm4", "THUDM/GLM-4-9B-0414", "glm-4-9b-chat"),  # the glm presets list their types without names
-        ("qwen2", "Qwen/Qwen2.5-7B-Instruct", "qwen2-7b-instruct"),
+        ("glm4", "THUDM/GLM-4-32B-0414", "glm-4-9b-chat"),
+        ("qwen2", "Qwen/Qwen2.5-7B-Instruct", "qwen2.5"),
+        ("qwen2", "/models/qwen2.5-72b-instruct", "qwen2.5"),
+        ("qwen2", "Qwen/Qwen2-1.5B", "qwen2-7b-instruct"),  # Qwen2 of another size: the family preset
         ("qwen2", "01-ai/Yi-9B-200K", "qwen2-7b-instruct"),  # a name match needs the model type too
+        ("llama", "meta-llama/Llama-3.2-1B-Instruct", "llama-3.2"),
+        ("llama", "meta-llama/Llama-3.2-3B", "llama-3.2"),
         ("llama", "HuggingFaceTB/SmolLM2-135M-Instruct", "default"),
+        ("llama", "Qwen/Qwen2.5-7B-Instruct", "default"),
         ("llama", "Qwen/Qwen2-7B-Instruct", "default"),
-        ("mistral", "meta-llama/Llama-3.1-8B-Instruct", "default"),
+        ("qwen3", "Qwen/Qwen3-8B", "qwen3"),
+        ("qwen3_moe", "Qwen/Qwen3-30B-A3B-Instruct-2507", "qwen3"),
+        ("mistral", "mistralai/Mistral-7B-Instruct-v0.3", "mistral"),
+        ("mistral", "meta-llama/Llama-3.1-8B-Instruct", "mistral"),  # a llama name on a mistral model: ignored
+        ("phi3", "microsoft/Phi-4-mini-instruct", "phi3"),
+        ("gemma3_text", "google/gemma-3-1b-it", "gemma3-text"),
+        ("gemma2", "google/gemma-2-9b-it", "default"),
         (None, "", "default"),
     ],
 )
