@@ -30,69 +30,14 @@ import time
 
 import torch
 import transformers
-from transformers import LlamaForCausalLM
 
 import flexprefill_hf
 from flexprefill_hf.ops import backends
 
 try:  # run as a script (benchmarks/ on sys.path) or as a module
-    from bench_model import llama31_8b_config
+    from bench_model import Clock, build_model
 except ImportError:  # pragma: no cover
-    from benchmarks.bench_model import llama31_8b_config
-
-class Clock:
-    """Elapsed ms of work on ``device``: CUDA events on a GPU (asynchronous work), perf_counter on the CPU."""
-
-    def __init__(self, device: str):
-        self.cuda = device == "cuda"
-
-    def start(self):
-        if self.cuda:
-            event = torch.cuda.Event(enable_timing=True)
-            event.record()
-            return event
-        return time.perf_counter()
-
-    def stop(self, started) -> float:
-        if self.cuda:
-            end = torch.cuda.Event(enable_timing=True)
-            end.record()
-            end.synchronize()
-            return started.elapsed_time(end)
-        return (time.perf_counter() - started) * 1e3
-
-    def median_ms(self, fn, repeats: int, warmup: int = 3) -> float:
-        """Median ms of ``fn()`` over ``repeats`` calls, after ``warmup`` calls."""
-        for _ in range(warmup):
-            fn()
-        times = []
-        for _ in range(repeats):
-            started = self.start()
-            fn()
-            times.append(self.stop(started))
-        return statistics.median(times)
-
-
-def build_model(layers: int, device: str, tiny: bool) -> LlamaForCausalLM:
-    """Random-weight Llama-3.1-8B architecture with ``layers`` decoder layers, bf16, built on ``device``.
-
-    tiny: a 256-wide, 4-head model for a smoke run on the CPU (fp32 there).
-    """
-    torch.manual_seed(0)
-    config = llama31_8b_config(layers)
-    if tiny:
-        config.vocab_size, config.hidden_size, config.intermediate_size = 1000, 256, 512
-        config.num_attention_heads, config.num_key_value_heads, config.head_dim = 4, 2, 64
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            model = LlamaForCausalLM(config)
-    finally:
-        torch.set_default_dtype(previous)
-    return model.to(dtype).eval()
-
+    from benchmarks.bench_model import Clock, build_model
 
 def set_implementation(model, name: str) -> None:
     if name == "sdpa":
