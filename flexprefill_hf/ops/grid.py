@@ -16,6 +16,7 @@ least one query are "present": ``first_query_block .. nb - 1``. The last ``min(B
 from __future__ import annotations
 
 import dataclasses
+from typing import Optional
 
 import torch
 
@@ -74,8 +75,15 @@ class BlockGrid:
         return self.block_of_key(min(int(key_start), self.k_len - 1))
 
 
-def causal_block_counts(grid: BlockGrid, sink: torch.Tensor) -> torch.Tensor:
+def causal_block_counts(
+    grid: BlockGrid, sink: torch.Tensor, first_block: Optional[torch.Tensor] = None
+) -> torch.Tensor:
     """int32 [B]: (query block, key block) pairs with ``sink[b] <= key block <= query block`` over the present
-    query blocks -- the causal block triangle of each sequence (``sink``: int [B], its first real block)."""
+    query blocks -- the causal block triangle of each sequence (``sink``: int [B], its first real block).
+    first_block: optional int [B], each sequence's first query block (a packed sequence laid into a padded
+    view, ``ops/varlen.py``); query blocks before it are not counted."""
     i = torch.arange(grid.first_query_block, grid.num_blocks, device=sink.device)
-    return (i[None, :] - sink[:, None] + 1).clamp_min(0).sum(-1).to(torch.int32)
+    pairs = (i[None, :] - sink[:, None] + 1).clamp_min(0)
+    if first_block is not None:
+        pairs = pairs * (i[None, :] >= first_block[:, None])
+    return pairs.sum(-1).to(torch.int32)

@@ -20,6 +20,7 @@ Forward only: FlexPrefill is a prefill (inference) method, and the entries refus
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from typing import Optional
@@ -105,7 +106,7 @@ def _attend_blocks(
 
 @triton.jit
 def _block_sparse_attention_fwd_kernel(
-    Q, K, V, Out, Lse, Indices, Counts, KeyStart,
+    Q, K, V, Out, Lse, Indices, Counts, KeyStart, CuSeqlensQ, CuSeqlensK,
     stride_qb, stride_qm, stride_qh, stride_qd,
     stride_kb, stride_kn, stride_kh, stride_kd,
     stride_vb, stride_vn, stride_vh, stride_vd,
@@ -117,7 +118,7 @@ def _block_sparse_attention_fwd_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_KEY_START: tl.constexpr, STORE_LSE: tl.constexpr, UPCAST: tl.constexpr,
-    PREFETCH_INDEX: tl.constexpr,
+    PREFETCH_INDEX: tl.constexpr, PACKED: tl.constexpr,
 ):
     tl.static_assert(BLOCK_SIZE % BLOCK_M == 0, "BLOCK_M must divide the block size")
     # torch.compile may hand float scalars over as fp64; keep the softmax state in fp32.
@@ -137,7 +138,19 @@ def _block_sparse_attention_fwd_kernel(
     qb_row = tile // TILES_M
     query_block = first_query_block + qb_row
     m_start = query_block * BLOCK_SIZE - pad + (tile % TILES_M) * BLOCK_M  # position of the tile's row 0
-    cache_len = k_len - q_len
+    key_lo = tl.zeros([], dtype=tl.int64)
+    if HAS_KEY_START:
+        key_lo = tl.maximum(tl.load(KeyStart + off_b).to(tl.int64), 0)
+    if PACKED:
+        # Sequence off_b laid into the padded (q_len, k_len) view: its query row r is packed row
+        # cu_q[b] + r, its key at padded position t is packed key cu_k[b] + t - key_start[b].
+        q_base = tl.load(CuSeqlensQ + off_b).to(tl.int64)
+        cache_len = k_len - (tl.load(CuSeqlensQ + off_b + 1).to(tl.int64) - q_base)
+        k_base = tl.load(CuSeqlensK + off_b).to(tl.int64) - key_lo
+    else:
+        q_base = tl.zeros([], dtype=tl.int64)
+        cache_len = k_len - q_len
+        k_base = tl.zeros([], dtype=tl.int64)
 
     offs_m = m_start + tl.arange(0, BLOCK_M)  # [BM] query positions
     rows = offs_m - cache_len  # [BM] query rows; < 0 before the first query
@@ -145,14 +158,12 @@ def _block_sparse_attention_fwd_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < HEAD_DIM
 
-    q_ptrs = Q + off_b * stride_qb + off_h * stride_qh + rows[:, None] * stride_qm + offs_d[None, :] * stride_qd
+    q_rows = q_base + rows  # [BM] rows of the q tensor (packed rows in the packed layout)
+    q_ptrs = Q + off_b * stride_qb + off_h * stride_qh + q_rows[:, None] * stride_qm + offs_d[None, :] * stride_qd
     q = tl.load(q_ptrs, mask=row_mask[:, None] & d_mask[None, :], other=0.0)  # [BM, BD]
     if UPCAST:
         q = q.to(tl.float32)
 
-    key_lo = tl.zeros([], dtype=tl.int64)
-    if HAS_KEY_START:
-        key_lo = tl.maximum(tl.load(KeyStart + off_b).to(tl.int64), 0)
     # First key block without padding keys; blocks before it need the element mask.
     first_full_block = (key_lo + pad + BLOCK_SIZE - 1) // BLOCK_SIZE
 
@@ -173,8 +184,8 @@ def _block_sparse_attention_fwd_kernel(
         n_lo += 1
         kb = tl.load(idx_row + n_lo * stride_ik, mask=n_lo < n_hi, other=0).to(tl.int64)
 
-    k_head = K + off_b * stride_kb + off_kvh * stride_kh
-    v_head = V + off_b * stride_vb + off_kvh * stride_vh
+    k_head = K + off_b * stride_kb + k_base * stride_kn + off_kvh * stride_kh
+    v_head = V + off_b * stride_vb + k_base * stride_vn + off_kvh * stride_vh
     # Offsets inside a key tile stay int32; the tile's start is added to the int64 base pointer.
     offs_tile_n = tl.arange(0, BLOCK_N)
     # K is read transposed: a C-ordered tile for the dot (the interpreter's numpy matmul is 100x slower
@@ -200,9 +211,10 @@ def _block_sparse_attention_fwd_kernel(
 
     # Rows that saw no key have l_i = 0 and acc = 0: they output 0.
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
-    o_ptrs = Out + off_b * stride_ob + off_h * stride_oh + rows[:, None] * stride_om + offs_d[None, :] * stride_od
+    o_ptrs = Out + off_b * stride_ob + off_h * stride_oh + q_rows[:, None] * stride_om + offs_d[None, :] * stride_od
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_mask[:, None] & d_mask[None, :])
     if STORE_LSE:
+        tl.static_assert(not PACKED, "the packed layout stores no log-sum-exp")
         # m_i is in log2 units (log2(e) is folded into qk_scale); empty rows get -inf.
         lse = (m_i + tl.math.log2(tl.where(l_i == 0.0, 1.0, l_i))) * _LN2
         tl.store(Lse + pid_bh * q_len + rows, lse, mask=row_mask)
@@ -320,24 +332,41 @@ _block_sparse_attention_fwd_tuned = triton.autotune(**_TUNING, do_bench=_tuning_
 _block_sparse_attention_fwd_tuned_plain = triton.autotune(**_TUNING)(_block_sparse_attention_fwd_kernel)
 
 
+def _check_tile_config(tile_config, block_size: int) -> None:
+    if tile_config is not None and not isinstance(tile_config, TileConfig):
+        raise TypeError(f"tile_config has type {type(tile_config).__name__}; expected TileConfig or None")
+    if tile_config is not None and (block_size % tile_config.block_m or block_size % tile_config.block_n):
+        raise ValueError(
+            f"tile_config block_m={tile_config.block_m}, block_n={tile_config.block_n} do not divide "
+            f"block_size={block_size}; expected divisors of the block size"
+        )
+
+
 def _forward(q, k, v, structure: BlockStructure, softmax_scale, key_start, tile_config, store_lse: bool):
     """Validate, allocate and launch; returns (out, lse) (lse is ``out`` itself when not stored)."""
     check_attention_inputs(q, k, v, key_start, kernel=True)
     check_structure(structure, q, k)
     check_softmax_scale(softmax_scale)
-    if tile_config is not None and not isinstance(tile_config, TileConfig):
-        raise TypeError(f"tile_config has type {type(tile_config).__name__}; expected TileConfig or None")
-    batch, q_len, q_heads, head_dim = q.shape
-    grid_geom = structure.grid
-    if tile_config is not None and (grid_geom.block_size % tile_config.block_m or grid_geom.block_size % tile_config.block_n):
-        raise ValueError(
-            f"tile_config block_m={tile_config.block_m}, block_n={tile_config.block_n} do not divide "
-            f"block_size={grid_geom.block_size}; expected divisors of the block size"
-        )
+    _check_tile_config(tile_config, structure.grid.block_size)
+    batch, q_len, q_heads, _ = q.shape
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((batch, q_heads, q_len), dtype=torch.float32, device=q.device) if store_lse else out
     if q_len == 0 or batch == 0 or q_heads == 0:
         return out, lse
+    _launch(q, k, v, out, lse, structure, softmax_scale, key_start, None, tile_config, store_lse)
+    return out, lse
+
+
+def _launch(q, k, v, out, lse, structure: BlockStructure, softmax_scale, key_start, cu_seqlens, tile_config,
+            store_lse: bool) -> None:
+    """Launch the kernel on q [B, q_len, Hq, D] (or, with ``cu_seqlens = (cu_q, cu_k)``, the packed q
+    [total_q, Hq, D] and k/v [total_k, Hkv, D]); ``structure`` has the batch and the grid of the launch."""
+    grid_geom = structure.grid
+    batch, q_heads = structure.counts.shape[:2]
+    head_dim = q.shape[-1]
+    packed = cu_seqlens is not None
+    if packed:  # the packed tensors as one batch row: the kernel adds each sequence's offsets itself
+        q, k, v, out = (t.unsqueeze(0).expand(batch, -1, -1, -1) for t in (q, k, v, out))
     scale = 1.0 / math.sqrt(head_dim) if softmax_scale is None else float(softmax_scale)
     meta = dict(
         HEAD_DIM=head_dim,
@@ -347,6 +376,7 @@ def _forward(q, k, v, structure: BlockStructure, softmax_scale, key_start, tile_
         STORE_LSE=store_lse,
         # The interpreter computes bf16 arithmetic wrongly: upcast right after each load there.
         UPCAST=interpreting() and q.dtype == torch.bfloat16,
+        PACKED=packed,
     )
     if tile_config is None and interpreting():
         # Autotuning needs a GPU. The interpreter's cost is per tile, barely by size: one tile per block.
@@ -363,21 +393,28 @@ def _forward(q, k, v, structure: BlockStructure, softmax_scale, key_start, tile_
     def launch_grid(m):
         num_tiles = grid_geom.num_query_blocks * (grid_geom.block_size // m["BLOCK_M"])
         if num_tiles > 65535:  # CUDA's limit on the second grid dimension
-            raise ValueError(f"q_len={q_len} needs {num_tiles} query tiles; at most 65535 are supported")
+            raise ValueError(f"q_len={grid_geom.q_len} needs {num_tiles} query tiles; at most 65535 are supported")
         return (batch * q_heads, num_tiles)
 
     indices, counts = structure.indices, structure.counts
-    kernel[launch_grid](
-        q, k, v, out, lse, indices, counts, key_start if key_start is not None else counts,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *indices.stride(), *counts.stride(),
-        q_heads, q_heads // k.shape[2], q_len, k.shape[1], grid_geom.pad, grid_geom.first_query_block,
-        grid_geom.num_query_blocks,
-        scale * LOG2E,  # the kernel's softmax uses exp2
-        # Beyond 128 query blocks (16K tokens at block 128) one tuning for all: the same tiles won at 32K and 128K.
-        min(triton.next_power_of_2(grid_geom.num_query_blocks), _LONG_BUCKET),
-        **meta,
-    )
-    return out, lse
+    cu_q, cu_k = cu_seqlens if packed else (counts, counts)  # never read unless packed
+    with launch_device(q):  # q's device, not the current one (a model on cuda:1 while cuda:0 is current)
+        kernel[launch_grid](
+            q, k, v, out, lse, indices, counts, key_start if key_start is not None else counts, cu_q, cu_k,
+            *q.stride(), *k.stride(), *v.stride(), *out.stride(), *indices.stride(), *counts.stride(),
+            q_heads, q_heads // k.shape[2], grid_geom.q_len, grid_geom.k_len, grid_geom.pad,
+            grid_geom.first_query_block, grid_geom.num_query_blocks,
+            scale * LOG2E,  # the kernel's softmax uses exp2
+            # Beyond 128 query blocks (16K tokens at block 128) one tuning for all: the same tiles won at 32K and 128K.
+            min(triton.next_power_of_2(grid_geom.num_query_blocks), _LONG_BUCKET),
+            **meta,
+        )
+
+
+def launch_device(t: torch.Tensor):
+    """A context that makes ``t``'s CUDA device current for a Triton launch (Triton launches on the current
+    device, whatever the tensors' one); a no-op for CPU tensors (the interpreter)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 def block_sparse_attention_triton(
@@ -423,6 +460,58 @@ def block_sparse_attention_triton_with_lse(
     """As :func:`block_sparse_attention_triton`; also returns the natural log-sum-exp, fp32 [B, Hq, q_len]
     (``-inf`` for rows with no visible key)."""
     return _forward(q, k, v, structure, softmax_scale, key_start, tile_config, store_lse=True)
+
+
+def block_sparse_attention_triton_packed(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    structure: BlockStructure,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    *,
+    softmax_scale: Optional[float] = None,
+    tile_config: Optional[TileConfig] = None,
+) -> torch.Tensor:
+    """:func:`block_sparse_attention_triton` on packed variable-length sequences, without unpacking them.
+
+    Args:
+        q: [total_q, Hq, D] fp16/bf16, the queries of sequence b in rows ``cu_seqlens_q[b] : cu_seqlens_q[b+1]``.
+        k, v: [total_k, Hkv, D], sequence b's keys in rows ``cu_seqlens_k[b] : cu_seqlens_k[b+1]``; its queries
+            are its last ``q_len_b`` keys (bottom-right causal), ``q_len_b <= k_len_b``.
+        structure: on the padded grid ``(max_seqlen_q, max_seqlen_k)`` of the batch, indices int32
+            [B, Hq, nqb, nb] and counts int32 [B, Hq, nqb], any strides: sequence b is laid into that view
+            end-aligned, i.e. left-padded by ``key_start[b] = max_seqlen_k - k_len_b`` keys, so its blocks
+            are those it has alone shifted by the padding blocks (``ops/varlen.py`` builds it). Row t of a
+            query block before the sequence's first query computes nothing for it (no row is stored).
+        cu_seqlens_q, cu_seqlens_k: int32 [B + 1] on q's device, cumulative lengths.
+    Returns:
+        [total_q, Hq, D] in q's dtype; rows outside every sequence (past ``cu_seqlens_q[B]``) are 0.
+
+    Nothing is read on the host (no sync): the lengths are checked by ``ops/varlen.check_varlen_inputs``
+    (device-side asserts on CUDA). The kernel is the padded one with per-sequence base offsets, so a
+    sequence's output equals the one it gets alone from :func:`block_sparse_attention_triton`, bit for bit.
+    """
+    from ..varlen import check_varlen_inputs, varlen_key_start
+
+    grid_geom = getattr(structure, "grid", None)
+    if grid_geom is None or not hasattr(structure, "indices") or not hasattr(structure, "counts"):
+        raise TypeError(f"structure has type {type(structure).__name__}; expected a BlockStructure")
+    check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, grid_geom.q_len, grid_geom.k_len, kernel=True)
+    check_softmax_scale(softmax_scale)
+    _check_tile_config(tile_config, grid_geom.block_size)
+    batch = cu_seqlens_q.shape[0] - 1
+    expected = (batch, q.shape[1], grid_geom.num_query_blocks, grid_geom.num_blocks)
+    for name, t, shape in (("indices", structure.indices, expected), ("counts", structure.counts, expected[:3])):
+        if tuple(t.shape) != shape or t.dtype != torch.int32 or t.device != q.device:
+            raise ValueError(f"structure.{name} is {t.dtype} of shape {tuple(t.shape)} on {t.device}; "
+                             f"expected torch.int32 of shape {shape} on {q.device}")
+    out = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
+    if batch == 0 or q.shape[0] == 0 or q.shape[1] == 0:
+        return out
+    key_start = varlen_key_start(cu_seqlens_k, grid_geom.k_len)
+    _launch(q, k, v, out, out, structure, softmax_scale, key_start, (cu_seqlens_q, cu_seqlens_k), tile_config, False)
+    return out
 
 
 def tuned_tile_config() -> Optional[TileConfig]:

@@ -23,6 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..attention.block_sparse_triton import launch_device
 from ..block_structure import causal_pair_count
 from ..grid import BlockGrid
 from .compose import MaskParts
@@ -98,8 +99,9 @@ def compose_structure_triton(
         assert t.is_contiguous(), "compose_structure_triton takes contiguous tensors"
     if block_n is None:
         block_n = min(1024, max(16, triton.next_power_of_2(num_blocks)))
-    _compose_pack_kernel[(nqb, batch * chunk_heads)](
-        vertical, slash, estimate, query_aware, short, sink, indices, counts,
-        num_heads, head_start, chunk_heads, num_blocks, nqb, grid.first_query_block, pairs,
-        BLOCK_N=block_n, num_warps=4 if block_n >= 256 else 1,
-    )
+    with launch_device(indices):  # the tensors' device, not the current one
+        _compose_pack_kernel[(nqb, batch * chunk_heads)](
+            vertical, slash, estimate, query_aware, short, sink, indices, counts,
+            num_heads, head_start, chunk_heads, num_blocks, nqb, grid.first_query_block, pairs,
+            BLOCK_N=block_n, num_warps=4 if block_n >= 256 else 1,
+        )

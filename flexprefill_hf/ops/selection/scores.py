@@ -29,11 +29,14 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def representative_scores(
-    q: torch.Tensor, k: torch.Tensor, grid: BlockGrid, softmax_scale: float, key_valid: torch.Tensor
+    q: torch.Tensor, k: torch.Tensor, grid: BlockGrid, softmax_scale: float, key_valid: torch.Tensor,
+    query_start: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Vertical and slash scores of the representative queries (ops/README.md §1, §3).
 
-    q [B, q_len, Hq, D], k [B, n, Hkv, D] (any strides), key_valid bool [B, n].
+    q [B, q_len, Hq, D], k [B, n, Hkv, D] (any strides), key_valid bool [B, n]; query_start: optional int
+    [B], key position of each sequence's first real query (rows before it are no queries: they see no key
+    and are not counted); default: the first real key.
     Returns [2, B, Hq, n] in the compute dtype: a_v, a_s. a_v[j] is the mean attention of key j,
     a_s[o] the mean attention along diagonal offset o (query position minus key position); the
     mean is over the real representative rows, so each sums to 1.
@@ -44,8 +47,12 @@ def representative_scores(
     r = grid.num_representative
     dtype = compute_dtype(q.dtype)
     positions = torch.arange(n - r, n, device=q.device)  # [r]
+    if query_start is None:
+        query_start = (~key_valid).sum(-1)  # the first real key: key_valid is a left-padding mask
+    row_valid = positions[None, :] >= query_start[:, None]  # [B, r]
     allowed = (torch.arange(n, device=q.device)[None, :] <= positions[:, None])[None] & key_valid[:, None, :]
-    real_rows = (positions[None, :] >= (~key_valid).sum(-1, keepdim=True)).sum(-1).clamp_min(1)  # [B]
+    allowed = allowed & row_valid[:, :, None]  # [B, r, n]
+    real_rows = row_valid.sum(-1).clamp_min(1)  # [B]
 
     bytes_per_kv_head = 2 * batch * groups * r * (n + r) * torch.finfo(dtype).bits // 8
     chunk = max(1, min(kv_heads, _SCORE_CHUNK_BYTES // max(bytes_per_kv_head, 1)))

@@ -28,6 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..attention.block_sparse_triton import launch_device
 from ..grid import BlockGrid
 from ..runtime import LOG2E, interpreting
 
@@ -36,8 +37,10 @@ _SPLIT_CHUNK = 32
 
 
 @triton.jit
-def _program_head(KeyStart, num_heads, num_kv_groups, HAS_KEY_START: tl.constexpr):
-    """This program's (sequence x query head) row, sequence, query head, KV head and first real key, int64."""
+def _program_head(KeyStart, QueryStart, num_heads, num_kv_groups, HAS_KEY_START: tl.constexpr,
+                  HAS_QUERY_START: tl.constexpr):
+    """This program's (sequence x query head) row, sequence, query head, KV head, first real key and
+    position of the first real query (the first real key without QueryStart), int64."""
     pid_bh = tl.program_id(0).to(tl.int64)
     off_b = pid_bh // num_heads
     off_h = pid_bh % num_heads
@@ -45,13 +48,17 @@ def _program_head(KeyStart, num_heads, num_kv_groups, HAS_KEY_START: tl.constexp
     key_lo = tl.zeros([], dtype=tl.int64)
     if HAS_KEY_START:
         key_lo = tl.load(KeyStart + off_b).to(tl.int64)
-    return pid_bh, off_b, off_h, off_kvh, key_lo
+    query_lo = key_lo
+    if HAS_QUERY_START:
+        query_lo = tl.load(QueryStart + off_b).to(tl.int64)
+    return pid_bh, off_b, off_h, off_kvh, key_lo, query_lo
 
 
 @triton.jit
-def _load_rep_queries(Q, off_b, off_h, stride_qb, stride_qm, stride_qh, stride_qd, q_len, n, r,
+def _load_rep_queries(Q, off_b, off_h, stride_qb, stride_qm, stride_qh, stride_qd, q_len, n, r, query_lo,
                       BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr, UPCAST: tl.constexpr):
-    """The representative rows [BLOCK, BLOCK_D] (0 past r) and their key positions (-1 past r: no key)."""
+    """The representative rows [BLOCK, BLOCK_D] (0 past r) and their key positions (-1 past r and before
+    the first real query: no key)."""
     offs_r = tl.arange(0, BLOCK)
     offs_d = tl.arange(0, BLOCK_D)
     rows = q_len - r + offs_r
@@ -59,7 +66,8 @@ def _load_rep_queries(Q, off_b, off_h, stride_qb, stride_qm, stride_qh, stride_q
     q = tl.load(ptrs, mask=(offs_r < r)[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
-    pos = tl.where(offs_r < r, n - r + offs_r, -1)  # rows past r (q_len < block) see no key
+    # Rows past r (q_len < block) and rows before the first query (padding, a packed sequence's cache) see no key.
+    pos = tl.where((offs_r < r) & (n - r + offs_r >= query_lo), n - r + offs_r, -1)
     return q, pos
 
 
@@ -80,18 +88,20 @@ def _tile_scores(q, K, off_b, off_kvh, stride_kb, stride_kn, stride_kh, stride_k
 
 @triton.jit
 def _representative_lse_kernel(
-    Q, K, KeyStart, PartMax, PartSum,
+    Q, K, KeyStart, QueryStart, PartMax, PartSum,
     stride_qb, stride_qm, stride_qh, stride_qd, stride_kb, stride_kn, stride_kh, stride_kd,
     num_heads, num_kv_groups, q_len, n, r, tiles_per_program, num_splits, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr, HAS_KEY_START: tl.constexpr,
-    UPCAST: tl.constexpr,
+    HAS_QUERY_START: tl.constexpr, UPCAST: tl.constexpr,
 ):
     # torch.compile may hand float scalars over as fp64; keep the softmax state in fp32.
     qk_scale = tl.full([], qk_scale, tl.float32)
-    pid_bh, off_b, off_h, off_kvh, key_lo = _program_head(KeyStart, num_heads, num_kv_groups, HAS_KEY_START)
+    pid_bh, off_b, off_h, off_kvh, key_lo, query_lo = _program_head(
+        KeyStart, QueryStart, num_heads, num_kv_groups, HAS_KEY_START, HAS_QUERY_START
+    )
     pid_s = tl.program_id(1).to(tl.int64)
     offs_r = tl.arange(0, BLOCK)
-    q, pos = _load_rep_queries(Q, off_b, off_h, stride_qb, stride_qm, stride_qh, stride_qd, q_len, n, r,
+    q, pos = _load_rep_queries(Q, off_b, off_h, stride_qb, stride_qm, stride_qh, stride_qd, q_len, n, r, query_lo,
                                BLOCK, BLOCK_D, HEAD_DIM, UPCAST)
     m_i = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK], dtype=tl.float32)
@@ -134,24 +144,26 @@ def _combine_partials(PartMax, PartSum, pid_bh, num_splits, BLOCK: tl.constexpr,
 
 @triton.jit
 def _representative_scores_kernel(
-    Q, K, KeyStart, PartMax, PartSum, Vertical, Diagonal, Scratch,
+    Q, K, KeyStart, QueryStart, PartMax, PartSum, Vertical, Diagonal, Scratch,
     stride_qb, stride_qm, stride_qh, stride_qd, stride_kb, stride_kn, stride_kh, stride_kd,
     num_heads, num_kv_groups, q_len, n, r, num_tiles, tiles_per_program, num_splits, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr, HAS_KEY_START: tl.constexpr,
-    UPCAST: tl.constexpr, ROW_CHUNK: tl.constexpr, SPLIT_CHUNK: tl.constexpr,
+    HAS_QUERY_START: tl.constexpr, UPCAST: tl.constexpr, ROW_CHUNK: tl.constexpr, SPLIT_CHUNK: tl.constexpr,
 ):
     WIDTH: tl.constexpr = 2 * BLOCK
     # torch.compile may hand float scalars over as fp64; keep the softmax state in fp32.
     qk_scale = tl.full([], qk_scale, tl.float32)
-    pid_bh, off_b, off_h, off_kvh, key_lo = _program_head(KeyStart, num_heads, num_kv_groups, HAS_KEY_START)
+    pid_bh, off_b, off_h, off_kvh, key_lo, query_lo = _program_head(
+        KeyStart, QueryStart, num_heads, num_kv_groups, HAS_KEY_START, HAS_QUERY_START
+    )
     pid_s = tl.program_id(1).to(tl.int64)
     offs_r = tl.arange(0, BLOCK)
     offs_n = tl.arange(0, BLOCK)
-    q, pos = _load_rep_queries(Q, off_b, off_h, stride_qb, stride_qm, stride_qh, stride_qd, q_len, n, r,
+    q, pos = _load_rep_queries(Q, off_b, off_h, stride_qb, stride_qm, stride_qh, stride_qd, q_len, n, r, query_lo,
                                BLOCK, BLOCK_D, HEAD_DIM, UPCAST)
     lse2 = _combine_partials(PartMax, PartSum, pid_bh, num_splits, BLOCK, SPLIT_CHUNK)  # [BR]
     # 1 / (number of real representative rows, at least 1), correctly rounded (IEEE division, like torch on CPU).
-    real_rows = tl.maximum(n - tl.maximum(key_lo, n - r), 1)
+    real_rows = tl.maximum(n - tl.maximum(query_lo, n - r), 1)
     row_scale = tl.math.div_rn(tl.full([], 1.0, tl.float32), real_rows.to(tl.float32))
     scratch = Scratch + (pid_bh * tl.num_programs(1) + pid_s) * (BLOCK * WIDTH)
     # Element (i, j) of a tile lies on diagonal column j - i + BLOCK - 1 of the skewed scratch.
@@ -193,12 +205,14 @@ def _slash_scores_kernel(Diagonal, Slash, n, r, num_tiles, BLOCK: tl.constexpr, 
 
 
 def representative_scores_triton(
-    q: torch.Tensor, k: torch.Tensor, grid: BlockGrid, softmax_scale: float, key_start, splits: Optional[int] = None
+    q: torch.Tensor, k: torch.Tensor, grid: BlockGrid, softmax_scale: float, key_start, splits: Optional[int] = None,
+    *, query_start: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Vertical and slash scores of the representative queries, fp32 [2, B, Hq, n] (a_v, a_s).
 
-    q [B, q_len, Hq, D], k [B, n, Hkv, D] in fp16/bf16, any strides; key_start optional int [B]. Same
-    function as ``scores.representative_scores`` (up to fp32 rounding).
+    q [B, q_len, Hq, D], k [B, n, Hkv, D] in fp16/bf16, any strides; key_start optional int [B]; query_start
+    optional int [B], key position of each sequence's first real query (``scores.representative_scores``).
+    Same function as ``scores.representative_scores`` (up to fp32 rounding).
     splits: programs per head (each takes a range of key tiles); default: enough to fill the GPU, 1
     when interpreting.
     """
@@ -218,30 +232,35 @@ def representative_scores_triton(
     has_key_start = key_start is not None
     # Without left padding the kernels never read KeyStart: any pointer will do.
     starts = key_start.to(device, torch.long) if has_key_start else q
+    query_starts = query_start.to(device, torch.long) if query_start is not None else starts
     meta = dict(
         HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), BLOCK=block,
-        HAS_KEY_START=has_key_start, UPCAST=interpret and q.dtype == torch.bfloat16,
+        HAS_KEY_START=has_key_start, HAS_QUERY_START=query_start is not None,
+        UPCAST=interpret and q.dtype == torch.bfloat16,
         num_warps=8 if block == 128 else 4,
     )
     qk_scale = softmax_scale * LOG2E
     common = (*q.stride(), *k.stride(), q_heads, q_heads // kv_heads, q_len, n, r)
 
-    part_max = torch.empty(batch * q_heads, splits, block, dtype=torch.float32, device=device)
-    part_sum = torch.empty_like(part_max)
-    _representative_lse_kernel[(batch * q_heads, splits)](
-        q, k, starts, part_max, part_sum, *common, per_program, splits, qk_scale, **meta
-    )
+    # Launch on q's device, not the current one (a model on cuda:1 while cuda:0 is current).
+    with launch_device(q):
+        part_max = torch.empty(batch * q_heads, splits, block, dtype=torch.float32, device=device)
+        part_sum = torch.empty_like(part_max)
+        _representative_lse_kernel[(batch * q_heads, splits)](
+            q, k, starts, query_starts, part_max, part_sum, *common, per_program, splits, qk_scale, **meta
+        )
 
-    scores = torch.empty(2, batch, q_heads, n, dtype=torch.float32, device=device)
-    diagonal = torch.empty(batch * q_heads, num_tiles, 2 * block, dtype=torch.float32, device=device)
-    # The kernel reads back only the scratch entries it wrote.
-    scratch = torch.empty(batch * q_heads * splits * block * 2 * block, dtype=torch.float32, device=device)
-    _representative_scores_kernel[(batch * q_heads, splits)](
-        q, k, starts, part_max, part_sum, scores[0], diagonal, scratch, *common, num_tiles, per_program, splits,
-        qk_scale, ROW_CHUNK=min(block, 32), SPLIT_CHUNK=min(_SPLIT_CHUNK, max(2, triton.next_power_of_2(splits))), **meta,
-    )
-    block_o = 1024
-    _slash_scores_kernel[(batch * q_heads, triton.cdiv(n, block_o))](
-        diagonal, scores[1], n, r, num_tiles, BLOCK=block, BLOCK_O=block_o, num_warps=4,
-    )
+        scores = torch.empty(2, batch, q_heads, n, dtype=torch.float32, device=device)
+        diagonal = torch.empty(batch * q_heads, num_tiles, 2 * block, dtype=torch.float32, device=device)
+        # The kernel reads back only the scratch entries it wrote.
+        scratch = torch.empty(batch * q_heads * splits * block * 2 * block, dtype=torch.float32, device=device)
+        _representative_scores_kernel[(batch * q_heads, splits)](
+            q, k, starts, query_starts, part_max, part_sum, scores[0], diagonal, scratch, *common, num_tiles,
+            per_program, splits, qk_scale, ROW_CHUNK=min(block, 32),
+            SPLIT_CHUNK=min(_SPLIT_CHUNK, max(2, triton.next_power_of_2(splits))), **meta,
+        )
+        block_o = 1024
+        _slash_scores_kernel[(batch * q_heads, triton.cdiv(n, block_o))](
+            diagonal, scores[1], n, r, num_tiles, BLOCK=block, BLOCK_O=block_o, num_warps=4,
+        )
     return scores

@@ -65,7 +65,11 @@ class _Sequences:
     starts: int64 [B], first real key; sink: int64 [B], its block (``BlockGrid.sink_block``);
     key_valid: bool [B, n], or None without left padding; padding_block: bool [B, 1, nb], blocks of
     padding only, or None; blocked: bool [1 or B, nqb, nb], pairs outside the block-causal triangle
-    or in padding; short: bool [B], real length at or below the dense threshold (§5).
+    or in padding (and, with ``query_start``, rows before the sequence's first query block);
+    short: bool [B], real length at or below the dense threshold, or at most one query (§5).
+    query_start: int64 [B], key position of the first real query (``starts`` without ``query_start``:
+    a padding row is no query); query_rows: bool [B, nqb], query blocks holding a real query, or None
+    when every present block does (no ``query_start``).
     """
 
     starts: torch.Tensor
@@ -74,6 +78,8 @@ class _Sequences:
     padding_block: Optional[torch.Tensor]
     blocked: torch.Tensor
     short: torch.Tensor
+    query_start: torch.Tensor
+    query_rows: Optional[torch.Tensor]
 
 
 def select_blocks(
@@ -83,6 +89,7 @@ def select_blocks(
     softmax_scale: float,
     key_start: Optional[torch.Tensor] = None,
     *,
+    query_start: Optional[torch.Tensor] = None,
     scores_backend: Optional[str] = None,
     structure_backend: Optional[str] = None,
 ) -> BlockSelection:
@@ -92,6 +99,15 @@ def select_blocks(
         q: [B, q_len, Hq, D]; k: [B, n, Hkv, D] (n >= q_len, queries are the last positions); any strides.
         config: hyper-parameters; softmax_scale: the attention scale.
         key_start: optional int [B], first real key of each sequence (left padding).
+        query_start: optional int64 [B], key position of each sequence's first real query, with
+            ``max(key_start[b], n - q_len) <= query_start[b] <= n`` (not checked: internal callers only).
+            Rows of q before it are not queries (the cache of a packed sequence laid into a padded
+            view, ``ops/varlen.py``): they are left out of every mean, the query blocks before the
+            first one holding a query get no blocks (counts 0, indices -1) and take no part in the
+            global coverage of §4, and a sequence with at most one query is short (dense, as decode
+            is alone). Each sequence then gets exactly the selection of a call with its own
+            ``q_len = n - query_start[b]`` and keys ``key_start[b]:`` alone. Default: the rows at or
+            after ``key_start`` (or all rows) are queries, as before.
         scores_backend: "triton" (fused kernels of ``scores_triton.py``) or "torch" (``scores.py``)
             for the representative scores; default: triton for fp16/bf16 CUDA tensors, torch otherwise.
         structure_backend: "triton" (``compose_triton.py``: mask composed and packed in one kernel)
@@ -103,7 +119,7 @@ def select_blocks(
     scores_backend, compose = _backends(q, scores_backend, structure_backend)
     grid = BlockGrid(q.shape[1], k.shape[1], config.block_size)
     dtype = compute_dtype(q.dtype)
-    seqs = _sequences(grid, q.shape[0], key_start, config, q.device)
+    seqs = _sequences(grid, q.shape[0], key_start, query_start, config, q.device)
 
     rep_scores = _representative_scores(q, k, grid, softmax_scale, key_start, seqs, scores_backend)  # [2, B, Hq, n]
     block_scores = _block_scores(rep_scores, grid)  # [2, B, Hq, nb]
@@ -112,11 +128,18 @@ def select_blocks(
     vertical, slash = _vertical_slash_blocks(rep_scores, block_scores, query_aware, grid, seqs, config)
     parts = MaskParts(vertical=vertical, slash=slash, query_aware=query_aware, short=seqs.short, sink=seqs.sink)
     structure = _compose(q, k_means, parts, grid, seqs, config, softmax_scale, compose)
+    causal = causal_block_counts(grid, seqs.sink)
+    if seqs.query_rows is not None:
+        # Query blocks without a query of their sequence compute nothing (what the sequence gets alone).
+        no_query = ~seqs.query_rows[:, None, :]  # [B, 1, nqb]
+        structure.counts.masked_fill_(no_query, 0)
+        structure.indices.masked_fill_(no_query[..., None], -1)
+        causal = causal_block_counts(grid, seqs.sink, grid.sink_block(seqs.query_start))
 
     # Dense sequences have no pattern to report.
     query_aware = torch.where(seqs.short[:, None], False, query_aware)
     distance = distance.masked_fill(seqs.short[:, None], math.nan)
-    return BlockSelection(structure, query_aware, distance, causal_block_counts(grid, seqs.sink))
+    return BlockSelection(structure, query_aware, distance, causal)
 
 
 def _backends(q: torch.Tensor, scores_backend: Optional[str], structure_backend: Optional[str]) -> tuple[str, Callable]:
@@ -137,7 +160,8 @@ def _backends(q: torch.Tensor, scores_backend: Optional[str], structure_backend:
 
 
 def _sequences(
-    grid: BlockGrid, batch: int, key_start: Optional[torch.Tensor], config: FlexPrefillConfig, device
+    grid: BlockGrid, batch: int, key_start: Optional[torch.Tensor], query_start: Optional[torch.Tensor],
+    config: FlexPrefillConfig, device
 ) -> _Sequences:
     """Small per-sequence values, once; the left-padding masks only when there is padding."""
     nb = grid.num_blocks
@@ -155,7 +179,16 @@ def _sequences(
         padding_block = (j < sink[:, None])[:, None, :]  # [B, 1, nb]
         blocked = blocked | padding_block  # [B, nqb, nb]
     short = starts >= grid.k_len - config.effective_dense_threshold  # [B]
-    return _Sequences(starts, sink, key_valid, padding_block, blocked, short)
+    query_rows = None
+    if query_start is None:
+        query_start = starts
+    else:
+        query_start = query_start.to(device, torch.long)
+        # Blocks from the one holding the first query (sink_block: the block of a position); none when q_len is 0.
+        query_rows = (i[None, :] >= grid.sink_block(query_start)[:, None]) & (query_start < grid.k_len)[:, None]
+        blocked = blocked | ~query_rows[:, :, None]  # [B, nqb, nb]
+        short = short | (query_start >= grid.k_len - 1)  # decode (or nothing) runs dense, as alone
+    return _Sequences(starts, sink, key_valid, padding_block, blocked, short, query_start, query_rows)
 
 
 def _representative_scores(
@@ -167,11 +200,12 @@ def _representative_scores(
     if backend == "triton":
         from .scores_triton import representative_scores_triton
 
-        return representative_scores_triton(q, k, grid, softmax_scale, key_start)
+        query_start = None if seqs.query_rows is None else seqs.query_start
+        return representative_scores_triton(q, k, grid, softmax_scale, key_start, query_start=query_start)
     key_valid = seqs.key_valid
     if key_valid is None:
         key_valid = torch.ones(q.shape[0], grid.k_len, dtype=torch.bool, device=q.device)
-    return representative_scores(q, k, grid, softmax_scale, key_valid)
+    return representative_scores(q, k, grid, softmax_scale, key_valid, seqs.query_start)
 
 
 def _block_scores(rep_scores: torch.Tensor, grid: BlockGrid) -> torch.Tensor:
@@ -192,10 +226,11 @@ def _pattern(
     q_heads, kv_heads = q.shape[2], k_means.shape[1]
     n, r = grid.k_len, grid.num_representative
     q_rep = q[:, grid.q_len - r :].to(k_means.dtype)  # [B, r, Hq, D]
-    if seqs.key_valid is None and r & (r - 1) == 0:  # dividing by a power of two is exact, however it is done
+    if seqs.key_valid is None and seqs.query_rows is None and r & (r - 1) == 0:
+        # Dividing by a power of two is exact, however it is done.
         q_rep_mean = q_rep.sum(1) / r  # [B, Hq, D]
-    else:  # padding rows are left out of the mean
-        rep_valid = (torch.arange(n - r, n, device=q.device)[None, :] >= seqs.starts[:, None]).to(q_rep.dtype)  # [B, r]
+    else:  # padding (and cache) rows are left out of the mean
+        rep_valid = (torch.arange(n - r, n, device=q.device)[None, :] >= seqs.query_start[:, None]).to(q_rep.dtype)
         q_rep_mean = (q_rep * rep_valid[:, :, None, None]).sum(1) / rep_valid.sum(1).clamp_min(1)[:, None, None]
     est_logits = (q_rep_mean.unflatten(1, (kv_heads, q_heads // kv_heads)) @ k_means.transpose(-1, -2)).flatten(1, 2)
     est_logits = est_logits * softmax_scale  # [B, Hq, nb]
@@ -255,7 +290,11 @@ def _compose(
     batch, q_len, q_heads, _ = q.shape
     nb, nqb = grid.num_blocks, grid.num_query_blocks
     groups = q_heads // k_means.shape[1]
-    q_valid = None if seqs.key_valid is None else seqs.key_valid[:, grid.k_len - q_len :]
+    q_valid = None
+    if seqs.query_rows is not None:
+        q_valid = torch.arange(grid.k_len - q_len, grid.k_len, device=q.device)[None, :] >= seqs.query_start[:, None]
+    elif seqs.key_valid is not None:
+        q_valid = seqs.key_valid[:, grid.k_len - q_len :]
     q_means = block_means(q, q_valid, grid, k_means.dtype).permute(0, 2, 1, 3)[:, :, -nqb:]  # [B, Hq, nqb, D]
     # Each query head's KV-head means, by one copy.
     k_means = k_means[:, :, None].expand(-1, -1, groups, -1, -1).flatten(1, 2)  # [B, Hq, nb, D]

@@ -1,0 +1,320 @@
+"""FlexPrefill on packed variable-length sequences (flash-attn's varlen layout): ``flexprefill_attention_varlen``.
+
+Layout: q ``[total_q, Hq, D]``, k/v ``[total_k, Hkv, D]``; sequence b owns query rows ``cu_seqlens_q[b] :
+cu_seqlens_q[b+1]`` and key rows ``cu_seqlens_k[b] : cu_seqlens_k[b+1]`` (int32 ``[B + 1]``, flash-attn's
+``cu_seqlens``), and its ``q_len_b`` queries are its last ``q_len_b`` keys (bottom-right causal: a prefill of
+new tokens on a cache, a decode row when ``q_len_b == 1``). Rows past ``cu_seqlens_q[B]`` belong to no
+sequence (transformers' continuous batching pads that way) and output 0.
+
+How (ops/README.md, choice 1: the end-aligned grid). A sequence laid into a padded view of
+``max_seqlen_k`` keys, left-padded by ``key_start[b] = max_seqlen_k - k_len_b``, gets exactly the blocks it
+gets alone, shifted by its padding blocks. So:
+
+1. Selection: q and k are gathered into the left-padded views ``[B, max_seqlen_q, Hq, D]`` and
+   ``[B, max_seqlen_k, Hkv, D]`` and ``select_blocks`` runs unchanged but for ``query_start[b] =
+   max_seqlen_k - q_len_b`` (rows of the view before it are another sequence's cache, not queries).
+   Memory: the two views, O(B * max_seqlen * heads * D) -- as a padded batch would need -- plus the
+   structure, int32 ``[B, Hq, nqb, nb]`` of the padded grid, also O(B * Hq * (max_seqlen / block)^2).
+   With one long prompt among many short ones (or decode rows) that is B times the long prompt's own;
+   a later version could gather only the representative rows and per-block query means.
+2. Attention: on CUDA (fp16/bf16) the Triton kernel reads q, k, v packed, through per-sequence base
+   offsets (``block_sparse_attention_triton_packed``), and writes the output packed: no padded copy of
+   v and no padded output. A sequence's output is the one the same kernel gives it alone, bit for bit.
+   On CPU (and for fp32/fp64) the PyTorch path unpacks into the padded views and runs
+   ``block_sparse_attention_torch`` on them, then gathers the rows back (O(B * max_seqlen) memory).
+3. Dense sequences: a sequence is dense when it would run dense alone -- ``k_len_b`` at or below the
+   dense threshold, ``q_len_b <= 1`` (decode), and on CUDA ``k_len_b < cuda_dense_below`` -- without
+   branching on the host: ``select_blocks`` gives it the full causal block set (``short``), so one kernel
+   launch covers every sequence. Its cost there is the block-sparse kernel over the full triangle (the
+   kernel's dense speed, not flash-attn's) plus its share of the selection. When every sequence is dense
+   (known from the Python ints ``max_seqlen_q`` / ``max_seqlen_k``, or for dtypes the kernel does not
+   take), no selection runs at all: the kernel gets a full causal structure built in O(B * nb) memory
+   (stride-0 views over heads and query blocks).
+
+No host synchronisation and no Python loop over sequences: lengths are read on the device only, and the
+input checks on CUDA are ``torch._assert_async`` (a bad value fails as a device-side assert at the next
+synchronisation), eager ValueErrors on CPU.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from ..config import FlexPrefillConfig
+from .block_structure import BlockStructure
+from .flexprefill import FlexPrefillStats
+from .grid import BlockGrid, causal_block_counts
+from .runtime import KERNEL_DTYPES
+from .selection import BlockSelection, select_blocks
+from .validation import check_attention_inputs, check_softmax_scale
+
+
+def flexprefill_attention_varlen(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    config: Optional[FlexPrefillConfig] = None,
+    *,
+    softmax_scale: Optional[float] = None,
+) -> torch.Tensor:
+    """FlexPrefill causal attention for one layer on packed variable-length sequences (forward only).
+
+    Args:
+        q: [total_q, Hq, D] fp16/bf16/fp32/fp64, any strides; sequence b's queries in rows
+            ``cu_seqlens_q[b] : cu_seqlens_q[b+1]``.
+        k, v: [total_k, Hkv, D], q's dtype and device, Hq a multiple of Hkv (query head h reads KV head
+            h // (Hq / Hkv)); sequence b's keys in rows ``cu_seqlens_k[b] : cu_seqlens_k[b+1]``. Its
+            queries are its last keys (bottom-right causal), so ``q_len_b <= k_len_b``.
+        cu_seqlens_q, cu_seqlens_k: int32 [B + 1] on q's device, non-decreasing from 0, with
+            ``cu_seqlens_q[B] <= total_q`` and ``cu_seqlens_k[B] <= total_k``.
+        max_seqlen_q, max_seqlen_k: Python ints >= 1, at least every q_len_b / k_len_b (upper bounds are
+            fine; they size the padded selection views). No host sync reads them from the tensors.
+        config: hyper-parameters (default ``FlexPrefillConfig()``); softmax_scale: default 1 / sqrt(D).
+    Returns:
+        [total_q, Hq, D] in q's dtype. Each sequence's rows equal what :func:`flexprefill_attention` gives
+        it alone (same blocks; same arithmetic on the Triton path); rows past ``cu_seqlens_q[B]`` are 0.
+
+    See the module docstring for the method, its memory and the dense rules. Gradients are refused as by
+    :func:`flexprefill_attention`.
+    """
+    return flexprefill_attention_varlen_with_stats(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, config, softmax_scale=softmax_scale
+    )[0]
+
+
+def flexprefill_attention_varlen_with_stats(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    config: Optional[FlexPrefillConfig] = None,
+    *,
+    softmax_scale: Optional[float] = None,
+) -> tuple[torch.Tensor, FlexPrefillStats]:
+    """:func:`flexprefill_attention_varlen` that also returns what it chose, per (sequence, query head), as
+    :class:`FlexPrefillStats` ([B, Hq] tensors; ``dense`` True when no selection ran)."""
+    check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    if config is not None and not isinstance(config, FlexPrefillConfig):
+        raise TypeError(f"config has type {type(config).__name__}; expected FlexPrefillConfig or None")
+    check_softmax_scale(softmax_scale)
+    config = FlexPrefillConfig() if config is None else config
+    scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
+    batch, q_heads = cu_seqlens_q.shape[0] - 1, q.shape[1]
+    max_k = max_seqlen_k
+    max_q = min(max_seqlen_q, max_k)
+    kernel = q.is_cuda and q.dtype in KERNEL_DTYPES
+    # A sequence runs dense where it would alone (flexprefill.py's routing): at or below the threshold,
+    # and on CUDA below cuda_dense_below; decode rows are dense by select_blocks' query_start rule.
+    threshold = config.effective_dense_threshold
+    if q.is_cuda:
+        threshold = max(threshold, config.cuda_dense_below - 1)
+    all_dense = max_q <= 1 or max_k <= threshold or (q.is_cuda and not kernel)
+    grid = BlockGrid(max_q, max_k, config.block_size)
+    if batch == 0:
+        out = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
+        return out, _stats(grid, torch.zeros(0, q_heads, dtype=torch.int32, device=q.device), None, q, all_dense)
+
+    q_lens = cu_seqlens_q.diff().long()  # [B]
+    k_lens = cu_seqlens_k.diff().long()
+    key_start = varlen_key_start(cu_seqlens_k, max_k).clamp(max=max_k - 1)  # an empty sequence: any start
+    query_start = max_k - q_lens  # [B] padded key position of each sequence's first query
+    sink = grid.sink_block(key_start)
+
+    if all_dense:
+        selection = None
+        structure = full_causal_structure(grid, q_heads, sink, query_start)
+    else:
+        if threshold != config.effective_dense_threshold:
+            config = config.replace(dense_threshold=threshold)
+        selection = select_blocks_varlen(q, k, cu_seqlens_q, cu_seqlens_k, max_q, max_k, config, scale)
+        structure = selection.structure
+    if kernel:
+        # Imported here: the kernel module is compiled for the device (or the interpreter) on first use.
+        from .attention.block_sparse_triton import block_sparse_attention_triton_packed
+
+        out = block_sparse_attention_triton_packed(
+            q, k, v, structure, cu_seqlens_q, cu_seqlens_k, softmax_scale=scale
+        )
+    else:
+        out = _attention_torch(q, k, v, structure, cu_seqlens_q, cu_seqlens_k, q_lens, k_lens, key_start, scale,
+                               selection is None)
+    computed = structure.counts.sum(-1, dtype=torch.int32)  # [B, Hq]
+    causal = causal_block_counts(grid, sink, grid.sink_block(query_start)) * (q_lens > 0)
+    return out, _stats(grid, computed, selection, q, selection is None, causal)
+
+
+def select_blocks_varlen(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    config: FlexPrefillConfig,
+    softmax_scale: float,
+    **backends,
+) -> BlockSelection:
+    """``select_blocks`` for packed sequences (no validation: :func:`check_varlen_inputs` first).
+
+    q [total_q, Hq, D], k [total_k, Hkv, D] are gathered into left-padded views [B, max_seqlen_q, Hq, D] and
+    [B, max_seqlen_k, Hkv, D] (O(B * max_seqlen) memory); sequence b gets ``key_start = max_seqlen_k - k_len_b``
+    and ``query_start = max_seqlen_k - q_len_b``. Returns the selection on the padded grid
+    ``BlockGrid(min(max_seqlen_q, max_seqlen_k), max_seqlen_k)``: sequence b's blocks are those it gets
+    alone, shifted right by ``nb - ceil(k_len_b / block)`` blocks. ``backends``: select_blocks' keywords.
+    """
+    max_q = min(max_seqlen_q, max_seqlen_k)
+    q_lens, k_lens = cu_seqlens_q.diff().long(), cu_seqlens_k.diff().long()
+    key_start = varlen_key_start(cu_seqlens_k, max_seqlen_k).clamp(max=max_seqlen_k - 1)
+    q_pad = _left_padded(q, cu_seqlens_q, q_lens, max_q)
+    k_pad = _left_padded(k, cu_seqlens_k, k_lens, max_seqlen_k)
+    return select_blocks(q_pad, k_pad, config, softmax_scale, key_start, query_start=max_seqlen_k - q_lens, **backends)
+
+
+def _stats(grid, computed, selection, q, dense, causal=None) -> FlexPrefillStats:
+    batch, q_heads = computed.shape
+    if selection is None:
+        query_aware = torch.zeros(batch, q_heads, dtype=torch.bool, device=q.device)
+        distance = torch.full((batch, q_heads), math.nan, device=q.device)
+    else:
+        query_aware, distance = selection.query_aware, selection.js_distance.float()
+    fraction = computed.float() if causal is None else computed.float() / causal.clamp_min(1)[:, None].float()
+    return FlexPrefillStats(query_aware=query_aware, js_distance=distance, computed_blocks=computed,
+                            computed_fraction=fraction, dense=dense)
+
+
+def varlen_key_start(cu_seqlens_k: torch.Tensor, max_seqlen_k: int) -> torch.Tensor:
+    """int64 [B]: left padding of each sequence in the padded view of ``max_seqlen_k`` keys
+    (``max_seqlen_k - k_len_b``; ``max_seqlen_k`` for an empty sequence)."""
+    return max_seqlen_k - (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).long()
+
+
+def full_causal_structure(
+    grid: BlockGrid, q_heads: int, sink: torch.Tensor, query_start: torch.Tensor
+) -> BlockStructure:
+    """The dense structure of every sequence on the padded grid, in O(B * nb) memory.
+
+    Query block i of sequence b computes key blocks ``sink[b] .. i`` when it holds a query of b (i at or
+    after the block of ``query_start[b]``, and ``query_start[b] < k_len``), nothing otherwise. indices:
+    the same ascending row ``sink[b] + s`` for every head and query block (stride-0 views; entries past
+    the count are never read); counts int32 [B, Hq, nqb] (a stride-0 view over heads).
+    """
+    device = sink.device
+    nb = grid.num_blocks
+    i = torch.arange(grid.first_query_block, nb, device=device)  # [nqb]
+    has_query = (i[None, :] >= grid.sink_block(query_start)[:, None]) & (query_start < grid.k_len)[:, None]
+    counts = torch.where(has_query, (i[None, :] - sink[:, None] + 1).clamp_min(0), 0).to(torch.int32)  # [B, nqb]
+    rows = (sink[:, None] + torch.arange(nb, device=device)).clamp(max=nb - 1).to(torch.int32)  # [B, nb]
+    batch = sink.shape[0]
+    indices = rows[:, None, None, :].expand(batch, q_heads, grid.num_query_blocks, nb)
+    return BlockStructure(indices=indices, counts=counts[:, None].expand(batch, q_heads, -1), grid=grid)
+
+
+def _row_index(cu_seqlens: torch.Tensor, lens: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(packed row of padded position t of each sequence, clamped to a valid row; bool: the position is real),
+    both [B, length]: sequence b occupies the last lens[b] positions of the view."""
+    start = length - lens  # [B]
+    t = torch.arange(length, device=lens.device)
+    valid = t[None, :] >= start[:, None]
+    return (cu_seqlens[:-1].long()[:, None] + t[None, :] - start[:, None]).clamp_min(0), valid
+
+
+def _left_padded(x: torch.Tensor, cu_seqlens: torch.Tensor, lens: torch.Tensor, length: int) -> torch.Tensor:
+    """The packed rows x [total, H, D] laid into a left-padded view [B, length, H, D] (padding rows 0)."""
+    index, valid = _row_index(cu_seqlens, lens, length)
+    out = x.index_select(0, index.flatten().clamp_max(x.shape[0] - 1)).unflatten(0, index.shape)
+    return out.masked_fill_(~valid[:, :, None, None], 0)
+
+
+def _attention_torch(q, k, v, structure, cu_q, cu_k, q_lens, k_lens, key_start, scale, dense) -> torch.Tensor:
+    """The PyTorch path: unpack into the padded views, attend, gather each sequence's rows back."""
+    from .attention.block_sparse_torch import masked_attention_torch
+
+    grid = structure.grid
+    q_pad = _left_padded(q, cu_q, q_lens, grid.q_len)
+    k_pad, v_pad = (_left_padded(t, cu_k, k_lens, grid.k_len) for t in (k, v))
+    # The dense path's structure is the full causal set: masked attention without one is the same function.
+    out_pad = masked_attention_torch(q_pad, k_pad, v_pad, scale, key_start, None if dense else structure)
+    # Packed row p of sequence b is padded row max_q - q_len_b + (p - cu_q[b]); rows past cu_q[B] stay 0.
+    rows = torch.arange(q.shape[0], device=q.device)
+    seq = torch.searchsorted(cu_q[1:].long(), rows, right=True)  # [total_q]; B past the last sequence
+    real = seq < q_lens.shape[0]
+    seq = seq.clamp_max(q_lens.shape[0] - 1)
+    pos = (rows - cu_q[:-1].long()[seq] + grid.q_len - q_lens[seq]).clamp(0, grid.q_len - 1)
+    return torch.where(real[:, None, None], out_pad[seq, pos], 0).to(q.dtype)
+
+
+def check_varlen_inputs(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    *,
+    kernel: bool = False,
+) -> None:
+    """Check packed q [total_q, Hq, D], k and v [total_k, Hkv, D], cu_seqlens int32 [B + 1] and the int
+    maxima (as ``validation.check_attention_inputs`` for the tensors; ``kernel=True``: fp16/bf16 only).
+
+    Values (cu_seqlens start at 0, never decrease, end within the tensors, q_len_b <= k_len_b, lengths within
+    the maxima) are checked eagerly on CPU (ValueError naming the argument) and by ``torch._assert_async``
+    on CUDA (no host sync; the same message as a device-side assert at the next synchronisation).
+    """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} has type {type(t).__name__}; expected a torch.Tensor")
+        if t.dim() != 3:
+            raise ValueError(f"{name} has shape {tuple(t.shape)}; expected 3 dims [total_tokens, heads, head_dim]")
+    # Shapes first, so that messages show the packed shapes; then the shared checks on one-row-batch views.
+    if k.shape != v.shape:
+        raise ValueError(f"k has shape {tuple(k.shape)} but v has {tuple(v.shape)}; expected equal shapes")
+    if k.shape[2] != q.shape[2]:
+        raise ValueError(f"q has head_dim {q.shape[2]} but k has {k.shape[2]}; expected equal head dims")
+    check_attention_inputs(q[None], k[None], v[None], kernel=kernel)
+    for name, value in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name}={value!r} has type {type(value).__name__}; expected an int")
+        if value < 1:
+            raise ValueError(f"{name}={value} is not supported; expected an int >= 1")
+    for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
+        if not isinstance(cu, torch.Tensor):
+            raise TypeError(f"{name} has type {type(cu).__name__}; expected an int32 tensor of shape (B + 1,)")
+        if cu.dtype != torch.int32:
+            raise TypeError(f"{name} has dtype {cu.dtype}; expected torch.int32 of shape (B + 1,)")
+        if cu.dim() != 1 or cu.shape[0] < 1:
+            raise ValueError(f"{name} has shape {tuple(cu.shape)}; expected (B + 1,) with B >= 0")
+        if cu.device != q.device:
+            raise ValueError(f"{name} is on {cu.device}; expected q's device {q.device}")
+    if cu_seqlens_q.shape != cu_seqlens_k.shape:
+        raise ValueError(f"cu_seqlens_q has {cu_seqlens_q.shape[0]} entries but cu_seqlens_k has "
+                         f"{cu_seqlens_k.shape[0]}; expected equal lengths (B + 1)")
+    q_lens, k_lens = cu_seqlens_q.diff(), cu_seqlens_k.diff()
+    total_q, total_k = q.shape[0], k.shape[0]
+    rules = (
+        (cu_seqlens_q[:1] == 0, "cu_seqlens_q out of range; expected cu_seqlens_q[0] == 0"),
+        (cu_seqlens_k[:1] == 0, "cu_seqlens_k out of range; expected cu_seqlens_k[0] == 0"),
+        (q_lens >= 0, "cu_seqlens_q is not monotone; expected non-decreasing cumulative lengths"),
+        (k_lens >= 0, "cu_seqlens_k is not monotone; expected non-decreasing cumulative lengths"),
+        (cu_seqlens_q[-1:] <= total_q, f"cu_seqlens_q out of range; expected cu_seqlens_q[B] <= total_q = {total_q}"),
+        (cu_seqlens_k[-1:] <= total_k, f"cu_seqlens_k out of range; expected cu_seqlens_k[B] <= total_k = {total_k}"),
+        (q_lens <= k_lens, "cu_seqlens_q and cu_seqlens_k disagree; expected q_len_b <= k_len_b (queries are the "
+                           "last keys)"),
+        (q_lens <= max_seqlen_q, f"cu_seqlens_q has a sequence longer than max_seqlen_q = {max_seqlen_q}"),
+        (k_lens <= max_seqlen_k, f"cu_seqlens_k has a sequence longer than max_seqlen_k = {max_seqlen_k}"),
+    )
+    for ok, message in rules:
+        if q.device.type == "cuda":
+            torch._assert_async(ok.all(), message)  # no host sync
+        elif not bool(ok.all()):
+            raise ValueError(message)
