@@ -117,6 +117,10 @@ def test_cli_end_to_end(tmp_path):
     sparse = [r for r in records if r["method"] == "flexprefill[min_budget=256]"]
     assert all(r["computed_fraction"] == 1.0 for r in dense)
     assert all(0 < r["computed_fraction"] < 1 for r in sparse)
+    # The preset (SmolLM2: default, gamma 0.95) with the override, and the suite's cuda_dense_below.
+    resolved = sparse[0]["config"]["resolved"]
+    assert resolved["min_budget"] == 256 and resolved["gamma"] == 0.95 and resolved["cuda_dense_below"] == 0
+    assert dense[0]["config"] == {}
     assert sorted(r["prompt_hash"] for r in dense) == sorted(r["prompt_hash"] for r in sparse)
     # The embedded model finds a 7-digit needle in 1K tokens of noise with dense attention.
     assert all(r["ruler_score"] == 100.0 for r in dense if r["task"] == "niah_single_1")

@@ -471,6 +471,19 @@ def apply_method(model, method: Method) -> Iterator[Optional[Union[Recorder, Fle
             module.__dict__.pop(RECORDER_ATTRIBUTE, None)
 
 
+def resolved_config(model, method: Method) -> dict:
+    """What the method ran with, for the records: its parameters and, for FlexPrefill methods (call it
+    inside :func:`apply_method`), the FlexPrefillConfig of layer 0 and whether other layers differ."""
+    config = dict(method.config)
+    if method.kind in _FLEX_KINDS:
+        import flexprefill_hf
+
+        layers = flexprefill_hf.layer_configs(model)
+        config["resolved"] = dataclasses.asdict(layers[0])
+        config["layers_differ"] = any(c != layers[0] for c in layers)
+    return config
+
+
 def summarize(layers: list[Optional[LayerStats]], batch: int) -> list[dict]:
     """Per sample of the batch: mean computed fraction over layers and heads (a layer that recorded
     nothing ran dense: 1), and the share of query-aware heads."""

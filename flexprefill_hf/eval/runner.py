@@ -14,7 +14,7 @@ from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 
-from .methods import Method, apply_method, summarize
+from .methods import Method, apply_method, resolved_config, summarize
 from .scoring import ruler_score, teacher_forced_score
 from .tasks import Sample
 
@@ -122,6 +122,7 @@ def evaluate(
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     for method in methods:
         with apply_method(model, method) as recorder:
+            config = resolved_config(model, method)
             for batch in _batches(samples, batch_size):
                 replies, seconds, stats, layers = prefill_and_generate(model, tokenizer, batch, recorder)
                 if not any(h.method == method.label for h in heatmaps):
@@ -135,7 +136,7 @@ def evaluate(
                         "seed": sample.seed,
                         "method": method.label,
                         "kind": method.kind,
-                        "config": method.config,
+                        "config": config,
                         "prompt_tokens": sample.prompt_tokens,
                         "prompt_hash": sample.prompt_hash,
                         "answers": list(sample.answers),
