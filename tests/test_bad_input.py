@@ -43,7 +43,7 @@ class Env:
         self.tmp_path = tmp_path
         self.plain = models["plain"]  # llama, unpatched (sdpa)
         self.patched = models["patched"]  # llama, patched with the default preset
-        self.unsupported = models["unsupported"]  # mistral
+        self.unsupported = models["unsupported"]  # gemma2 (softcapping: refused)
 
     def yaml(self, text: str, name: str = "preset.yaml") -> Path:
         path = self.tmp_path / name
@@ -51,7 +51,7 @@ class Env:
         return path
 
     def saved_unsupported(self) -> Path:
-        folder = self.tmp_path / "mistral"
+        folder = self.tmp_path / "gemma2"
         self.unsupported.save_pretrained(folder)
         return folder
 
@@ -87,7 +87,7 @@ def grad_attention(name: str):
 
 
 def first_forward(env, train: bool):
-    """Load the unsupported (Mistral) model with attn_implementation="flexprefill" and run one forward."""
+    """Load the unsupported (Gemma 2) model with attn_implementation="flexprefill" and run one forward."""
     model = type(env.unsupported).from_pretrained(env.saved_unsupported(), attn_implementation="flexprefill")
     with torch.no_grad():
         model.train(train)(random_ids(300, seed=1))
@@ -213,7 +213,7 @@ OPERATOR_ROWS = [
 
 MODEL_ROWS = [
     # patch_model
-    row("patch-unsupported", lambda e: patch_model(e.unsupported), ValueError, "'mistral'", UNSUPPORTED, "llama"),
+    row("patch-unsupported", lambda e: patch_model(e.unsupported), ValueError, "'gemma2'", UNSUPPORTED, "llama", "attn_logit_softcapping"),
     row("patch-no-config", lambda e: patch_model(torch.nn.Linear(2, 2)), ValueError, "model_type None", UNSUPPORTED),
     row("patch-not-a-module", lambda e: patch_model("llama"), TypeError, "model='llama' has type str; expected a torch.nn.Module (a transformers model)"),
     row("patch-config-int", lambda e: patch_model(e.plain, 3), TypeError, "config=3 has type int", "expected None, a preset name, a YAML path, a Preset or a FlexPrefillConfig"),
@@ -236,17 +236,17 @@ MODEL_ROWS = [
     row("set-layer-unknown-field", lambda e: set_layer_config(e.patched, 0, gama=1.0), TypeError, "unknown FlexPrefillConfig field(s) ['gama']"),
     row("set-layer-block_size-float", lambda e: set_layer_config(e.patched, 0, block_size=64.0), TypeError, "block_size=64.0 has type float; expected an int"),
     row("set-layer-not-a-module", lambda e: set_layer_config("llama", 0), TypeError, "model", "str", "Module"),
-    row("layer-configs-unsupported", lambda e: layer_configs(e.unsupported), ValueError, "'mistral'", UNSUPPORTED),
+    row("layer-configs-unsupported", lambda e: layer_configs(e.unsupported), ValueError, "'gemma2'", UNSUPPORTED),
     row("layer-configs-not-a-module", lambda e: layer_configs("llama"), TypeError, "model", "str", "Module"),
     row("record-stats-unpatched", lambda e: enter(record_stats(e.plain)), ValueError, "record_stats needs a model that runs FlexPrefill attention", "'sdpa'", "patch_model"),
-    row("record-stats-unsupported", lambda e: enter(record_stats(e.unsupported)), ValueError, "'mistral'", UNSUPPORTED),
+    row("record-stats-unsupported", lambda e: enter(record_stats(e.unsupported)), ValueError, "'gemma2'", UNSUPPORTED),
     row("record-stats-not-a-module", lambda e: enter(record_stats("llama")), TypeError, "model", "str", "Module"),
     row("last-stats-not-a-module", lambda e: last_stats("llama"), TypeError, "model", "str", "Module"),
     # attn_implementation="flexprefill" on an unsupported architecture: transformers (4.53, 5.x) only checks at
     # load time that the name is registered, so the mask function refuses at the first forward, before any
     # layer runs, in training mode too (integration/masks.py).
-    row("from-pretrained-unsupported", lambda e: first_forward(e, train=False), ValueError, "'mistral'", UNSUPPORTED),
-    row("from-pretrained-unsupported-train", lambda e: first_forward(e, train=True), ValueError, "'mistral'", UNSUPPORTED),
+    row("from-pretrained-unsupported", lambda e: first_forward(e, train=False), ValueError, "'gemma2'", UNSUPPORTED),
+    row("from-pretrained-unsupported-train", lambda e: first_forward(e, train=True), ValueError, "'gemma2'", UNSUPPORTED),
 ]
 
 EXAMPLE_ROWS = [

@@ -39,8 +39,6 @@ from flexprefill_hf.testing import structured_qkv
 
 from helpers import relative_error, seeded
 
-pytest.importorskip("accelerate", reason="device_map needs accelerate")
-
 CUDA_COUNT = torch.cuda.device_count() if torch.cuda.is_available() else 0
 one_gpu = pytest.mark.skipif(CUDA_COUNT < 1, reason="needs a CUDA device")
 two_gpus = pytest.mark.skipif(CUDA_COUNT < 2, reason=f"needs two CUDA devices; this machine has {CUDA_COUNT}")
