@@ -101,20 +101,29 @@ def plot_score_vs_fraction(rows: Sequence[dict], kinds: dict[str, str], path: Pa
     plt = _pyplot()
     averages = [r for r in rows if r["task"] == AVERAGE]
     lengths = sorted({r["length"] for r in averages})
-    panels = (("ruler_score", "RULER score"), ("strict_log_prob", "strict mean log p"), ("strict_top1", "strict top-1"))
+    # (field, title, y range of the score or None)
+    panels = (
+        ("ruler_score", "RULER score", (-5, 105)),
+        ("strict_log_prob", "strict mean log p", None),
+        ("strict_top1", "strict top-1", (-0.05, 1.05)),
+    )
     fig, axes = plt.subplots(len(lengths), len(panels), figsize=(4.2 * len(panels), 3.2 * len(lengths)), squeeze=False)
     for row_axes, length in zip(axes, lengths):
         by_kind: dict[str, list[dict]] = defaultdict(list)
         for r in averages:
             if r["length"] == length:
                 by_kind[kinds.get(r["method"], r["method"])].append(r)
-        for ax, (field, title) in zip(row_axes, panels):
+        for ax, (field, title, limits) in zip(row_axes, panels):
             for kind, group in sorted(by_kind.items()):
                 group = sorted(group, key=lambda r: r["computed_fraction"][0])
                 x = [r["computed_fraction"][0] for r in group]
                 y = [r[field][0] for r in group]
                 err = [r[field][1] or 0.0 for r in group]
-                ax.errorbar(x, y, yerr=err, marker="o", capsize=2, label=kind)
+                lines = ax.errorbar(x, y, yerr=err, marker="o", capsize=2, label=kind)
+                if kind == "dense":  # the reference level, across the plot
+                    ax.axhline(y[0], linestyle="--", linewidth=0.8, color=lines[0].get_color())
+            if limits is not None:
+                ax.set_ylim(*limits)
             ax.set_title(f"{title}, {length} tokens")
             ax.set_xlabel("computed share of causal blocks")
             ax.grid(alpha=0.3)
