@@ -4,7 +4,9 @@ CPU with a layer offloaded to disk; the operator and every kernel on ``cuda:1`` 
 What runs where:
 * two CUDA devices (marked gpu, skipped otherwise with the reason): a random-weight Llama (and the embedded
   SmolLM2 when installed) loaded with a ``device_map`` that puts half the layers on ``cuda:0`` and half on
-  ``cuda:1``; the operator and the kernels on ``cuda:1`` under ``torch.cuda.device(0)``.
+  ``cuda:1``; the operator and every kernel entry on ``cuda:1`` under ``torch.cuda.device(0)``, each output
+  equal to the same call on ``cuda:0`` and every CUDA kernel of it run on device 1 (the profiler's record:
+  Triton and CuTe launch on the *current* device unless told otherwise).
 * one CUDA device (marked gpu): the same model with layers "offloaded" to the CPU (accelerate keeps their weights
   on the CPU and runs them on ``cuda:0``), and a split whose CPU layers really run on the CPU
   (``dispatch_model(..., main_device="cpu")``). A tiny config, no download: well under a minute.
@@ -108,7 +110,8 @@ def execution_devices(model) -> list[torch.device]:
     devices = []
     for layer in model.model.layers:
         hook = getattr(layer, "_hf_hook", None)
-        device = getattr(hook, "execution_device", None)
+        hooks = getattr(hook, "hooks", None) or [hook]  # accelerate's SequentialHook holds several
+        device = next((h.execution_device for h in hooks if getattr(h, "execution_device", None) is not None), None)
         if device is None:
             device = next(layer.parameters()).device
         devices.append(torch.device(f"cuda:{device}" if isinstance(device, int) else device))
@@ -252,10 +255,20 @@ def test_operator_and_kernels_on_the_second_gpu_while_the_first_is_current():
     on = {d: tuple(t.to(d) for t in (q, k, v, key_start)) for d in ("cuda:0", "cuda:1")}
     with torch.cuda.device(0):
         expected = _kernel_calls(*on["cuda:0"], config)
-        got = _kernel_calls(*on["cuda:1"], config)
+        _kernel_calls(*on["cuda:1"], config)  # compile for cuda:1 outside the profiler
+        torch.cuda.synchronize(1)
+        # With peer access a kernel launched on cuda:0 may still read cuda:1's memory (racing its stream):
+        # the profiler says on which device each kernel really ran.
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profile:
+            got = _kernel_calls(*on["cuda:1"], config)
+            torch.cuda.synchronize(1)
         assert torch.cuda.current_device() == 0
     torch.cuda.synchronize(0)
-    torch.cuda.synchronize(1)
+    kernels = [(e.name, e.device_index) for e in profile.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    names = " ".join(name for name, _ in kernels)
+    for triton_kernel in ("_representative_scores_kernel", "_compose_pack_kernel", "_block_sparse_attention_fwd_kernel"):
+        assert triton_kernel in names, (triton_kernel, sorted({name for name, _ in kernels})[:20])
+    assert {index for _, index in kernels} == {1}, sorted({k for k in kernels if k[1] != 1})[:20]
     assert got.keys() == expected.keys()
     for name, tensor in got.items():
         assert tensor.device == torch.device("cuda:1"), name
