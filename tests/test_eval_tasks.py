@@ -88,6 +88,13 @@ def test_fit_picks_the_largest_size_that_fits():
         fit_sample(WordTokenizer(), "t", build, 8, 0, 0, max_new_tokens=7, min_size=1)
     with pytest.raises(ValueError, match="too long"):
         fit_sample(WordTokenizer(), "t", build, 1000, 0, 0, max_new_tokens=7, max_size=50)
+    # A start beyond the task's material is clamped to it (a builder never sees a size above max_size).
+    def capped(rng, size, length):
+        assert size <= 51, size
+        return build(rng, size, length)
+
+    assert fit_sample(WordTokenizer(), "t", capped, 59, 0, 0, max_new_tokens=7, max_size=51, hint=500).size == 51
+    assert fit_sample(WordTokenizer(), "t", capped, 40, 0, 0, max_new_tokens=7, max_size=51, hint=500).size == 32
 
 
 @needs_embedded

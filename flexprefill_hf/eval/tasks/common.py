@@ -139,6 +139,8 @@ def fit_sample(
             f"{len(attempt(min_size)[1])} tokens and the answer budget is {max_new_tokens}"
         )
     low = max(min_size, hint)  # the largest size known to fit, once `fits(low)` holds
+    if max_size is not None:
+        low = min(low, max_size)
     if not fits(low):
         low, high = min_size, low
     else:
