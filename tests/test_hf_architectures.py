@@ -258,10 +258,13 @@ def test_bidirectional_gemma3_is_refused():
     assert model.config._attn_implementation == "sdpa"
 
 
-# (architecture, config changes): every layer windowed (Mistral-7B-v0.1's form: config.sliding_window, passed as a
-# keyword), a per-layer pattern (Gemma 3: module.sliding_window on the sliding layers), and Qwen3's windowed layers.
+# (architecture, config changes, windowed layers): config.sliding_window passed as a keyword to every layer
+# (Mistral-7B-v0.1, Phi-3-mini-4k), module.sliding_window on every layer (Qwen3-MoE) or on some (Gemma 3's
+# sliding layers, Qwen3 past max_window_layers).
 WINDOWED = [
     ("mistral", dict(sliding_window=256), [0, 1]),
+    ("phi3", dict(sliding_window=256), [0, 1]),
+    ("qwen3_moe", dict(use_sliding_window=True, sliding_window=256), [0, 1]),
     ("gemma3_text", {}, [0]),
     ("qwen3", dict(use_sliding_window=True, sliding_window=256, max_window_layers=1), [1]),
 ]
