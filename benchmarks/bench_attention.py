@@ -126,7 +126,8 @@ def fa4_dense(q, k, v, scale):
     return flash_attn_func(q, k, v, softmax_scale=scale, causal=True)[0]
 
 
-def run_case(n, inputs, gamma, head_dim, dtype, q_heads, kv_heads, with_flex, long_from, no_dense_from, device):
+def run_case(n, inputs, gamma, head_dim, dtype, q_heads, kv_heads, with_flex, long_from, no_dense_from, device,
+             with_flash=True):
     torch.manual_seed(n)
     if ON_GPU:
         torch.cuda.reset_peak_memory_stats()
@@ -146,7 +147,7 @@ def run_case(n, inputs, gamma, head_dim, dtype, q_heads, kv_heads, with_flex, lo
         dense_ms["cudnn"] = row["cudnn_ms"] = timer(lambda: sdpa(q, k, v, SDPBackend.CUDNN_ATTENTION))
         if fa4_dense_ok:
             dense_ms["fa4"] = row["fa4_dense_ms"] = timer(lambda: fa4_dense(q, k, v, scale))
-    if n < long_from and ON_GPU:  # the flash backend is ~1.7x slower than cuDNN everywhere: skip it at long N
+    if with_flash and n < long_from and ON_GPU:  # ~1.7x slower than cuDNN everywhere: skipped at long N
         dense_ms["flash"] = row["flash_ms"] = median_ms(lambda: sdpa(q, k, v, SDPBackend.FLASH_ATTENTION))
     if ON_GPU:
         torch.cuda.synchronize()
@@ -234,6 +235,7 @@ def main(argv=None):
     parser.add_argument("--q-heads", type=int, default=32)
     parser.add_argument("--kv-heads", type=int, default=8)
     parser.add_argument("--flex", action="store_true", help="also time compiled flex_attention on our structure")
+    parser.add_argument("--no-flash", action="store_true", help="skip SDPA's flash backend (never the fastest)")
     parser.add_argument("--out", default=None, help="write the rows as JSON here")
     parser.add_argument("--long-from", type=int, default=524288,
                         help="from this N on, time one call (after a warm-up) instead of a median, skip flash")
@@ -264,7 +266,7 @@ def main(argv=None):
             for gamma in args.gamma:
                 for head_dim in args.head_dim:
                     row = run_case(n, inputs, gamma, head_dim, dtype, args.q_heads, args.kv_heads, args.flex,
-                                   args.long_from, args.no_dense_from, args.device)
+                                   args.long_from, args.no_dense_from, args.device, not args.no_flash)
                     rows.append(row)
                     print(json.dumps(row), flush=True)
                     if args.out:

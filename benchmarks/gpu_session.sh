@@ -31,6 +31,15 @@
 #   --out $OUT/decode.json > $OUT/decode.log 2>&1; tail -40 $OUT/decode.log'
 # (expected: FA4 JIT ~4 s per new kernel variant, Triton autotuning on its first call; well under 10 minutes).
 #
+# The issue-9 performance run (one call after stage1, ~270 s of work after the ~1 min of stage2 setup; every piece
+# hard-limited by `timeout`, so a hang costs its limit, not the call):
+#     1. carry [".whl/fa4a"]   command: bash benchmarks/gpu_session.sh stage1
+#     2. carry [".whl/fa4b"]   command: bash benchmarks/gpu_session.sh stage2 perf
+#   (or, on a machine stage2 already set up: bash benchmarks/gpu_session.sh perf)
+#   perf writes 6 files into $OUT (flat): tests.log, decode.json, decode.log, attention.json, attention.log,
+#   summary.txt, and prints the summary last (benchmarks/perf_summary.py: the ratios against the issue's bars
+#   and the cuda_dense_below rule). Limits: tests 110 s, bench_decode 70 s, bench_attention 85 s.
+#
 # stage1: copies whatever was carried (.whl/*/* to /root/w, .model/*/* to /root/m).
 # stage2: the same, then joins the pieces (checked against their sha256), installs every wheel with
 #         pip --target /tmp/site --no-index --no-deps, installs the project editable (no build isolation: offline),
@@ -94,9 +103,30 @@ stage2() {
     python3 -c 'import flash_attn.cute.interface, torch; print("flash_attn.cute imports; torch", torch.__version__, torch.cuda.get_device_name())'
 }
 
+perf() {  # issue 9: GPU tests, decode/dense-route timings, attention at 8K/32K/128K, then the summary
+    local out=${OUT:-/tmp/perf_out} rc
+    mkdir -p "$out"
+    echo "perf: tests (limit 110 s)"
+    rc=0; timeout 110 python3 -m pytest -q -x -rs --durations=8 tests/test_fa4_adapter.py tests/test_gpu.py \
+        tests/test_decode_path.py >"$out/tests.log" 2>&1 || rc=$?
+    tail -3 "$out/tests.log"; [ $rc -eq 0 ] || echo "perf: tests exit $rc (124 = cut by the limit)"
+    echo "perf: bench_decode (limit 70 s)"
+    rc=0; timeout 70 python3 benchmarks/bench_decode.py --layers 4 32 --cache 1024 8192 32768 --prefill 4096 8192 \
+        --steps 16 --warmup 2 --rounds 3 --repeats 10 --out "$out/decode.json" >"$out/decode.log" 2>&1 || rc=$?
+    [ $rc -eq 0 ] || { echo "perf: bench_decode exit $rc (124 = cut by the limit)"; tail -3 "$out/decode.log"; }
+    echo "perf: bench_attention (limit 85 s)"
+    rc=0; timeout 85 python3 benchmarks/bench_attention.py --seq 8192 32768 131072 --inputs structured clustered \
+        random --gamma 0.9 --head-dim 128 --dtype bfloat16 --no-flash --out "$out/attention.json" \
+        >"$out/attention.log" 2>&1 || rc=$?
+    [ $rc -eq 0 ] || { echo "perf: bench_attention exit $rc (124 = cut by the limit)"; tail -3 "$out/attention.log"; }
+    timeout 20 python3 benchmarks/perf_summary.py --decode "$out/decode.json" --attention "$out/attention.json" \
+        | tee "$out/summary.txt"
+}
+
 case "${1:-}" in
     stage1) copy_carried ;;
-    stage2) shift; stage2; [ $# -eq 0 ] || "$@" ;;
+    stage2) shift; stage2; if [ "${1:-}" = perf ]; then perf; elif [ $# -gt 0 ]; then "$@"; fi ;;
     run) shift; set_env; "$@" ;;
-    *) echo "usage: $0 stage1 | stage2 [CMD...] | run CMD..." >&2; exit 2 ;;
+    perf) set_env; perf ;;
+    *) echo "usage: $0 stage1 | stage2 [perf | CMD...] | run CMD... | perf" >&2; exit 2 ;;
 esac
