@@ -374,3 +374,71 @@ def test_gpu_varlen_equals_padded_batch(dtype):
             )
             torch.testing.assert_close(out[cq[b] : cq[b + 1]], alone[0], **tol)
             assert torch.equal(stats.computed_blocks[b], alone_stats.computed_blocks[0])
+
+
+# ---------------------------------------------------------------- transformers' continuous batching
+
+def _generate_batch(model, prompts, new_tokens=4):
+    from transformers import GenerationConfig
+
+    config = GenerationConfig(max_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
+    with torch.no_grad():
+        outputs = model.generate_batch(prompts, config, progress_bar=False)
+    return [outputs[f"req_{i}"].generated_tokens for i in range(len(prompts))]
+
+
+@pytest.fixture
+def varlen_calls(monkeypatch):
+    """The stats of every varlen call, recorded by wrapping the operator the CB attention function calls."""
+    import flexprefill_hf.ops.varlen as varlen
+
+    calls, real = [], varlen.flexprefill_attention_varlen_with_stats
+
+    def recording(*args, **kwargs):
+        out, stats = real(*args, **kwargs)
+        calls.append((args[3].tolist(), args[5], stats))
+        return out, stats
+
+    monkeypatch.setattr(varlen, "flexprefill_attention_varlen_with_stats", recording)
+    return calls
+
+
+def test_generate_batch_runs_flexprefill_with_packed_prompts_and_decode_rows(varlen_calls):
+    from hf_tiny import EXACT, random_ids, tiny_model
+
+    from flexprefill_hf.integration import unpatch_model
+    from flexprefill_hf.integration.continuous_batching import CB_ATTENTION_NAME, patch_model_for_continuous_batching
+
+    model = tiny_model("llama").eval()
+    prompts = [random_ids(n, seed=i)[0].tolist() for i, n in enumerate((300, 40, 200))]
+    want = _generate_batch(model, prompts)  # transformers' sdpa under continuous batching
+    patch_model_for_continuous_batching(model, **EXACT)
+    assert model.config._attn_implementation == CB_ATTENTION_NAME
+    got = _generate_batch(model, prompts)
+    assert got == want  # gamma = 1, tau = 0: exact
+    # The prompts went in packed, sparse (300 and 200 tokens are above the 128-token threshold); decode
+    # steps are packed rows of one query each, dense.
+    prefill = [c for c in varlen_calls if c[1] > 1]
+    assert prefill and all(len(cu) == 4 and not stats.dense for cu, _, stats in prefill)
+    decode = [c for c in varlen_calls if c[1] == 1]
+    assert decode and all(stats.dense for _, _, stats in decode)
+    unpatch_model(model)
+    assert model.config._attn_implementation == "sdpa"
+
+
+def test_generate_batch_gives_each_prompt_what_generate_gives_it_alone(varlen_calls):
+    from hf_tiny import SPARSE, random_ids, tiny_model
+
+    from flexprefill_hf.integration import patch_model
+    from flexprefill_hf.integration.continuous_batching import patch_model_for_continuous_batching
+
+    model = tiny_model("llama", seed=1).eval()
+    prompts = [random_ids(n, seed=10 + i)[0] for i, n in enumerate((420, 90, 260))]
+    patch_model(model, gamma=0.9, tau=0.1, **SPARSE)
+    with torch.no_grad():
+        alone = [model.generate(p[None], max_new_tokens=4, do_sample=False, pad_token_id=0)[0, len(p) :].tolist()
+                 for p in prompts]
+    patch_model_for_continuous_batching(model, gamma=0.9, tau=0.1, **SPARSE)
+    assert _generate_batch(model, [p.tolist() for p in prompts]) == alone
+    # Not trivially: the packed prefill really dropped blocks.
+    assert any(not stats.dense and (stats.computed_fraction < 1).any() for _, _, stats in varlen_calls)
