@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from flexprefill_hf import FlexPrefillConfig, flexprefill_attention, flexprefill_attention_with_stats
-from flexprefill_hf.ops import reference
+from flexprefill_hf.ops import backends, reference
+from flexprefill_hf.ops.attention.block_sparse_fa4 import block_sparse_attention_fa4, fa4_available
 from flexprefill_hf.ops.selection import select_blocks
 from flexprefill_hf.testing import structured_qkv
 
@@ -154,3 +155,47 @@ def test_logits_beyond_fp16_range_on_cuda():
     in_fp32, _ = reference.block_sparse_attention_reference(q, k, v, structure, scale, dtype=torch.float32)
     err = (out.double() - want).abs().max().item()
     assert err <= 2 * (in_fp32.double() - want).abs().max().item() + torch.finfo(q.dtype).eps * want.abs().max().item()
+
+
+# The operator's backends on the GPU (issue 9): flash-attn-4 where ops/backends picks it.
+needs_fa4 = pytest.mark.skipif(
+    not (torch.cuda.is_available() and torch.cuda.get_device_capability() >= (9, 0) and fa4_available()),
+    reason="needs flash_attn.cute on a GPU of compute capability >= 9.0",
+)
+
+
+@needs_fa4
+@pytest.mark.parametrize("n", [4096, 4000])  # aligned: one FA4 call; not: sliced pieces merged by LSE
+def test_sparse_route_runs_fa4_exactly_and_without_host_sync(n):
+    q, k, v = _inputs(n=n)
+    scale = 1 / math.sqrt(128)
+    structure = select_blocks(q, k, CONFIG, scale).structure
+    assert backends.choose_sparse_backend(q, k, structure, None)[0] == "fa4"
+    out = flexprefill_attention(q, k, v, CONFIG)  # JIT-compiles the variants first
+    torch.testing.assert_close(out, block_sparse_attention_fa4(q, k, v, structure, softmax_scale=scale), rtol=0, atol=0)
+    want, _ = reference.block_sparse_attention_reference(q, k, v, structure, scale)
+    low, _ = reference.block_sparse_attention_reference(q, k, v, structure, scale, dtype=q.dtype)
+    floor = torch.finfo(q.dtype).eps * want.abs().max().item()
+    assert (out.double() - want).abs().max().item() <= 2 * (low.double() - want).abs().max().item() + floor
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        flexprefill_attention(q, k, v, CONFIG)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@needs_fa4
+def test_dense_route_runs_fa4_and_decode_runs_plain_sdpa():
+    q, k, v = _inputs(n=2048)
+    scale = 1 / math.sqrt(128)
+    config = CONFIG.replace(cuda_dense_below=4096)
+    assert backends.choose_dense_backend(q, k, None) == "fa4"
+    out = flexprefill_attention(q, k, v, config)
+    torch.testing.assert_close(out, backends.dense_attention(q, k, v, scale, None, backend="fa4"), rtol=0, atol=0)
+    one = q[:, -1:]
+    assert backends.choose_dense_backend(one, k, None) == "sdpa"
+    want = torch.nn.functional.scaled_dot_product_attention(
+        one.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=scale, enable_gqa=True
+    ).transpose(1, 2)
+    torch.testing.assert_close(flexprefill_attention(one, k, v, config), want, rtol=0, atol=0)
