@@ -243,7 +243,8 @@ def main(argv=None):
                         help="from this N on, skip dense SDPA (and the error and speed-up against it)")
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
                         help="cpu (with --tiny) only checks that the script runs: PyTorch paths, no kernels")
-    parser.add_argument("--tiny", action="store_true", help="N 512 (dense route) and 2200 (sparse, partial block), 4/2 heads, d 32, fp32 (smoke run)")
+    parser.add_argument("--tiny", action="store_true",
+                        help="N 512 (dense route) and 2200 (sparse, partial block), 4/2 heads, d 32, fp32 (smoke run)")
     args = parser.parse_args(argv)
     global ON_GPU
     ON_GPU = args.device == "cuda"

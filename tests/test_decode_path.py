@@ -134,12 +134,11 @@ def test_left_padded_decode_matches_the_reference(q_heads, kv_heads, counted):
     query, key, value = hf_layout(3, 1, k_len, q_heads, kv_heads, 32, seed=q_heads)
     key_start = torch.tensor(starts)
     mask = torch.arange(k_len)[None, :] >= key_start[:, None]  # bool [B, K], True = real
-    ref, _ = dense_attention_reference(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), 0.2, key_start)
+    q, k, v = (t.transpose(1, 2) for t in (query, key, value))
+    ref, _ = dense_attention_reference(q, k, v, 0.2, key_start)
     with torch.no_grad():
         out, _ = routing.flexprefill_attention_forward(module, query, key, value, mask, scaling=0.2)
-        direct = flexprefill_attention(
-            query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), softmax_scale=0.2, key_start=key_start
-        )
+        direct = flexprefill_attention(q, k, v, softmax_scale=0.2, key_start=key_start)
     assert_close(out.double(), ref, rtol=1e-5)
     assert_close(direct.double(), ref, rtol=1e-5)
     # Sequence 2 has one real key: its output is that key's value, exactly.

@@ -36,7 +36,14 @@ from typing import Callable, Optional, Union
 import torch
 import torch.nn.functional as F
 
-from .attention.block_sparse_fa4 import FA4_MIN_CAPABILITY, KernelCase, fa4_available, fa4_head_dim, unsupported_reason
+from .attention.block_sparse_fa4 import (
+    COMPILE_REASON,
+    FA4_MIN_CAPABILITY,
+    KernelCase,
+    fa4_available,
+    fa4_head_dim,
+    unsupported_reason,
+)
 from .block_structure import BlockStructure
 from .runtime import KERNEL_DTYPES
 
@@ -69,6 +76,9 @@ def choose_sparse_backend(
     q: torch.Tensor, k: torch.Tensor, structure: BlockStructure, key_start: Optional[torch.Tensor]
 ) -> tuple[str, str]:
     """(backend, reason) for the block-sparse forward of q [B, q_len, Hq, D] over k [B, k_len, Hkv, D]."""
+    if q.is_cuda and q.dtype in KERNEL_DTYPES and torch.compiler.is_compiling():
+        # Decided before any device query, so nothing but this branch is traced.
+        return "triton", f"Triton kernel: {COMPILE_REASON}"
     return sparse_backend_for(KernelCase.of(q, structure, key_start))
 
 
@@ -113,9 +123,11 @@ def choose_dense_backend(q: torch.Tensor, k: torch.Tensor, key_start: Optional[t
         return "masked"
     if q.shape[1] == 1:
         return "sdpa"
+    compiling = torch.compiler.is_compiling()
+    capability = None if compiling else _capability(q)  # no device query inside a traced graph
     return dense_backend_for(
-        q.device.type, _capability(q), q.dtype, q.shape[-1], q.shape[1], k.shape[1], key_start is not None,
-        compiling=torch.compiler.is_compiling(),
+        q.device.type, capability, q.dtype, q.shape[-1], q.shape[1], k.shape[1], key_start is not None,
+        compiling=compiling,
     )
 
 
