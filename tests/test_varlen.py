@@ -126,13 +126,14 @@ def test_packings_exercise_both_patterns_and_sparsity(packing):
 
 
 def test_all_decode_rows_and_all_short_run_dense():
+    config = FlexPrefillConfig(**SMALL)
     for lengths in ([(1, 300), (1, 5), (1, 129)], [(100, 100), (2, 128), (60, 90)]):
         seqs, (q, k, v), cu_q, cu_k = _pack(lengths, 4, 2, 16, torch.float64, seed=3)
         max_q, max_k = max(a for a, _ in lengths), max(b for _, b in lengths)
-        out, stats = flexprefill_attention_varlen_with_stats(q, k, v, cu_q, cu_k, max_q, max_k, FlexPrefillConfig(**SMALL))
+        out, stats = flexprefill_attention_varlen_with_stats(q, k, v, cu_q, cu_k, max_q, max_k, config)
         assert stats.dense
         for b, (qb, kb, vb) in enumerate(seqs):
-            alone, alone_stats = flexprefill_attention_with_stats(qb[None], kb[None], vb[None], FlexPrefillConfig(**SMALL))
+            alone, alone_stats = flexprefill_attention_with_stats(qb[None], kb[None], vb[None], config)
             torch.testing.assert_close(out[cu_q[b] : cu_q[b + 1]], alone[0], rtol=1e-10, atol=1e-12)
             assert torch.equal(stats.computed_blocks[b], alone_stats.computed_blocks[0])
 
@@ -247,7 +248,8 @@ def test_packed_kernel_on_the_full_causal_structure_is_dense_attention():
     assert structure.indices.untyped_storage().nbytes() == 3 * grid.num_blocks * 4  # O(B * nb), not per head/row
     out = block_sparse_attention_triton_packed(q, k, v, structure, cu_q, cu_k)
     for b, (q_len, k_len) in enumerate(lengths):
-        qb, kb, vb = (t.double() for t in (q[cu_q[b] : cu_q[b + 1]], k[cu_k[b] : cu_k[b + 1]], v[cu_k[b] : cu_k[b + 1]]))
+        rows, keys = slice(cu_q[b], cu_q[b + 1]), slice(cu_k[b], cu_k[b + 1])
+        qb, kb, vb = q[rows].double(), k[keys].double(), v[keys].double()
         logits = torch.einsum("qhd,khd->hqk", qb, kb.expand(-1, 2, -1)) / 4
         causal = torch.arange(k_len)[None, :] <= torch.arange(k_len - q_len, k_len)[:, None]
         want = torch.einsum("hqk,khd->qhd", logits.masked_fill(~causal, -math.inf).softmax(-1), vb.expand(-1, 2, -1))
@@ -297,7 +299,8 @@ def _good():
 
 
 BAD = [
-    (dict(cu_seqlens_q=torch.tensor([0, 4, 10])), TypeError, "cu_seqlens_q has dtype torch.int64; expected torch.int32"),
+    (dict(cu_seqlens_q=torch.tensor([0, 4, 10])), TypeError,
+     "cu_seqlens_q has dtype torch.int64; expected torch.int32"),
     (dict(cu_seqlens_k=[0, 5, 12]), TypeError, "cu_seqlens_k has type list"),
     (dict(cu_seqlens_q=torch.tensor([0, 6, 4], dtype=torch.int32)), ValueError, "cu_seqlens_q is not monotone"),
     (dict(cu_seqlens_k=torch.tensor([0, 12], dtype=torch.int32)), ValueError,
