@@ -88,7 +88,7 @@ class Chat:
         stats = [s for s in self.stats or () if s is not None and not s.dense]
         if not stats:
             return f"[{where}: dense attention (too short for FlexPrefill)]"
-        fraction = torch.stack([s.computed_fraction.float().mean() for s in stats]).mean()
+        fraction = torch.stack([s.computed_fraction.float().mean().cpu() for s in stats]).mean()
         query_aware = sum(int(s.query_aware.sum()) for s in stats)
         heads = sum(s.query_aware.numel() for s in stats)
         return f"[{where}: {fraction.item():.2f} of the blocks computed, {query_aware}/{heads} heads query-aware]"

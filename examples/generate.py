@@ -47,7 +47,8 @@ def long_document(tokenizer, n_tokens: int, seed: int = 0) -> str:
 
 def computed_fractions(stats, batch_size: int) -> list:
     """Per sequence, the fraction of attention blocks its prefill computed (mean over layers and heads)."""
-    per_layer = [s.computed_fraction.float().mean(-1) for s in stats or () if s is not None]  # each [B]
+    # .cpu(): with a model split over devices (accelerate) each layer's stats stay where the layer ran
+    per_layer = [s.computed_fraction.float().mean(-1).cpu() for s in stats or () if s is not None]  # each [B]
     if not per_layer:
         return [1.0] * batch_size
     return torch.stack(per_layer).mean(0).tolist()
