@@ -10,16 +10,21 @@ How (ops/README.md, choice 1: the end-aligned grid). A sequence laid into a padd
 ``max_seqlen_k`` keys, left-padded by ``key_start[b] = max_seqlen_k - k_len_b``, gets exactly the blocks it
 gets alone, shifted by its padding blocks. So:
 
-1. Selection: q and k are gathered into the left-padded views ``[B, max_seqlen_q, Hq, D]`` and
-   ``[B, max_seqlen_k, Hkv, D]`` and ``select_blocks`` runs unchanged but for ``query_start[b] =
-   max_seqlen_k - q_len_b`` (rows of the view before it are another sequence's cache, not queries).
-   Memory: the two views, O(B * max_seqlen * heads * D) -- as a padded batch would need -- plus the
-   structure, int32 ``[B, Hq, nqb, nb]`` of the padded grid, also O(B * Hq * (max_seqlen / block)^2).
-   With one long prompt among many short ones (or decode rows) that is B times the long prompt's own;
-   a later version could gather only the representative rows and per-block query means.
+1. Selection (``select_blocks_varlen``): ``select_blocks``' steps, unchanged but for ``query_start[b] =
+   max_seqlen_k - q_len_b`` (rows of the view before it are the sequence's cache, not queries). Of q only
+   what the selection reads is formed: the representative rows ``[B, r, Hq, D]`` (r <= block size) and the
+   query-block means ``[B, Hq, nqb, D]`` (one segment sum over the packed rows). k is gathered into the
+   left-padded view ``[B, max_seqlen_k, Hkv, D]``: O(B * max_seqlen_k * Hkv * D) memory, as a padded batch
+   of keys, plus the selection's own temporaries sized by the padded grid -- the representative scores
+   fp32 ``[2, B, Hq, max_seqlen_k]`` and the structure, int32 ``[B, Hq, nqb, nb]``, O(B * Hq * (max_seqlen
+   / block)^2). With one long prompt among many short ones (or decode rows) these are B times the long
+   prompt's own; reading k packed in the scores kernel and per-sequence grids would remove that.
 2. Attention: on CUDA (fp16/bf16) the Triton kernel reads q, k, v packed, through per-sequence base
    offsets (``block_sparse_attention_triton_packed``), and writes the output packed: no padded copy of
-   v and no padded output. A sequence's output is the one the same kernel gives it alone, bit for bit.
+   v and no padded output. Given the same blocks, a sequence's output is the one the same kernel gives
+   it alone, bit for bit. (The selection's arithmetic is the same as alone too, except the summation
+   order of some sums -- softmax denominators over the longer view, the segment sums of the query
+   means -- which can differ in the last bit; the tests find identical blocks in fp32 and fp64.)
    On CPU (and for fp32/fp64) the PyTorch path unpacks into the padded views and runs
    ``block_sparse_attention_torch`` on them, then gathers the rows back (O(B * max_seqlen) memory).
 3. Dense sequences: a sequence is dense when it would run dense alone -- ``k_len_b`` at or below the
@@ -48,7 +53,8 @@ from .block_structure import BlockStructure
 from .flexprefill import FlexPrefillStats
 from .grid import BlockGrid, causal_block_counts
 from .runtime import KERNEL_DTYPES
-from .selection import BlockSelection, select_blocks
+from .selection.scores import compute_dtype
+from .selection.select import BlockSelection, select_blocks_from_parts
 from .validation import check_attention_inputs, check_softmax_scale
 
 
@@ -166,18 +172,47 @@ def select_blocks_varlen(
 ) -> BlockSelection:
     """``select_blocks`` for packed sequences (no validation: :func:`check_varlen_inputs` first).
 
-    q [total_q, Hq, D], k [total_k, Hkv, D] are gathered into left-padded views [B, max_seqlen_q, Hq, D] and
-    [B, max_seqlen_k, Hkv, D] (O(B * max_seqlen) memory); sequence b gets ``key_start = max_seqlen_k - k_len_b``
-    and ``query_start = max_seqlen_k - q_len_b``. Returns the selection on the padded grid
+    Sequence b is laid into the padded view of ``max_seqlen_k`` keys with ``key_start = max_seqlen_k - k_len_b``
+    and ``query_start = max_seqlen_k - q_len_b``. Of q only what the selection reads is formed: the
+    representative rows [B, r, Hq, D] (gathered) and the query-block means [B, Hq, nqb, D] (segment sums
+    of the packed rows, in the compute dtype); k is gathered into the left-padded view [B, max_seqlen_k,
+    Hkv, D] (O(B * max_seqlen_k) memory). Returns the selection on the padded grid
     ``BlockGrid(min(max_seqlen_q, max_seqlen_k), max_seqlen_k)``: sequence b's blocks are those it gets
     alone, shifted right by ``nb - ceil(k_len_b / block)`` blocks. ``backends``: select_blocks' keywords.
     """
     max_q = min(max_seqlen_q, max_seqlen_k)
+    grid = BlockGrid(max_q, max_seqlen_k, config.block_size)
     q_lens, k_lens = cu_seqlens_q.diff().long(), cu_seqlens_k.diff().long()
     key_start = varlen_key_start(cu_seqlens_k, max_seqlen_k).clamp(max=max_seqlen_k - 1)
-    q_pad = _left_padded(q, cu_seqlens_q, q_lens, max_q)
-    k_pad = _left_padded(k, cu_seqlens_k, k_lens, max_seqlen_k)
-    return select_blocks(q_pad, k_pad, config, softmax_scale, key_start, query_start=max_seqlen_k - q_lens, **backends)
+    query_start = max_seqlen_k - q_lens
+    r = grid.num_representative
+    # The last r rows of each sequence's view: rows before its first query are 0 (no query there).
+    index, valid = _row_index(cu_seqlens_q, q_lens, max_q)
+    index, valid = index[:, max_q - r :], valid[:, max_q - r :]
+    q_rep = q.index_select(0, index.flatten().clamp_max(q.shape[0] - 1)).unflatten(0, index.shape)
+    q_rep = q_rep.masked_fill_(~valid[:, :, None, None], 0)  # [B, r, Hq, D]
+    q_means = _query_block_means(q, cu_seqlens_q, q_lens, grid)
+    k_pad = _left_padded(k, cu_seqlens_k, k_lens, max_seqlen_k)  # [B, max_k, Hkv, D]
+    return select_blocks_from_parts(q_rep, q_means, k_pad, grid, config, softmax_scale, key_start,
+                                    query_start=query_start, **backends)
+
+
+def _query_block_means(q: torch.Tensor, cu_seqlens_q: torch.Tensor, q_lens: torch.Tensor, grid: BlockGrid):
+    """[B, Hq, nqb, D] in the compute dtype: the mean of each present query block of the padded grid over the
+    packed rows of its sequence that fall in it (0 where none do), by one segment sum over the packed rows."""
+    batch, nqb = q_lens.shape[0], grid.num_query_blocks
+    rows = torch.arange(q.shape[0], device=q.device)
+    seq = torch.searchsorted(cu_seqlens_q[1:].long(), rows, right=True)  # [total_q]; B past the last sequence
+    real = seq < batch
+    seq = seq.clamp_max(batch - 1)
+    position = grid.k_len - q_lens[seq] + rows - cu_seqlens_q[:-1].long()[seq]  # key position in the view
+    row = ((position + grid.pad) // grid.block_size - grid.first_query_block).clamp(0, nqb - 1)
+    segment = torch.where(real, seq * nqb + row, batch * nqb)  # rows of no sequence go to a dropped segment
+    dtype = compute_dtype(q.dtype)
+    sums = q.new_zeros((batch * nqb + 1,) + q.shape[1:], dtype=dtype).index_add_(0, segment, q.to(dtype))
+    counts = q.new_zeros(batch * nqb + 1, dtype=dtype).index_add_(0, segment, q.new_ones(q.shape[0], dtype=dtype))
+    means = sums[:-1] / counts[:-1].clamp_min(1)[:, None, None]
+    return means.unflatten(0, (batch, nqb)).transpose(1, 2)  # [B, Hq, nqb, D]
 
 
 def _stats(grid, computed, selection, q, dense, causal=None) -> FlexPrefillStats:

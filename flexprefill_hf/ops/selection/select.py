@@ -116,18 +116,49 @@ def select_blocks(
     Returns:
         BlockSelection with the structure int32 [B, Hq, nqb, nb] / counts [B, Hq, nqb].
     """
-    scores_backend, compose = _backends(q, scores_backend, structure_backend)
     grid = BlockGrid(q.shape[1], k.shape[1], config.block_size)
-    dtype = compute_dtype(q.dtype)
     seqs = _sequences(grid, q.shape[0], key_start, query_start, config, q.device)
+    q_rep = q[:, grid.q_len - grid.num_representative :]  # [B, r, Hq, D]
+    q_means = _query_block_means(q, grid, seqs, compute_dtype(q.dtype))
+    return _select(q_rep, q_means, k, grid, seqs, config, softmax_scale, key_start, scores_backend, structure_backend)
 
-    rep_scores = _representative_scores(q, k, grid, softmax_scale, key_start, seqs, scores_backend)  # [2, B, Hq, n]
+
+def select_blocks_from_parts(
+    q_rep: torch.Tensor,
+    q_means: torch.Tensor,
+    k: torch.Tensor,
+    grid: BlockGrid,
+    config: FlexPrefillConfig,
+    softmax_scale: float,
+    key_start: Optional[torch.Tensor] = None,
+    *,
+    query_start: Optional[torch.Tensor] = None,
+    scores_backend: Optional[str] = None,
+    structure_backend: Optional[str] = None,
+) -> BlockSelection:
+    """:func:`select_blocks` from the only parts of q it reads, for callers that never hold q as [B, q_len, Hq, D]
+    (packed sequences, ``ops/varlen.py``).
+
+    q_rep: [B, r, Hq, D], the representative rows, i.e. the last ``r = grid.num_representative`` rows of q;
+    q_means: [B, Hq, nqb, D] in the compute dtype (``scores.compute_dtype``), the mean of each present
+    query block over its real query rows (0 where it has none); grid: ``BlockGrid(q_len, n, block_size)``
+    with ``k`` [B, n, Hkv, D]. The rest as :func:`select_blocks`.
+    """
+    seqs = _sequences(grid, q_rep.shape[0], key_start, query_start, config, q_rep.device)
+    return _select(q_rep, q_means, k, grid, seqs, config, softmax_scale, key_start, scores_backend, structure_backend)
+
+
+def _select(q_rep, q_means, k, grid, seqs, config, softmax_scale, key_start, scores_backend, structure_backend):
+    """§1-§5 from the representative rows q_rep [B, r, Hq, D] and the query-block means q_means [B, Hq, nqb, D]."""
+    scores_backend, compose = _backends(q_rep, scores_backend, structure_backend)
+    dtype = compute_dtype(q_rep.dtype)
+    rep_scores = _representative_scores(q_rep, k, grid, softmax_scale, key_start, seqs, scores_backend)  # [2, B, Hq, n]
     block_scores = _block_scores(rep_scores, grid)  # [2, B, Hq, nb]
     k_means = block_means(k, seqs.key_valid, grid, dtype).permute(0, 2, 1, 3)  # [B, Hkv, nb, D]
-    distance, query_aware = _pattern(q, block_scores[0], k_means, grid, seqs, config, softmax_scale)
+    distance, query_aware = _pattern(q_rep, block_scores[0], k_means, grid, seqs, config, softmax_scale)
     vertical, slash = _vertical_slash_blocks(rep_scores, block_scores, query_aware, grid, seqs, config)
     parts = MaskParts(vertical=vertical, slash=slash, query_aware=query_aware, short=seqs.short, sink=seqs.sink)
-    structure = _compose(q, k_means, parts, grid, seqs, config, softmax_scale, compose)
+    structure = _compose(q_means, k_means, parts, grid, seqs, config, softmax_scale, compose)
     causal = causal_block_counts(grid, seqs.sink)
     if seqs.query_rows is not None:
         # Query blocks without a query of their sequence compute nothing (what the sequence gets alone).
@@ -192,11 +223,13 @@ def _sequences(
 
 
 def _representative_scores(
-    q: torch.Tensor, k: torch.Tensor, grid: BlockGrid, softmax_scale: float, key_start: Optional[torch.Tensor],
+    q_rep: torch.Tensor, k: torch.Tensor, grid: BlockGrid, softmax_scale: float, key_start: Optional[torch.Tensor],
     seqs: _Sequences, backend: str,
 ) -> torch.Tensor:
-    """§1 (and the scores of §3): a_v, a_s [2, B, Hq, n] of the last r queries, in the compute dtype
-    (torch) or fp32 (triton, fp16/bf16 inputs)."""
+    """§1 (and the scores of §3): a_v, a_s [2, B, Hq, n] of the representative rows q_rep [B, r, Hq, D], in the
+    compute dtype (torch) or fp32 (triton, fp16/bf16 inputs)."""
+    # The scores functions take the last r rows of their q: q_rep is all of it, on the grid of r queries.
+    q, grid = q_rep, BlockGrid(q_rep.shape[1], grid.k_len, grid.block_size)
     if backend == "triton":
         from .scores_triton import representative_scores_triton
 
@@ -222,10 +255,11 @@ def _pattern(
     config: FlexPrefillConfig, softmax_scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """§2: (distance [B, Hq], query_aware bool [B, Hq]) from the true block distribution â
-    (true_dist [B, Hq, nb]) and the estimate ā = softmax(s · mean(Q̂) · K̄ᵀ) over real key blocks."""
+    (true_dist [B, Hq, nb]) and the estimate ā = softmax(s · mean(Q̂) · K̄ᵀ) over real key blocks;
+    q: the representative rows [B, r, Hq, D]."""
     q_heads, kv_heads = q.shape[2], k_means.shape[1]
     n, r = grid.k_len, grid.num_representative
-    q_rep = q[:, grid.q_len - r :].to(k_means.dtype)  # [B, r, Hq, D]
+    q_rep = q.to(k_means.dtype)  # [B, r, Hq, D]
     if seqs.key_valid is None and seqs.query_rows is None and r & (r - 1) == 0:
         # Dividing by a power of two is exact, however it is done.
         q_rep_mean = q_rep.sum(1) / r  # [B, Hq, D]
@@ -277,30 +311,36 @@ def _query_aware_coverage(
     return coverage_mask(pair_probs, gamma)
 
 
+def _query_block_means(q: torch.Tensor, grid: BlockGrid, seqs: _Sequences, dtype: torch.dtype) -> torch.Tensor:
+    """Q̄ of §4: [B, Hq, nqb, D] in ``dtype``, each present query block's mean over its real query rows."""
+    q_len = q.shape[1]
+    q_valid = None
+    if seqs.query_rows is not None:
+        q_valid = torch.arange(grid.k_len - q_len, grid.k_len, device=q.device)[None, :] >= seqs.query_start[:, None]
+    elif seqs.key_valid is not None:
+        q_valid = seqs.key_valid[:, grid.k_len - q_len :]
+    return block_means(q, q_valid, grid, dtype).permute(0, 2, 1, 3)[:, :, -grid.num_query_blocks :]
+
+
 def _compose(
-    q: torch.Tensor, k_means: torch.Tensor, parts: MaskParts, grid: BlockGrid, seqs: _Sequences,
+    q_means: torch.Tensor, k_means: torch.Tensor, parts: MaskParts, grid: BlockGrid, seqs: _Sequences,
     config: FlexPrefillConfig, softmax_scale: float, compose: Callable,
 ) -> BlockStructure:
     """§5: the packed structure from ``parts`` and the §4 estimate, a chunk of query heads at a time.
 
     The block masks are nqb x nb per head: each chunk's estimate (§4) is computed, then composed with
     the vertical/slash blocks, sink, diagonal and block-causal rules into ``indices`` / ``counts``.
-    k_means: [B, Hkv, nb, D], the key-block means.
+    q_means: [B, Hq, nqb, D], the query-block means; k_means: [B, Hkv, nb, D], the key-block means.
     """
-    batch, q_len, q_heads, _ = q.shape
+    batch, q_heads = q_means.shape[:2]
     nb, nqb = grid.num_blocks, grid.num_query_blocks
     groups = q_heads // k_means.shape[1]
-    q_valid = None
-    if seqs.query_rows is not None:
-        q_valid = torch.arange(grid.k_len - q_len, grid.k_len, device=q.device)[None, :] >= seqs.query_start[:, None]
-    elif seqs.key_valid is not None:
-        q_valid = seqs.key_valid[:, grid.k_len - q_len :]
-    q_means = block_means(q, q_valid, grid, k_means.dtype).permute(0, 2, 1, 3)[:, :, -nqb:]  # [B, Hq, nqb, D]
+    device = q_means.device
     # Each query head's KV-head means, by one copy.
     k_means = k_means[:, :, None].expand(-1, -1, groups, -1, -1).flatten(1, 2)  # [B, Hq, nb, D]
-    pair_index = causal_pair_index(grid, q.device)  # [P]: the block-causal pairs, row-major
-    indices = torch.empty(batch, q_heads, nqb, nb, dtype=torch.int32, device=q.device)
-    counts = torch.empty(batch, q_heads, nqb, dtype=torch.int32, device=q.device)
+    pair_index = causal_pair_index(grid, device)  # [P]: the block-causal pairs, row-major
+    indices = torch.empty(batch, q_heads, nqb, nb, dtype=torch.int32, device=device)
+    counts = torch.empty(batch, q_heads, nqb, dtype=torch.int32, device=device)
     chunk = max(1, min(q_heads, _MASK_CHUNK_BYTES // (_MASK_BYTES_PER_PAIR * batch * nqb * nb)))
     for h0 in range(0, q_heads, chunk):
         h1 = min(h0 + chunk, q_heads)
