@@ -293,6 +293,6 @@ def test_sliding_window_layers_dense_when_active_and_warned_once(architecture, c
             fp.unpatch_model(model)
     layers = "all layers" if len(windowed) == model.config.num_hidden_layers else f"layers {windowed}"
     assert len(at_patch) == 1 and f"{layers} use a sliding window of 256 tokens" in at_patch[0], at_patch
-    # The routing may name the fallback once per process, never once per call or layer.
+    # patch_model named the windowed layers; the calls themselves warn nothing (not once per call or layer).
     at_calls = [str(w.message) for w in caught[1:]]
-    assert len(at_calls) <= 1 and all("sliding window" in m for m in at_calls), at_calls
+    assert at_calls == [], at_calls

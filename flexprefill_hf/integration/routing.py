@@ -37,11 +37,12 @@ import torch
 from ..ops.backends import decode_attention
 from ..ops.flexprefill import flexprefill_attention, flexprefill_attention_with_stats
 from .dense_fallback import dense_attention_forward
-from .layer_config import layer_config
+from .layer_config import CONFIG_ATTRIBUTE, layer_config
 from .stats import RECORDER_ATTRIBUTE
 
 ATTENTION_NAME = "flexprefill"
 
+SLIDING_WINDOW_REASON = "a sliding window is active"
 GRADIENT_REASON = (
     "gradients are required (grad mode is on and the query, key or value requires grad), and FlexPrefill "
     "does not support gradients; use torch.no_grad() or torch.inference_mode() for a sparse prefill"
@@ -77,7 +78,10 @@ def flexprefill_attention_forward(
     prefill = query.shape[2] > 1
     reason = dense_reason(module, query, key, value, attention_mask, dropout, kwargs)
     if reason is not None:
-        _warn_once(reason)
+        # patch_model already named the windowed layers once (patches/common.py); a model loaded with
+        # attn_implementation="flexprefill" and never patched hears it here, once per process.
+        if not (reason.startswith(SLIDING_WINDOW_REASON) and CONFIG_ATTRIBUTE in module.__dict__):
+            _warn_once(reason)
         if recorder is not None and prefill:
             recorder.record(module.layer_idx, None)
         return dense_attention_forward(
@@ -126,7 +130,7 @@ def dense_reason(module, query, key, value, attention_mask, dropout, kwargs) -> 
         return "non-causal attention is not supported by FlexPrefill"
     window = _sliding_window(module, kwargs)
     if window is not None and key.shape[2] > window:
-        return f"a sliding window is active (keys > sliding_window={window}); FlexPrefill cannot express it"
+        return f"{SLIDING_WINDOW_REASON} (keys > sliding_window={window}); FlexPrefill cannot express it"
     return None
 
 
