@@ -445,3 +445,40 @@ def test_generate_batch_gives_each_prompt_what_generate_gives_it_alone(varlen_ca
     assert _generate_batch(model, [p.tolist() for p in prompts]) == alone
     # Not trivially: the packed prefill really dropped blocks.
     assert any(not stats.dense and (stats.computed_fraction < 1).any() for _, _, stats in varlen_calls)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_varlen_replays_in_a_cuda_graph_on_new_lengths():
+    # transformers' continuous batching captures its forward in CUDA graphs and replays them on new batches of
+    # the same padded sizes: no host sync, no autotuning in the capture, lengths read on the device only.
+    config = FlexPrefillConfig(gamma=0.9, tau=0.1, cuda_dense_below=0)
+    first, second = [(3000, 3000), (1, 2000), (900, 2600)], [(2000, 2000), (1, 3000), (1500, 2500)]
+    _, (q, k, v), cu_q, cu_k = _pack(first, 8, 2, 128, torch.float32, seed=12)
+    _, (q2, k2, v2), cu_q2, cu_k2 = _pack(second, 8, 2, 128, torch.float32, seed=13)
+    rows, keys = max(q.shape[0], q2.shape[0]), max(k.shape[0], k2.shape[0])
+
+    def static(t, n):  # same shapes for both batches: rows past the last sequence are padding
+        return torch.cat([t, t.new_zeros((n - t.shape[0],) + t.shape[1:])]).to("cuda", torch.bfloat16)
+
+    sq, sk, sv = static(q, rows), static(k, keys), static(v, keys)
+    scq, sck = cu_q.cuda(), cu_k.cuda()
+
+    def run():
+        return flexprefill_attention_varlen(sq, sk, sv, scq, sck, 3000, 3000, config)
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        run()  # warm-up (and autotuning) outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = run()
+    for batch in ((q, k, v, cu_q, cu_k), (q2, k2, v2, cu_q2, cu_k2)):
+        sq.copy_(static(batch[0], rows)), sk.copy_(static(batch[1], keys)), sv.copy_(static(batch[2], keys))
+        scq.copy_(batch[3]), sck.copy_(batch[4])
+        graph.replay()
+        eager = run()  # autotuned tiles: the same blocks, another summation order
+        torch.cuda.synchronize()
+        assert relative_error(captured, eager) < 1.6e-2 and (captured[int(batch[3][-1]) :] == 0).all()

@@ -286,6 +286,8 @@ _DEFAULT_TILES = [
     (64, 32, 4, 2, False),
 ]
 _ALL_CONFIGS = [_config(t) for t in dict.fromkeys(_H200_TILES + _DEFAULT_TILES)]
+# Launched without tuning under CUDA-graph capture: in both lists above, and dividing both block sizes.
+_CAPTURE_TILES = TileConfig(64, 64, 4, 2, False)
 
 
 def _prune_configs(configs, named_args, **kwargs):
@@ -381,6 +383,10 @@ def _launch(q, k, v, out, lse, structure: BlockStructure, softmax_scale, key_sta
     if tile_config is None and interpreting():
         # Autotuning needs a GPU. The interpreter's cost is per tile, barely by size: one tile per block.
         tile_config = TileConfig(grid_geom.block_size, grid_geom.block_size, 4, 1, True)
+    elif tile_config is None and q.is_cuda and torch.cuda.is_current_stream_capturing():
+        # Inside CUDA-graph capture (transformers' continuous batching captures its forward) the autotuner's
+        # timing runs would break the capture: a tile listed for every GPU and both block sizes instead.
+        tile_config = _CAPTURE_TILES
     if tile_config is not None:
         kernel = _block_sparse_attention_fwd_kernel
         meta.update(BLOCK_M=tile_config.block_m, BLOCK_N=tile_config.block_n, PREFETCH_INDEX=tile_config.prefetch_index,
