@@ -482,3 +482,21 @@ def test_gpu_varlen_replays_in_a_cuda_graph_on_new_lengths():
         eager = run()  # autotuned tiles: the same blocks, another summation order
         torch.cuda.synchronize()
         assert relative_error(captured, eager) < 1.6e-2 and (captured[int(batch[3][-1]) :] == 0).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_generate_batch_runs_the_packed_kernel(varlen_calls):
+    # On CUDA continuous batching captures CUDA graphs by default for a "flash" implementation (no mask).
+    from hf_tiny import EXACT, random_ids, tiny_model
+
+    from flexprefill_hf.integration.continuous_batching import patch_model_for_continuous_batching
+
+    model = tiny_model("llama").to("cuda", torch.float16).eval()
+    prompts = [random_ids(n, seed=20 + i)[0].tolist() for i, n in enumerate((900, 60, 500))]
+    want = _generate_batch(model, prompts, new_tokens=3)
+    patch_model_for_continuous_batching(model, cuda_dense_below=0, **EXACT)
+    got = _generate_batch(model, prompts, new_tokens=3)
+    # gamma = 1: the prefill is exact up to fp16 rounding, so the first token (an argmax) agrees.
+    assert [g[0] for g in got] == [w[0] for w in want]
+    assert any(not stats.dense for _, _, stats in varlen_calls)
