@@ -77,6 +77,10 @@ def test_plots(tmp_path):
         (["--methods", "dense", "magic"], "'magic' is not supported"),
         (["--methods", "streaming:window=-1"], "window=-1 is not supported"),
         (["--device", "nonsense"], "--device='nonsense' is not a torch device"),
+        (["--round-size", "0"], "--round-size=0"),
+        (["--time-budget", "-1"], "--time-budget=-1.0"),
+        (["--methods", "dense", "streaming:fraction=match"], "but none is given"),
+        (["--methods", "vertical_slash:fraction=match", "flexprefill"], "put flexprefill first"),
     ],
 )
 def test_arguments_checked_before_loading(argv, message, monkeypatch, capsys):
@@ -125,7 +129,10 @@ def test_cli_end_to_end(tmp_path):
     # The embedded model finds a 7-digit needle in 1K tokens of noise with dense attention.
     assert all(r["ruler_score"] == 100.0 for r in dense if r["task"] == "niah_single_1")
     table = (out / "results.md").read_text()
-    assert table.count("\n") == 2 + 2 * 2 + 2  # header, 2 tasks x 2 methods, 2 averages
+    assert table.startswith("Planned 2 samples per cell, in rounds of 8.\n")
+    assert "| samples per task | 1024 |\n|---|---|\n| dense | 2 |\n| flexprefill[min_budget=256] | 2 |\n" in table
+    main_table = table[table.index("| task |") :]
+    assert main_table.count("\n") == 2 + 2 * 2 + 2  # header, 2 tasks x 2 methods, 2 averages
     heatmaps = json.loads((out / "heatmaps.json").read_text())
     assert [h["method"] for h in heatmaps] == ["dense", "flexprefill[min_budget=256]"]
     assert len(heatmaps[1]["computed_fraction"]) == 30 and len(heatmaps[1]["pattern"][0]) == 9

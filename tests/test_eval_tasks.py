@@ -118,6 +118,9 @@ def test_generators_are_deterministic(tokenizer):
         assert [s.prompt_hash for s in first] == [s.prompt_hash for s in again]
         assert first[0].prompt_ids != first[1].prompt_ids, task  # samples differ from each other
         assert first[0].prompt_ids != other[0].prompt_ids, task  # and with the seed
+        # Built later, from an index on (the suite's rounds), a sample is the same.
+        (second,) = generate_samples(tokenizer, task, 1024, 1, seed=5, start=1)
+        assert second.index == 1 and second.prompt_ids == first[1].prompt_ids, task
 
 
 def _texts(tokenizer, sample):

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .methods import METHOD_KINDS, parse_methods
+from .methods import METHOD_KINDS, match_reference, parse_methods
 from .tasks import TASK_NAMES
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -44,7 +44,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="eval_out", help="output folder (default ./eval_out)")
-    parser.add_argument("--batch-size", type=int, default=1, help="samples per forward pass, left-padded (default 1)")
+    parser.add_argument(
+        "--batch-size", type=int, default=1,
+        help="samples per forward pass, left-padded; a batch may mix the tasks of one length (default 1)",
+    )
+    parser.add_argument(
+        "--round-size", type=int, default=8,
+        help="samples per (task, length, method) cell per round: the run goes round by round over all cells, "
+        "methods in --methods order (their priority), so a time budget leaves balanced coverage (default 8)",
+    )
+    parser.add_argument(
+        "--time-budget", type=float, default=None, metavar="SECONDS",
+        help="stop starting new batches once this many seconds (from the start, model load included) would be "
+        "exceeded, then write the outputs for what ran (default: no limit)",
+    )
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots (no matplotlib needed)")
     parser.add_argument(
         "--merge", nargs="+", default=None, metavar="DIR",
@@ -67,6 +80,8 @@ class Options:
     batch_size: int
     plots: bool
     merge: tuple[Path, ...] = ()
+    round_size: int = 8
+    time_budget: Optional[float] = None
 
 
 def parse_length(text: str) -> int:
@@ -93,7 +108,12 @@ def validate(args: argparse.Namespace) -> Options:
         raise ValueError(f"--samples={args.samples}; expected an int >= 1")
     if args.batch_size < 1:
         raise ValueError(f"--batch-size={args.batch_size}; expected an int >= 1")
+    if args.round_size < 1:
+        raise ValueError(f"--round-size={args.round_size}; expected an int >= 1")
+    if args.time_budget is not None and not args.time_budget >= 0:
+        raise ValueError(f"--time-budget={args.time_budget}; expected seconds >= 0")
     methods = parse_methods(args.methods)
+    match_reference(methods)  # a fraction=match baseline needs a flexprefill method before it
     try:
         device = torch.device(args.device)
     except RuntimeError as error:
@@ -115,12 +135,15 @@ def validate(args: argparse.Namespace) -> Options:
     return Options(
         model=args.model, device=args.device, dtype=args.dtype, lengths=lengths, tasks=tuple(tasks),
         samples=args.samples, methods=tuple(methods), seed=args.seed, out=out, batch_size=args.batch_size,
-        plots=not args.no_plots, merge=merge,
+        plots=not args.no_plots, merge=merge, round_size=args.round_size, time_budget=args.time_budget,
     )
 
 
-def run(options: Options) -> dict:
-    """Load the model, build the samples, evaluate, write the outputs. Returns the paths written."""
+def run(options: Options, start: Optional[float] = None) -> dict:
+    """Load the model, evaluate round by round, write the outputs. Returns the paths written.
+
+    ``start``: the ``time.perf_counter()`` value the time budget counts from (default: now).
+    """
     import torch
     from tqdm import tqdm
 
@@ -128,7 +151,7 @@ def run(options: Options) -> dict:
     from .runner import evaluate
     from .tasks import generate_samples
 
-    start = time.perf_counter()
+    start = time.perf_counter() if start is None else start
     dtype = getattr(torch, options.dtype) if options.dtype else None
     model, tokenizer = load_model(options.model, device=options.device, dtype=dtype)
     limit = getattr(model.config, "max_position_embeddings", None)
@@ -136,41 +159,78 @@ def run(options: Options) -> dict:
         raise ValueError(f"--lengths: {max(options.lengths)} exceeds the model's context of {limit} tokens")
     print(f"loaded {options.model or 'the embedded SmolLM2-135M-Instruct'} in {time.perf_counter() - start:.1f} s", file=sys.stderr)
 
-    samples = []
-    for length in options.lengths:
-        for task in options.tasks:
-            samples.extend(generate_samples(tokenizer, task, length, options.samples, seed=options.seed))
+    def samples(task: str, length: int, first: int, count: int):
+        return generate_samples(tokenizer, task, length, count, seed=options.seed, start=first)
 
     options.out.mkdir(parents=True, exist_ok=True)
     jsonl = options.out / "samples.jsonl"
-    total = len(samples) * len(options.methods)
-    with open(jsonl, "w") as sink, tqdm(total=total, desc="samples", unit="sample") as bar:
+    total = options.samples * len(options.tasks) * len(options.lengths) * len(options.methods)
+    evaluation = None
+    with open(jsonl, "w") as sink, tqdm(total=total, desc="samples", unit="sample", mininterval=5.0) as bar:
 
         def write(record: dict) -> None:
-            sink.write(json.dumps(record) + "\n")
+            sink.write(json.dumps(record, separators=(",", ":")) + "\n")
             sink.flush()
-            bar.set_postfix(method=record["method"], task=record["task"], length=record["length"], refresh=False)
+            bar.set_postfix(method=record["method"], length=record["length"], refresh=False)
 
-        records, heatmaps = evaluate(
-            model, tokenizer, options.methods, samples, batch_size=options.batch_size, on_record=write, progress=bar.update
+        evaluation = evaluate(
+            model, tokenizer, options.methods, samples, lengths=options.lengths, tasks=options.tasks,
+            samples_per_cell=options.samples, round_size=options.round_size, batch_size=options.batch_size,
+            time_budget=options.time_budget, start_time=start, on_record=write, progress=bar.update,
         )
-
-    written = {"samples": jsonl, **write_report(records, heatmaps, options.out, options.plots)}
+    info = _run_info(options, model, start)
+    info["coverage"] = coverage_info(evaluation)
+    notes = coverage_notes(info["coverage"])
+    for note in notes:
+        print(note, file=sys.stderr)
+    written = {"samples": jsonl, **write_report(evaluation.records, evaluation.heatmaps, options.out, options.plots, notes)}
     written["run"] = options.out / "run.json"
-    written["run"].write_text(json.dumps(_run_info(options, model, start), indent=2))
+    written["run"].write_text(json.dumps(info, indent=2))
     return written
 
 
-def write_report(records: list[dict], heatmaps: list, out: Path, plots: bool) -> dict:
-    """results.md, heatmaps.json and (with ``plots``) the PNGs of ``records`` in ``out``; returns the paths."""
-    from .report import aggregate, markdown_table, plot_heatmap, plot_score_vs_fraction
+def coverage_info(evaluation) -> dict:
+    """The run's plan and how far it got, for run.json (merge reads it back for the report's notes)."""
+    return {
+        "samples_per_cell": evaluation.samples_per_cell,
+        "round_size": evaluation.round_size,
+        "stopped_at_budget": evaluation.stopped_at_budget,
+        "evaluation_seconds": round(evaluation.seconds, 1),
+        "matched_fraction": {m: {str(k): v for k, v in by.items()} for m, by in evaluation.matched.items()},
+        "notes": list(evaluation.notes),
+        "failures": list(evaluation.failures),
+    }
+
+
+def coverage_notes(coverage: dict) -> list[str]:
+    """Lines for the report: the plan, whether the time budget cut it, the matched shares, what was skipped."""
+    notes = [f"Planned {coverage['samples_per_cell']} samples per cell, in rounds of {coverage['round_size']}."]
+    if coverage["stopped_at_budget"]:
+        notes.append(
+            f"The time budget stopped the run after {coverage['evaluation_seconds']} s: cells have fewer samples "
+            "than planned (n in the tables)."
+        )
+    for method, by_length in coverage["matched_fraction"].items():
+        shares = ", ".join(f"{share:.3f} at {length}" for length, share in by_length.items())
+        notes.append(f"{method} ran at the reference's measured share: {shares}.")
+    return notes + list(coverage["notes"]) + [f"FAILED: {f}" for f in coverage.get("failures", ())]
+
+
+def write_report(records: list[dict], heatmaps: list, out: Path, plots: bool, notes: Sequence[str] = ()) -> dict:
+    """results.md, heatmaps.json and (with ``plots``) the PNGs of ``records`` in ``out``; returns the paths.
+    ``notes``: lines written above the tables (the run's plan and coverage)."""
+    from .report import aggregate, coverage_table, markdown_table, plot_heatmap, plot_score_vs_fraction
 
     out.mkdir(parents=True, exist_ok=True)
     rows = aggregate(records)
     written = {"table": out / "results.md", "heatmaps": out / "heatmaps.json"}
-    written["table"].write_text(markdown_table(rows))
+    parts = ["".join(f"{note}\n\n" for note in notes)]
+    if records:
+        parts.append(coverage_table(records) + "\n")
+    parts.append(markdown_table(rows))
+    written["table"].write_text("".join(parts))
     written["heatmaps"].write_text(json.dumps([dataclasses.asdict(h) for h in heatmaps]))
-    if plots:
+    if plots and records:
         kinds = {r["method"]: r["kind"] for r in records}
         written["plot"] = plot_score_vs_fraction(rows, kinds, out / "score_vs_fraction.png")
         for heatmap in heatmaps:
@@ -181,20 +241,26 @@ def write_report(records: list[dict], heatmaps: list, out: Path, plots: bool) ->
 
 
 def merge(options: Options) -> dict:
-    """Combine earlier runs' folders: their samples (in order) and heatmaps, one report in ``options.out``."""
+    """Combine earlier runs' folders: their samples (in order), heatmaps and coverage notes (from run.json),
+    one report in ``options.out``."""
     from .runner import Heatmap
 
-    records, heatmaps = [], []
+    records, heatmaps, notes = [], [], []
     for folder in options.merge:
         records.extend(json.loads(line) for line in (folder / "samples.jsonl").read_text().splitlines() if line)
         path = folder / "heatmaps.json"
         if path.is_file():
             heatmaps.extend(Heatmap(**h) for h in json.loads(path.read_text()))
+        info = folder / "run.json"
+        coverage = json.loads(info.read_text()).get("coverage") if info.is_file() else None
+        if coverage is not None:
+            prefix = f"{folder.name}: " if len(options.merge) > 1 else ""
+            notes.extend(prefix + note for note in coverage_notes(coverage))
     options.out.mkdir(parents=True, exist_ok=True)
     jsonl = options.out / "samples.jsonl"
     if not any(jsonl.resolve() == (f / "samples.jsonl").resolve() for f in options.merge):
-        jsonl.write_text("".join(json.dumps(r) + "\n" for r in records))
-    return {"samples": jsonl, **write_report(records, heatmaps, options.out, options.plots)}
+        jsonl.write_text("".join(json.dumps(r, separators=(",", ":")) + "\n" for r in records))
+    return {"samples": jsonl, **write_report(records, heatmaps, options.out, options.plots, notes)}
 
 
 def _run_info(options: Options, model, start: float) -> dict:
@@ -219,15 +285,19 @@ def _run_info(options: Options, model, start: float) -> dict:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    start = time.perf_counter()  # the time budget counts from here (imports of the package come before)
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         options = validate(args)
     except ValueError as error:
         parser.error(str(error))
-    written = merge(options) if options.merge else run(options)
+    written = merge(options) if options.merge else run(options, start)
     for name, path in written.items():
         print(f"{name}: {path}")
+    if not options.merge and json.loads(written["run"].read_text())["coverage"]["failures"]:
+        print("some methods failed (see FAILED in results.md); the others' results are written", file=sys.stderr)
+        return 1
     return 0
 
 

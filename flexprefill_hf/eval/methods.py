@@ -20,6 +20,11 @@ expands into one method per value (a sweep)::
                                             prompt length (to match FlexPrefill's measured share): the
                                             narrowest window that reaches it, or per head the smallest
                                             equal vertical and slash budgets that reach it
+    streaming:fraction=match, vertical_slash:fraction=match
+                                            the target share is, at each length, the mean computed share
+                                            that the run's first ``flexprefill`` method (see
+                                            :func:`match_reference`) measured at that length in its first
+                                            round; that method must come earlier in the list
 
 FlexPrefill methods use :func:`flexprefill_hf.patch_model`; the two baselines use an attention function
 registered with transformers as "flexprefill_eval" (with the same mask function as "flexprefill"), which
@@ -50,6 +55,8 @@ EVAL_ATTENTION_NAME = "flexprefill_eval"
 PATTERN_ATTRIBUTE = "flexprefill_eval_pattern"
 RECORDER_ATTRIBUTE = "flexprefill_eval_recorder"
 QA_ONLY_TAU = 1e9
+# fraction=match: the share is measured by the run's reference FlexPrefill method (match_reference).
+MATCH = "match"
 
 # Pattern codes of the heatmap: what each (layer, head) computed.
 DENSE, VERTICAL_SLASH, QUERY_AWARE, STREAMING = 0, 1, 2, 3
@@ -137,6 +144,8 @@ def _parse_value(kind: str, key: str, text: str, spec: str):
     allowed = tuple(_BASELINE_PARAMS[kind]) + ("fraction",)
     if key not in allowed:
         raise ValueError(f"method {spec!r}: {key!r} is not a {kind} parameter; expected one of {', '.join(allowed)}")
+    if key == "fraction" and text.lower() == MATCH:
+        return MATCH
     return _number(key, text, spec, integer=key != "fraction")
 
 
@@ -172,7 +181,7 @@ def _check_method(method: Method, spec: str) -> None:
             clash = [k for k in _FRACTION_REPLACES[method.kind] if k in params]
             if clash:
                 raise ValueError(f"method {spec!r}: fraction sets {', '.join(clash)}; give one or the other")
-            if not 0 < values["fraction"] <= 1:
+            if values["fraction"] != MATCH and not 0 < values["fraction"] <= 1:
                 raise ValueError(f"method {spec!r}: fraction={values['fraction']} is not supported; expected 0 < fraction <= 1")
         for key, value in values.items():
             minimum = 1 if key in ("window", "block_size") else 0
@@ -302,10 +311,46 @@ def _streaming_window(num_blocks: int, first: int, sink_blocks: int, fraction: f
     return num_blocks
 
 
-def _pattern(method: Method):
+def is_matched(method: Method) -> bool:
+    """True for a baseline whose share comes from the reference method (``fraction=match``)."""
+    return dict(method.params).get("fraction") == MATCH
+
+
+def match_reference(methods: list[Method]) -> Optional[Method]:
+    """The method whose measured share ``fraction=match`` baselines reach: the first of kind
+    ``flexprefill`` (not an ablation) in ``methods``; None if there is none.
+
+    ValueError if a matched baseline has no reference or comes before it: the runner measures the
+    reference's share at each length before any matched baseline runs at that length.
+    """
+    reference = next((m for m in methods if m.kind == "flexprefill"), None)
+    for position, method in enumerate(methods):
+        if not is_matched(method):
+            continue
+        if reference is None:
+            raise ValueError(
+                f"--methods: {method.label} reaches the computed share of a flexprefill method, but none is given; "
+                "add one (e.g. flexprefill, the preset) before it"
+            )
+        if methods.index(reference) > position:
+            raise ValueError(
+                f"--methods: {method.label} comes before {reference.label}, whose computed share it reaches; "
+                f"put {reference.label} first"
+            )
+    return reference
+
+
+def _pattern(method: Method, matched_fraction: Optional[float] = None):
     values = method.config
     bs = values["block_size"]
     fraction = values.get("fraction")
+    if fraction == MATCH:
+        if matched_fraction is None or not 0 < matched_fraction <= 1:
+            raise ValueError(
+                f"{method.label}: matched_fraction={matched_fraction!r}; expected the reference's measured share, "
+                "0 < share <= 1"
+            )
+        fraction = matched_fraction
     if method.kind == "streaming":
         window = None if fraction is not None else math.ceil(values["window"] / bs)
         return StreamingPattern(math.ceil(values["sink"] / bs), window, bs, fraction)
@@ -436,9 +481,12 @@ def flexprefill_config(method: Method) -> tuple[Optional[str], dict]:
 
 
 @contextlib.contextmanager
-def apply_method(model, method: Method) -> Iterator[Optional[Union[Recorder, FlexRecorder]]]:
+def apply_method(
+    model, method: Method, matched_fraction: Optional[float] = None
+) -> Iterator[Optional[Union[Recorder, FlexRecorder]]]:
     """Run ``model`` with ``method`` inside the block; yields what records each prefill's statistics
-    (``.layer_stats()``; None for dense). The model is restored afterwards."""
+    (``.layer_stats()``; None for dense). The model is restored afterwards. ``matched_fraction``: the
+    target share of a ``fraction=match`` baseline (required for one, ignored otherwise)."""
     import flexprefill_hf
 
     if method.kind == "dense":
@@ -457,7 +505,7 @@ def apply_method(model, method: Method) -> Iterator[Optional[Union[Recorder, Fle
     recorder = Recorder(len(modules))
     register_eval_attention()
     before = model.config._attn_implementation
-    pattern = _pattern(method)
+    pattern = _pattern(method, matched_fraction)
     for module in modules:
         module.__dict__[PATTERN_ATTRIBUTE] = pattern
         module.__dict__[RECORDER_ATTRIBUTE] = recorder

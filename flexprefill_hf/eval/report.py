@@ -63,6 +63,37 @@ def aggregate(records: Sequence[dict]) -> list[dict]:
     return rows
 
 
+def coverage_table(records: Sequence[dict]) -> str:
+    """Samples per cell, method x length: "n" when every task has n samples, else "min-max" over the tasks
+    that ran and "(k tasks)" when some task has none. Methods and lengths in the order they first ran."""
+    counts: dict[tuple[str, int], dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    methods, lengths, tasks = {}, {}, {}
+    for r in records:
+        counts[r["method"], r["length"]][r["task"]] += 1
+        methods.setdefault(r["method"], None)
+        lengths.setdefault(r["length"], None)
+        tasks.setdefault(r["task"], None)
+    lengths_sorted = sorted(lengths)
+    lines = [
+        "| samples per task | " + " | ".join(str(n) for n in lengths_sorted) + " |",
+        "|---|" + "---|" * len(lengths_sorted),
+    ]
+    for method in methods:
+        cells = []
+        for length in lengths_sorted:
+            by_task = counts.get((method, length), {})
+            if not by_task:
+                cells.append("0")
+                continue
+            low, high = min(by_task.values()), max(by_task.values())
+            cell = str(low) if low == high else f"{low}-{high}"
+            if len(by_task) < len(tasks):
+                cell += f" ({len(by_task)} of {len(tasks)} tasks)"
+            cells.append(cell)
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def _fmt(value: tuple[float, Optional[float]], digits: int) -> str:
     mean, ci = value
     return f"{mean:.{digits}f}" if ci is None else f"{mean:.{digits}f} ± {ci:.{digits}f}"

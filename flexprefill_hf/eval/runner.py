@@ -1,5 +1,5 @@
-"""The evaluation loop: for each method and batch of samples, a timed prefill, greedy decoding, RULER's
-score of the reply, and the teacher-forced score of the expected reply.
+"""The evaluation loop: in rounds over (method, length, task) cells, per batch of samples a timed prefill,
+greedy decoding, RULER's score of the reply, and the teacher-forced score of the expected reply.
 
 Batches are left-padded (with an attention mask and per-row position ids, so a padded row computes what
 it would alone). The prefill's statistics (computed fraction, pattern per layer and head) are read right
@@ -9,8 +9,10 @@ after it, before the teacher-forced pass runs its own prefill.
 from __future__ import annotations
 
 import dataclasses
+import sys
 import time
-from typing import Callable, Iterable, Optional, Sequence
+import traceback
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -102,71 +104,211 @@ def prefill_and_generate(model, tokenizer, samples: Sequence[Sample], recorder):
     return replies, seconds, stats, layers
 
 
+SampleSource = Callable[[str, int, int, int], Sequence[Sample]]
+"""(task, length, start, count) -> the samples of indices start .. start + count - 1 of that task and length."""
+
+
+@dataclasses.dataclass
+class Evaluation:
+    """What :func:`evaluate` ran.
+
+    records: one dict per (method, sample) in the order they ran; heatmaps: one per method (its first batch);
+    samples_per_cell: the planned samples per (task, length, method); round_size: samples per cell per round;
+    stopped_at_budget: True if the time budget stopped the run before the plan was done; seconds: from the
+    start given to :func:`evaluate` to the end of the last batch; matched: {method label: {length: share}},
+    the share each ``fraction=match`` baseline ran with; notes: what was skipped, and why; failures: the
+    methods that raised (each dropped from the rest of the run; the others go on).
+    """
+
+    records: list[dict]
+    heatmaps: list[Heatmap]
+    samples_per_cell: int
+    round_size: int
+    stopped_at_budget: bool = False
+    seconds: float = 0.0
+    matched: dict[str, dict[int, float]] = dataclasses.field(default_factory=dict)
+    notes: list[str] = dataclasses.field(default_factory=list)
+    failures: list[str] = dataclasses.field(default_factory=list)
+
+
 def evaluate(
     model,
     tokenizer,
     methods: Sequence[Method],
-    samples: Sequence[Sample],
+    samples: SampleSource,
     *,
+    lengths: Sequence[int],
+    tasks: Sequence[str],
+    samples_per_cell: int,
+    round_size: Optional[int] = None,
     batch_size: int = 1,
+    time_budget: Optional[float] = None,
+    start_time: Optional[float] = None,
     on_record: Optional[Callable[[dict], None]] = None,
     progress: Optional[Callable[[int], None]] = None,
-) -> tuple[list[dict], list[Heatmap]]:
-    """Every method on every sample. Returns (one record per (method, sample), one heatmap per method).
+) -> Evaluation:
+    """Every method on ``samples_per_cell`` samples of every (task, length), in rounds.
 
-    The heatmap is the first sample's layer x head statistics (for dense: all 1, pattern dense).
+    Order (so that a run stopped by ``time_budget`` has balanced coverage): round r takes samples
+    r * round_size .. (r + 1) * round_size - 1 of every cell; inside a round, methods in the given order
+    (their priority), then lengths in the given order; one (round, method, length) group holds the round's
+    samples of all ``tasks`` (task order) and runs in batches of ``batch_size`` (a batch may mix tasks of
+    one length: their prompts differ by at most the answer budgets, so padding is small). Samples are
+    built on first use (``samples(task, length, start, count)``), so an unfinished plan costs no sizing.
+
+    ``fraction=match`` baselines run at each length with the mean computed share that the reference
+    (:func:`~flexprefill_hf.eval.methods.match_reference`: the first ``flexprefill`` method, which must
+    come earlier) measured at that length in its first round -- fixed from then on, and recorded in each
+    record's config as ``matched_fraction``. At a length where the reference measured nothing the
+    baseline is skipped (a note says so).
+
+    ``time_budget`` (seconds, counted from ``start_time``, a ``time.perf_counter()`` value; default now):
+    a batch starts only if the time spent plus its expected duration (the last batch of the same method
+    and length; 0 when none ran yet) fits in the budget; the first batch always runs. The run then stops:
+    ``stopped_at_budget`` tells, and the records hold what ran (cells with fewer samples than planned).
+
     ``on_record`` is called with each record as soon as it exists (the CLI writes JSON lines);
     ``progress`` with the number of samples just finished.
     """
-    records, heatmaps = [], []
+    from .methods import is_matched, match_reference
+
+    methods = list(methods)
+    round_size = samples_per_cell if round_size is None else round_size
+    if round_size < 1 or samples_per_cell < 1:
+        raise ValueError(f"samples_per_cell={samples_per_cell}, round_size={round_size}; expected ints >= 1")
+    if time_budget is not None and time_budget < 0:
+        raise ValueError(f"time_budget={time_budget}; expected seconds >= 0 or None")
+    reference = match_reference(methods)
+    start_time = time.perf_counter() if start_time is None else start_time
+    result = Evaluation([], [], samples_per_cell, round_size)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    for method in methods:
-        with apply_method(model, method) as recorder:
-            config = resolved_config(model, method)
-            for batch in _batches(samples, batch_size):
-                replies, seconds, stats, layers = prefill_and_generate(model, tokenizer, batch, recorder)
-                if not any(h.method == method.label for h in heatmaps):
-                    heatmaps.append(_heatmap(model, method, batch[0], layers))
-                strict = teacher_forced_score(model, [s.prompt_ids for s in batch], [s.target_ids for s in batch], pad)
-                for sample, reply, stat, tf in zip(batch, replies, stats, strict):
-                    record = {
-                        "task": sample.task,
-                        "length": sample.length,
-                        "index": sample.index,
-                        "seed": sample.seed,
-                        "method": method.label,
-                        "kind": method.kind,
-                        "config": config,
-                        "prompt_tokens": sample.prompt_tokens,
-                        "prompt_hash": sample.prompt_hash,
-                        "answers": list(sample.answers),
-                        "prediction": reply,
-                        "metric": sample.metric,
-                        "ruler_score": ruler_score(sample.metric, reply, sample.answers),
-                        "strict_log_prob": tf.mean_log_prob,
-                        "strict_top1": tf.top1,
-                        "target_tokens": tf.tokens,
-                        "computed_fraction": stat["computed_fraction"] if recorder is not None else 1.0,
-                        "query_aware_share": stat["query_aware_share"],
-                        "prefill_s": seconds / len(batch),
-                        "batch_size": len(batch),
-                    }
-                    records.append(record)
-                    if on_record is not None:
-                        on_record(record)
-                if progress is not None:
-                    progress(len(batch))
-    return records, heatmaps
+    built: dict[tuple[str, int], list[Sample]] = {}
+    last_duration: dict[tuple[str, int], float] = {}
+    failed: set[str] = set()
+    rounds = -(-samples_per_cell // round_size)
+
+    def group_samples(length: int, first: int, stop: int) -> list[Sample]:
+        group = []
+        for task in tasks:
+            have = built.setdefault((task, length), [])
+            if len(have) < stop:
+                have.extend(samples(task, length, len(have), stop - len(have)))
+            group.extend(have[first:stop])
+        return group
+
+    def out_of_time(key: tuple[str, int]) -> bool:
+        if time_budget is None or not result.records:
+            return False
+        return time.perf_counter() - start_time + last_duration.get(key, 0.0) > time_budget
+
+    for round_index in range(rounds):
+        first, stop = round_index * round_size, min((round_index + 1) * round_size, samples_per_cell)
+        for method in methods:
+            for length in lengths:
+                key = (method.label, length)
+                fraction = None
+                if is_matched(method):
+                    fraction = result.matched.get(method.label, {}).get(length)
+                    if fraction is None:
+                        shares = [
+                            r["computed_fraction"] for r in result.records
+                            if r["method"] == reference.label and r["length"] == length
+                        ]
+                        if not shares:
+                            note = f"{method.label} at {length}: skipped, {reference.label} measured nothing there"
+                            if note not in result.notes:
+                                result.notes.append(note)
+                            continue
+                        fraction = sum(shares) / len(shares)
+                        result.matched.setdefault(method.label, {})[length] = fraction
+                if out_of_time(key):
+                    result.stopped_at_budget = True
+                    result.seconds = time.perf_counter() - start_time
+                    return result
+                if method.label in failed:
+                    continue
+                began = time.perf_counter()
+                group = group_samples(length, first, stop)
+                try:
+                    with apply_method(model, method, fraction) as recorder:
+                        config = resolved_config(model, method)
+                        if fraction is not None:
+                            config["matched_fraction"] = fraction
+                        for offset in range(0, len(group), batch_size):
+                            if offset and out_of_time(key):
+                                result.stopped_at_budget = True
+                                break
+                            batch = group[offset : offset + batch_size]
+                            _run_batch(model, tokenizer, method, config, batch, recorder, pad, round_index, result, on_record)
+                            last_duration[key] = time.perf_counter() - began
+                            began = time.perf_counter()
+                            if progress is not None:
+                                progress(len(batch))
+                except Exception as error:  # noqa: BLE001 -- one broken method must not lose the others' results
+                    # Loud, not silent: the traceback on stderr, a note in results.md, the CLI's exit status 1.
+                    traceback.print_exc()
+                    failed.add(method.label)
+                    result.failures.append(
+                        f"{method.label} failed at {length} tokens (round {round_index}) and was dropped from the rest "
+                        f"of the run: {type(error).__name__}: {error}"
+                    )
+                if result.stopped_at_budget:
+                    result.seconds = time.perf_counter() - start_time
+                    return result
+    result.seconds = time.perf_counter() - start_time
+    return result
 
 
-def _batches(samples: Sequence[Sample], batch_size: int) -> Iterable[list[Sample]]:
-    """Batches of one task and length each (similar prompt lengths: little padding), in the given order."""
-    groups: dict[tuple[str, int], list[Sample]] = {}
-    for s in samples:
-        groups.setdefault((s.task, s.length), []).append(s)
-    for group in groups.values():
-        for start in range(0, len(group), batch_size):
-            yield group[start : start + batch_size]
+def _run_batch(model, tokenizer, method, config, batch, recorder, pad, round_index, result, on_record) -> None:
+    """One batch: prefill and greedy replies, then the teacher-forced pass; its records into ``result``.
+
+    A batch that runs out of GPU memory runs again as two halves (each row computes what it computes
+    alone, so the results are the same; the records' batch_size says what ran).
+    """
+    try:
+        _run_whole_batch(model, tokenizer, method, config, batch, recorder, pad, round_index, result, on_record)
+    except torch.cuda.OutOfMemoryError:
+        if len(batch) == 1:
+            raise
+        torch.cuda.empty_cache()
+        half = len(batch) // 2
+        print(f"{method.label}: out of GPU memory at batch {len(batch)}; running halves of {half}", file=sys.stderr)
+        for part in (batch[:half], batch[half:]):
+            _run_batch(model, tokenizer, method, config, part, recorder, pad, round_index, result, on_record)
+
+
+def _run_whole_batch(model, tokenizer, method, config, batch, recorder, pad, round_index, result, on_record) -> None:
+    replies, seconds, stats, layers = prefill_and_generate(model, tokenizer, batch, recorder)
+    if not any(h.method == method.label for h in result.heatmaps):
+        result.heatmaps.append(_heatmap(model, method, batch[0], layers))
+    strict = teacher_forced_score(model, [s.prompt_ids for s in batch], [s.target_ids for s in batch], pad)
+    for sample, reply, stat, tf in zip(batch, replies, stats, strict):
+        record = {
+            "task": sample.task,
+            "length": sample.length,
+            "index": sample.index,
+            "seed": sample.seed,
+            "round": round_index,
+            "method": method.label,
+            "kind": method.kind,
+            "config": config,
+            "prompt_tokens": sample.prompt_tokens,
+            "prompt_hash": sample.prompt_hash,
+            "answers": list(sample.answers),
+            "prediction": reply,
+            "metric": sample.metric,
+            "ruler_score": ruler_score(sample.metric, reply, sample.answers),
+            "strict_log_prob": tf.mean_log_prob,
+            "strict_top1": tf.top1,
+            "target_tokens": tf.tokens,
+            "computed_fraction": stat["computed_fraction"] if recorder is not None else 1.0,
+            "query_aware_share": stat["query_aware_share"],
+            "prefill_s": seconds / len(batch),
+            "batch_size": len(batch),
+        }
+        result.records.append(record)
+        if on_record is not None:
+            on_record(record)
 
 
 def _heatmap(model, method: Method, sample: Sample, layers) -> Heatmap:

@@ -43,16 +43,22 @@ TASKS: dict[str, TaskSpec] = _specs()
 TASK_NAMES: tuple[str, ...] = tuple(TASKS)
 
 
-def generate_samples(tokenizer, task: str, length: int, num_samples: int, seed: int = 0) -> list[Sample]:
-    """``num_samples`` samples of ``task`` at ``length`` tokens (prompt + answer budget), in the model's tokens."""
+def generate_samples(
+    tokenizer, task: str, length: int, num_samples: int, seed: int = 0, start: int = 0
+) -> list[Sample]:
+    """``num_samples`` samples of ``task`` at ``length`` tokens (prompt + answer budget), in the model's tokens:
+    those of indices ``start`` .. ``start + num_samples - 1`` (each index's sample is the same whatever the
+    range it is built in)."""
     if task not in TASKS:
         raise ValueError(f"task={task!r} is not supported; expected one of {', '.join(TASK_NAMES)}")
+    if start < 0:
+        raise ValueError(f"start={start}; expected an int >= 0")
     spec = TASKS[task]
     max_size = spec.max_size() if spec.max_size is not None else None
     # Where the search starts: about the size that fits, from the task's size at 1K tokens.
     hint = max(spec.min_size, spec.hint * length // 1024)
     samples = []
-    for index in range(num_samples):
+    for index in range(start, start + num_samples):
         sample = fit_sample(
             tokenizer, task, spec.build, length, index, seed, spec.max_new_tokens,
             min_size=spec.min_size, max_size=max_size, hint=hint,

@@ -1,0 +1,165 @@
+"""The suite's run order on a tiny model: rounds over (method, length, task) cells, fraction=match baselines
+at the reference's measured share, the time budget (stop, then the outputs of what ran), one failing
+method not losing the others. CPU, a few hundred tokens, a handful of samples."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from flexprefill_hf.eval import cli, runner
+from flexprefill_hf.eval.methods import is_matched, match_reference, parse_methods
+from flexprefill_hf.eval.report import coverage_table
+from flexprefill_hf.eval.tasks import Draft, Sample
+
+from hf_tiny import SPARSE, VOCAB, tiny_model
+
+FLEX = f"flexprefill:block_size={SPARSE['block_size']},min_budget={SPARSE['min_budget']},gamma=0.5"
+STREAMING = "streaming:fraction=match,block_size=64,sink=64"
+VERTICAL_SLASH = "vertical_slash:fraction=match,block_size=64"
+# Prompt lengths per target length: equal within a length (no padding, so a baseline's share is exact).
+PROMPT = {640: 630, 1024: 1000}
+
+
+class StubTokenizer:
+    pad_token_id = 0
+    eos_token_id = 2
+
+    def decode(self, ids, skip_special_tokens=True):
+        return " ".join(str(i) for i in ids)
+
+
+class SampleSource:
+    """Deterministic random samples; remembers every (task, length, start, count) asked for."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, task, length, start, count):
+        self.calls.append((task, length, start, count))
+        out = []
+        for index in range(start, start + count):
+            g = torch.Generator().manual_seed(hash((task, length, index)) % 2**31)
+            prompt = tuple(torch.randint(3, VOCAB, (PROMPT[length],), generator=g).tolist())
+            draft = Draft("", "", ("7",), " 7")
+            out.append(Sample(task, length, index, 0, draft, prompt, (7, 8), 2, 0))
+        return out
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model("llama", seed=3)
+
+
+def _evaluate(model, specs, **kwargs):
+    options = dict(lengths=(640, 1024), tasks=("a", "b"), samples_per_cell=2, round_size=1, batch_size=2)
+    options.update(kwargs)
+    return runner.evaluate(model, StubTokenizer(), parse_methods(specs), SampleSource(), **options)
+
+
+def test_rounds_priority_and_matched_share(model):
+    source = SampleSource()
+    methods = parse_methods(["dense", FLEX, STREAMING, VERTICAL_SLASH])
+    result = runner.evaluate(
+        model, StubTokenizer(), methods, source, lengths=(640, 1024), tasks=("a", "b"), samples_per_cell=2,
+        round_size=1, batch_size=2,
+    )
+    records = result.records
+    assert not result.stopped_at_budget and not result.failures and len(records) == 4 * 2 * 2 * 2
+    # Round by round; inside a round, methods in the given order, then lengths; each batch mixes the tasks.
+    order = [(r["round"], methods.index(next(m for m in methods if m.label == r["method"])), r["length"]) for r in records]
+    assert order == sorted(order)
+    assert [r["task"] for r in records[:2]] == ["a", "b"] and records[0]["batch_size"] == 2
+    # Every sample built once, round by round.
+    assert sorted(source.calls) == sorted((t, n, i, 1) for t in "ab" for n in (640, 1024) for i in (0, 1))
+    reference = match_reference(methods)
+    assert reference == methods[1]
+    for method in methods[2:]:
+        for length in (640, 1024):
+            shares = [r["computed_fraction"] for r in records if r["method"] == reference.label and r["length"] == length]
+            first_round = [r["computed_fraction"] for r in records
+                           if r["method"] == reference.label and r["length"] == length and r["round"] == 0]
+            assert 0 < min(shares) < 1
+            matched = result.matched[method.label][length]
+            assert matched == pytest.approx(sum(first_round) / len(first_round))
+            mine = [r for r in records if r["method"] == method.label and r["length"] == length]
+            assert len(mine) == 4 and all(r["config"]["matched_fraction"] == matched for r in mine)
+            # The narrowest window / smallest budgets that reach the share: at least it, never all of it.
+            assert all(matched - 1e-6 <= r["computed_fraction"] < 1 for r in mine)
+
+
+def test_zero_budget_runs_one_batch_and_a_large_one_runs_all(model):
+    result = _evaluate(model, ["dense", FLEX], time_budget=0.0, batch_size=1)
+    assert result.stopped_at_budget and len(result.records) == 1
+    assert result.records[0]["method"] == "dense" and result.records[0]["round"] == 0
+    result = _evaluate(model, ["dense", FLEX], time_budget=1e6)
+    assert not result.stopped_at_budget and len(result.records) == 2 * 2 * 2 * 2
+
+
+def test_matched_baseline_skipped_where_the_reference_measured_nothing(model, monkeypatch):
+    real = runner.prefill_and_generate
+
+    def broken_reference(model, tokenizer, samples, recorder):
+        if recorder is not None and type(recorder).__name__ == "FlexRecorder" and samples[0].length == 1024:
+            raise RuntimeError("kernel exploded")
+        return real(model, tokenizer, samples, recorder)
+
+    monkeypatch.setattr(runner, "prefill_and_generate", broken_reference)
+    result = _evaluate(model, ["dense", FLEX, STREAMING], samples_per_cell=1)
+    # The reference failed at 1024 and was dropped; dense went on; the baseline ran at 640 only.
+    assert len(result.failures) == 1 and "kernel exploded" in result.failures[0] and "at 1024 tokens" in result.failures[0]
+    cells = {(r["method"], r["length"]) for r in result.records}
+    assert cells == {("dense", 640), ("dense", 1024), (parse_methods([FLEX])[0].label, 640), ("streaming[block_size=64,fraction=match,sink=64]", 640)}
+    assert result.notes == ["streaming[block_size=64,fraction=match,sink=64] at 1024: skipped, "
+                            f"{parse_methods([FLEX])[0].label} measured nothing there"]
+
+
+def test_match_needs_a_flexprefill_method_before_it():
+    (method,) = parse_methods(["vertical_slash:fraction=match"])
+    assert is_matched(method) and method.config == {"fraction": "match", "block_size": 128}
+    with pytest.raises(ValueError, match="none is given"):
+        match_reference(parse_methods(["dense", "streaming:fraction=match"]))
+    with pytest.raises(ValueError, match="comes before flexprefill"):
+        match_reference(parse_methods(["streaming:fraction=match", "flexprefill"]))
+    assert match_reference(parse_methods(["flexprefill_vs_only", "flexprefill:gamma=0.9", "flexprefill"])).label == (
+        "flexprefill[gamma=0.9]"
+    )
+
+
+def test_coverage_table_counts_per_cell():
+    records = [{"method": m, "length": n, "task": t} for m, n, t in [
+        ("dense", 1024, "vt"), ("dense", 1024, "vt"), ("dense", 1024, "cwe"), ("dense", 2048, "vt"),
+        ("dense", 2048, "cwe"), ("fp", 1024, "vt"),
+    ]]
+    assert coverage_table(records).splitlines() == [
+        "| samples per task | 1024 | 2048 |",
+        "|---|---|---|",
+        "| dense | 1-2 | 1 |",
+        "| fp | 1 (1 of 2 tasks) | 0 |",
+    ]
+
+
+def test_cli_time_budget_writes_the_outputs_and_merge_rebuilds_them(model, tmp_path, monkeypatch):
+    source = SampleSource()
+    monkeypatch.setattr("flexprefill_hf.models.load_model", lambda *a, **k: (model, StubTokenizer()))
+    monkeypatch.setattr(
+        "flexprefill_hf.eval.tasks.generate_samples",
+        lambda tokenizer, task, length, count, seed=0, start=0: source(task, length, start, count),
+    )
+    monkeypatch.setattr("flexprefill_hf.eval.cli.TASK_NAMES", ("a", "b"))
+    out = tmp_path / "run"
+    argv = ["--lengths", "640", "--tasks", "a", "b", "--samples", "4", "--round-size", "2", "--batch-size", "4",
+            "--methods", "dense", FLEX, STREAMING, "--time-budget", "0", "--out", str(out), "--no-plots"]
+    assert cli.main(argv) == 0
+    records = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert len(records) == 4 and {r["method"] for r in records} == {"dense"}  # one batch: round 0 of dense
+    info = json.loads((out / "run.json").read_text())
+    assert info["coverage"]["stopped_at_budget"] and info["time_budget"] == 0.0
+    table = (out / "results.md").read_text()
+    assert table.startswith("Planned 4 samples per cell, in rounds of 2.\n\nThe time budget stopped the run")
+    assert "| dense | 2 |" in table and "| **average** | 640 | dense | 4 |" in table
+    merged = tmp_path / "merged"
+    assert cli.main(["--merge", str(out), "--out", str(merged), "--no-plots"]) == 0
+    assert (merged / "results.md").read_text() == table
