@@ -278,6 +278,27 @@ def test_representative_scores_with_query_start_match_torch():
     assert (want[0, 1, :, :120] == 0).all() and (want[1, 1, :, 180:] == 0).all()
 
 
+@pytest.mark.usefixtures("poison_empty")
+def test_representative_scores_read_packed_keys_in_place():
+    # Packed keys laid at key_start.. of the view: the same positions and tiles as the padded view, so the same
+    # arithmetic, bit for bit. Sequence 0 is shorter than the view: its positions before key_start lie before
+    # the tensor's first row, and are never read.
+    g = seeded(8)
+    lengths = [(20, 130), (64, 300), (1, 1)]
+    cu_k = torch.tensor([0, 130, 430, 431], dtype=torch.int32)
+    k = torch.randn(431, 2, 16, generator=g).half()
+    q = torch.randn(3, 64, 4, 16, generator=g).half()
+    grid = BlockGrid(64, 300, 64)
+    key_start = varlen_key_start(cu_k, 300)
+    query_start = torch.tensor([300 - a for a, _ in lengths])
+    padded = torch.zeros(3, 300, 2, 16, dtype=torch.float16)
+    for b, (_, n) in enumerate(lengths):
+        padded[b, 300 - n :] = k[cu_k[b] : cu_k[b + 1]]
+    want = representative_scores_triton(q, padded, grid, 0.25, key_start, query_start=query_start)
+    got = representative_scores_triton(q, k, grid, 0.25, key_start, query_start=query_start, cu_seqlens_k=cu_k)
+    assert torch.equal(got, want)
+
+
 def test_varlen_selection_triton_backends_equal_torch():
     lengths = [(300, 300), (40, 250), (1, 90)]
     _, (q, k, _), cu_q, cu_k = _pack(lengths, 4, 2, 32, torch.float16, seed=9)

@@ -11,14 +11,15 @@ How (ops/README.md, choice 1: the end-aligned grid). A sequence laid into a padd
 gets alone, shifted by its padding blocks. So:
 
 1. Selection (``select_blocks_varlen``): ``select_blocks``' steps, unchanged but for ``query_start[b] =
-   max_seqlen_k - q_len_b`` (rows of the view before it are the sequence's cache, not queries). Of q only
-   what the selection reads is formed: the representative rows ``[B, r, Hq, D]`` (r <= block size) and the
-   query-block means ``[B, Hq, nqb, D]`` (one segment sum over the packed rows). k is gathered into the
-   left-padded view ``[B, max_seqlen_k, Hkv, D]``: O(B * max_seqlen_k * Hkv * D) memory, as a padded batch
-   of keys, plus the selection's own temporaries sized by the padded grid -- the representative scores
-   fp32 ``[2, B, Hq, max_seqlen_k]`` and the structure, int32 ``[B, Hq, nqb, nb]``, O(B * Hq * (max_seqlen
-   / block)^2). With one long prompt among many short ones (or decode rows) these are B times the long
-   prompt's own; reading k packed in the scores kernel and per-sequence grids would remove that.
+   max_seqlen_k - q_len_b`` (rows of the view before it are the sequence's cache, not queries). Nothing
+   of q or k is padded on CUDA: the representative rows ``[B, r, Hq, D]`` (r <= block size) are gathered,
+   the query- and key-block means (``[B, Hq, nqb, D]``, ``[B, Hkv, nb, D]``) are segment sums over the packed
+   rows, and the Triton scores kernels read the packed keys in place (per-sequence base offsets). What
+   remains sized by the padded grid is the selection's own state: the representative scores, fp32
+   ``[2, B, Hq, max_seqlen_k]``, and the structure, int32 ``[B, Hq, nqb, nb]``, i.e.
+   O(B * Hq * (max_seqlen / block)^2) -- with one long prompt among many short ones (or decode rows), B
+   times the long prompt's own. The PyTorch scores (CPU, fp32/fp64) take the keys padded,
+   ``[B, max_seqlen_k, Hkv, D]``.
 2. Attention: on CUDA (fp16/bf16) the Triton kernel reads q, k, v packed, through per-sequence base
    offsets (``block_sparse_attention_triton_packed``), and writes the output packed: no padded copy of
    v and no padded output. Given the same blocks, a sequence's output is the one the same kernel gives
@@ -175,8 +176,9 @@ def select_blocks_varlen(
     Sequence b is laid into the padded view of ``max_seqlen_k`` keys with ``key_start = max_seqlen_k - k_len_b``
     and ``query_start = max_seqlen_k - q_len_b``. Of q only what the selection reads is formed: the
     representative rows [B, r, Hq, D] (gathered) and the query-block means [B, Hq, nqb, D] (segment sums
-    of the packed rows, in the compute dtype); k is gathered into the left-padded view [B, max_seqlen_k,
-    Hkv, D] (O(B * max_seqlen_k) memory). Returns the selection on the padded grid
+    of the packed rows, in the compute dtype). With the Triton scores (fp16/bf16 CUDA, or
+    ``scores_backend="triton"``) k is read packed, its block means by segment sums too; with the PyTorch
+    scores it is gathered into the left-padded view [B, max_seqlen_k, Hkv, D]. Returns the selection on the padded grid
     ``BlockGrid(min(max_seqlen_q, max_seqlen_k), max_seqlen_k)``: sequence b's blocks are those it gets
     alone, shifted right by ``nb - ceil(k_len_b / block)`` blocks. ``backends``: select_blocks' keywords.
     """
@@ -191,28 +193,36 @@ def select_blocks_varlen(
     index, valid = index[:, max_q - r :], valid[:, max_q - r :]
     q_rep = q.index_select(0, index.flatten().clamp_max(q.shape[0] - 1)).unflatten(0, index.shape)
     q_rep = q_rep.masked_fill_(~valid[:, :, None, None], 0)  # [B, r, Hq, D]
-    q_means = _query_block_means(q, cu_seqlens_q, q_lens, grid)
+    q_means = _block_means(q, cu_seqlens_q, q_lens, grid, grid.first_query_block)  # [B, Hq, nqb, D]
+    scores_backend = backends.get("scores_backend")
+    if scores_backend == "triton" or (scores_backend is None and q.is_cuda and q.dtype in KERNEL_DTYPES):
+        # The Triton scores kernels read the packed keys in place: no padded copy of k at all.
+        k_means = _block_means(k, cu_seqlens_k, k_lens, grid, 0)  # [B, Hkv, nb, D]
+        return select_blocks_from_parts(q_rep, q_means, k, grid, config, softmax_scale, key_start,
+                                        query_start=query_start, k_means=k_means, cu_seqlens_k=cu_seqlens_k,
+                                        **backends)
     k_pad = _left_padded(k, cu_seqlens_k, k_lens, max_seqlen_k)  # [B, max_k, Hkv, D]
     return select_blocks_from_parts(q_rep, q_means, k_pad, grid, config, softmax_scale, key_start,
                                     query_start=query_start, **backends)
 
 
-def _query_block_means(q: torch.Tensor, cu_seqlens_q: torch.Tensor, q_lens: torch.Tensor, grid: BlockGrid):
-    """[B, Hq, nqb, D] in the compute dtype: the mean of each present query block of the padded grid over the
-    packed rows of its sequence that fall in it (0 where none do), by one segment sum over the packed rows."""
-    batch, nqb = q_lens.shape[0], grid.num_query_blocks
-    rows = torch.arange(q.shape[0], device=q.device)
-    seq = torch.searchsorted(cu_seqlens_q[1:].long(), rows, right=True)  # [total_q]; B past the last sequence
+def _block_means(x: torch.Tensor, cu_seqlens: torch.Tensor, lens: torch.Tensor, grid: BlockGrid, first_block: int):
+    """[B, H, nb - first_block, D] in the compute dtype: the mean of each block ``first_block..nb-1`` of the padded
+    grid over the packed rows x [total, H, D] of its sequence that fall in it (0 where none do), by one segment
+    sum over the packed rows; sequence b's rows are the last lens[b] positions of the view."""
+    batch, blocks = lens.shape[0], grid.num_blocks - first_block
+    rows = torch.arange(x.shape[0], device=x.device)
+    seq = torch.searchsorted(cu_seqlens[1:].long(), rows, right=True)  # [total]; B past the last sequence
     real = seq < batch
     seq = seq.clamp_max(batch - 1)
-    position = grid.k_len - q_lens[seq] + rows - cu_seqlens_q[:-1].long()[seq]  # key position in the view
-    row = ((position + grid.pad) // grid.block_size - grid.first_query_block).clamp(0, nqb - 1)
-    segment = torch.where(real, seq * nqb + row, batch * nqb)  # rows of no sequence go to a dropped segment
-    dtype = compute_dtype(q.dtype)
-    sums = q.new_zeros((batch * nqb + 1,) + q.shape[1:], dtype=dtype).index_add_(0, segment, q.to(dtype))
-    counts = q.new_zeros(batch * nqb + 1, dtype=dtype).index_add_(0, segment, q.new_ones(q.shape[0], dtype=dtype))
+    position = grid.k_len - lens[seq] + rows - cu_seqlens[:-1].long()[seq]  # key position in the view
+    block = ((position + grid.pad) // grid.block_size - first_block).clamp(0, blocks - 1)
+    segment = torch.where(real, seq * blocks + block, batch * blocks)  # rows of no sequence: a dropped segment
+    dtype = compute_dtype(x.dtype)
+    sums = x.new_zeros((batch * blocks + 1,) + x.shape[1:], dtype=dtype).index_add_(0, segment, x.to(dtype))
+    counts = x.new_zeros(batch * blocks + 1, dtype=dtype).index_add_(0, segment, x.new_ones(x.shape[0], dtype=dtype))
     means = sums[:-1] / counts[:-1].clamp_min(1)[:, None, None]
-    return means.unflatten(0, (batch, nqb)).transpose(1, 2)  # [B, Hq, nqb, D]
+    return means.unflatten(0, (batch, blocks)).transpose(1, 2)  # [B, H, blocks, D]
 
 
 def _stats(grid, computed, selection, q, dense, causal=None) -> FlexPrefillStats:

@@ -73,12 +73,19 @@ def _load_rep_queries(Q, off_b, off_h, stride_qb, stride_qm, stride_qh, stride_q
 
 @triton.jit
 def _tile_scores(q, K, off_b, off_kvh, stride_kb, stride_kn, stride_kh, stride_kd, n_start, n, key_lo, pos,
-                 qk_scale, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr, UPCAST: tl.constexpr):
-    """Scaled scores (log2 units) of the representative rows against keys n_start.. (masked to -inf)."""
+                 qk_scale, k_base, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
+                 UPCAST: tl.constexpr, PACKED_K: tl.constexpr):
+    """Scaled scores (log2 units) of the representative rows against keys n_start.. (masked to -inf).
+    PACKED_K: key position t of the view is row k_base + t of the packed K, and positions before key_lo
+    (another sequence's rows, or before the tensor) are never read."""
     offs_n = n_start + tl.arange(0, BLOCK)
     offs_d = tl.arange(0, BLOCK_D)
-    ptrs = K + off_b * stride_kb + off_kvh * stride_kh + offs_d[:, None] * stride_kd + offs_n[None, :] * stride_kn
-    kt = tl.load(ptrs, mask=(offs_n < n)[None, :] & (offs_d < HEAD_DIM)[:, None], other=0.0)  # [BD, BN]
+    ptrs = (K + off_b * stride_kb + off_kvh * stride_kh + offs_d[:, None] * stride_kd
+            + (k_base + offs_n[None, :]) * stride_kn)
+    load_n = offs_n < n
+    if PACKED_K:
+        load_n = load_n & (offs_n >= key_lo)
+    kt = tl.load(ptrs, mask=load_n[None, :] & (offs_d < HEAD_DIM)[:, None], other=0.0)  # [BD, BN]
     if UPCAST:
         kt = kt.to(tl.float32)
     qk = tl.dot(q, kt) * qk_scale  # [BR, BN]
@@ -88,17 +95,20 @@ def _tile_scores(q, K, off_b, off_kvh, stride_kb, stride_kn, stride_kh, stride_k
 
 @triton.jit
 def _representative_lse_kernel(
-    Q, K, KeyStart, QueryStart, PartMax, PartSum,
+    Q, K, KeyStart, QueryStart, KeyBase, PartMax, PartSum,
     stride_qb, stride_qm, stride_qh, stride_qd, stride_kb, stride_kn, stride_kh, stride_kd,
     num_heads, num_kv_groups, q_len, n, r, tiles_per_program, num_splits, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr, HAS_KEY_START: tl.constexpr,
-    HAS_QUERY_START: tl.constexpr, UPCAST: tl.constexpr,
+    HAS_QUERY_START: tl.constexpr, UPCAST: tl.constexpr, PACKED_K: tl.constexpr,
 ):
     # torch.compile may hand float scalars over as fp64; keep the softmax state in fp32.
     qk_scale = tl.full([], qk_scale, tl.float32)
     pid_bh, off_b, off_h, off_kvh, key_lo, query_lo = _program_head(
         KeyStart, QueryStart, num_heads, num_kv_groups, HAS_KEY_START, HAS_QUERY_START
     )
+    k_base = tl.zeros([], dtype=tl.int64)
+    if PACKED_K:
+        k_base = tl.load(KeyBase + off_b).to(tl.int64)
     pid_s = tl.program_id(1).to(tl.int64)
     offs_r = tl.arange(0, BLOCK)
     q, pos = _load_rep_queries(Q, off_b, off_h, stride_qb, stride_qm, stride_qh, stride_qd, q_len, n, r, query_lo,
@@ -107,7 +117,7 @@ def _representative_lse_kernel(
     l_i = tl.zeros([BLOCK], dtype=tl.float32)
     for t in range(pid_s * tiles_per_program, (pid_s + 1) * tiles_per_program):
         qk = _tile_scores(q, K, off_b, off_kvh, stride_kb, stride_kn, stride_kh, stride_kd, t * BLOCK, n, key_lo,
-                          pos, qk_scale, BLOCK, BLOCK_D, HEAD_DIM, UPCAST)
+                          pos, qk_scale, k_base, BLOCK, BLOCK_D, HEAD_DIM, UPCAST, PACKED_K)
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
         l_i = l_i * tl.math.exp2(m_i - m_sub) + tl.sum(tl.math.exp2(qk - m_sub[:, None]), 1)
@@ -144,11 +154,12 @@ def _combine_partials(PartMax, PartSum, pid_bh, num_splits, BLOCK: tl.constexpr,
 
 @triton.jit
 def _representative_scores_kernel(
-    Q, K, KeyStart, QueryStart, PartMax, PartSum, Vertical, Diagonal, Scratch,
+    Q, K, KeyStart, QueryStart, KeyBase, PartMax, PartSum, Vertical, Diagonal, Scratch,
     stride_qb, stride_qm, stride_qh, stride_qd, stride_kb, stride_kn, stride_kh, stride_kd,
     num_heads, num_kv_groups, q_len, n, r, num_tiles, tiles_per_program, num_splits, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr, HAS_KEY_START: tl.constexpr,
-    HAS_QUERY_START: tl.constexpr, UPCAST: tl.constexpr, ROW_CHUNK: tl.constexpr, SPLIT_CHUNK: tl.constexpr,
+    HAS_QUERY_START: tl.constexpr, UPCAST: tl.constexpr, PACKED_K: tl.constexpr, ROW_CHUNK: tl.constexpr,
+    SPLIT_CHUNK: tl.constexpr,
 ):
     WIDTH: tl.constexpr = 2 * BLOCK
     # torch.compile may hand float scalars over as fp64; keep the softmax state in fp32.
@@ -156,6 +167,9 @@ def _representative_scores_kernel(
     pid_bh, off_b, off_h, off_kvh, key_lo, query_lo = _program_head(
         KeyStart, QueryStart, num_heads, num_kv_groups, HAS_KEY_START, HAS_QUERY_START
     )
+    k_base = tl.zeros([], dtype=tl.int64)
+    if PACKED_K:
+        k_base = tl.load(KeyBase + off_b).to(tl.int64)
     pid_s = tl.program_id(1).to(tl.int64)
     offs_r = tl.arange(0, BLOCK)
     offs_n = tl.arange(0, BLOCK)
@@ -171,7 +185,7 @@ def _representative_scores_kernel(
     offs_w = tl.arange(0, WIDTH)
     for t in range(pid_s * tiles_per_program, tl.minimum((pid_s + 1) * tiles_per_program, num_tiles)):
         qk = _tile_scores(q, K, off_b, off_kvh, stride_kb, stride_kn, stride_kh, stride_kd, t * BLOCK, n, key_lo,
-                          pos, qk_scale, BLOCK, BLOCK_D, HEAD_DIM, UPCAST)
+                          pos, qk_scale, k_base, BLOCK, BLOCK_D, HEAD_DIM, UPCAST, PACKED_K)
         p = tl.math.exp2(qk - lse2[:, None]) * row_scale  # [BR, BN]
         tl.store(Vertical + pid_bh * n + t * BLOCK + offs_n, tl.sum(p, 0), mask=t * BLOCK + offs_n < n)
         tl.store(scratch + skew, p)
@@ -206,18 +220,24 @@ def _slash_scores_kernel(Diagonal, Slash, n, r, num_tiles, BLOCK: tl.constexpr, 
 
 def representative_scores_triton(
     q: torch.Tensor, k: torch.Tensor, grid: BlockGrid, softmax_scale: float, key_start, splits: Optional[int] = None,
-    *, query_start: Optional[torch.Tensor] = None,
+    *, query_start: Optional[torch.Tensor] = None, cu_seqlens_k: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Vertical and slash scores of the representative queries, fp32 [2, B, Hq, n] (a_v, a_s).
 
     q [B, q_len, Hq, D], k [B, n, Hkv, D] in fp16/bf16, any strides; key_start optional int [B]; query_start
     optional int [B], key position of each sequence's first real query (``scores.representative_scores``).
+    cu_seqlens_k: optional int32 [B + 1]; then k is packed, [total_k, Hkv, D], sequence b's keys in rows
+    ``cu_seqlens_k[b]:cu_seqlens_k[b+1]`` laid at positions ``key_start[b]..n-1`` of the view (``ops/varlen.py``;
+    key_start required, n = grid.k_len): the keys are read in place, never padded.
     Same function as ``scores.representative_scores`` (up to fp32 rounding).
     splits: programs per head (each takes a range of key tiles); default: enough to fill the GPU, 1
     when interpreting.
     """
     batch, q_len, q_heads, head_dim = q.shape
-    n, kv_heads = k.shape[1], k.shape[2]
+    n, kv_heads = grid.k_len, k.shape[-2]
+    packed = cu_seqlens_k is not None
+    if packed:
+        assert key_start is not None and k.dim() == 3, "packed keys need key_start and k [total_k, Hkv, D]"
     r = grid.num_representative
     block = grid.block_size
     num_tiles = triton.cdiv(n, block)
@@ -233,21 +253,24 @@ def representative_scores_triton(
     # Without left padding the kernels never read KeyStart: any pointer will do.
     starts = key_start.to(device, torch.long) if has_key_start else q
     query_starts = query_start.to(device, torch.long) if query_start is not None else starts
+    # Packed keys: row of position t of sequence b is k_base[b] + t.
+    k_base = cu_seqlens_k[:-1].long() - starts if packed else starts
     meta = dict(
         HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), BLOCK=block,
         HAS_KEY_START=has_key_start, HAS_QUERY_START=query_start is not None,
-        UPCAST=interpret and q.dtype == torch.bfloat16,
+        UPCAST=interpret and q.dtype == torch.bfloat16, PACKED_K=packed,
         num_warps=8 if block == 128 else 4,
     )
     qk_scale = softmax_scale * LOG2E
-    common = (*q.stride(), *k.stride(), q_heads, q_heads // kv_heads, q_len, n, r)
+    k_strides = (0, *k.stride()) if packed else k.stride()  # packed: one row of keys shared by every sequence
+    common = (*q.stride(), *k_strides, q_heads, q_heads // kv_heads, q_len, n, r)
 
     # Launch on q's device, not the current one (a model on cuda:1 while cuda:0 is current).
     with launch_device(q):
         part_max = torch.empty(batch * q_heads, splits, block, dtype=torch.float32, device=device)
         part_sum = torch.empty_like(part_max)
         _representative_lse_kernel[(batch * q_heads, splits)](
-            q, k, starts, query_starts, part_max, part_sum, *common, per_program, splits, qk_scale, **meta
+            q, k, starts, query_starts, k_base, part_max, part_sum, *common, per_program, splits, qk_scale, **meta
         )
 
         scores = torch.empty(2, batch, q_heads, n, dtype=torch.float32, device=device)
@@ -255,7 +278,7 @@ def representative_scores_triton(
         # The kernel reads back only the scratch entries it wrote.
         scratch = torch.empty(batch * q_heads * splits * block * 2 * block, dtype=torch.float32, device=device)
         _representative_scores_kernel[(batch * q_heads, splits)](
-            q, k, starts, query_starts, part_max, part_sum, scores[0], diagonal, scratch, *common, num_tiles,
+            q, k, starts, query_starts, k_base, part_max, part_sum, scores[0], diagonal, scratch, *common, num_tiles,
             per_program, splits, qk_scale, ROW_CHUNK=min(block, 32),
             SPLIT_CHUNK=min(_SPLIT_CHUNK, max(2, triton.next_power_of_2(splits))), **meta,
         )

@@ -120,7 +120,8 @@ def select_blocks(
     seqs = _sequences(grid, q.shape[0], key_start, query_start, config, q.device)
     q_rep = q[:, grid.q_len - grid.num_representative :]  # [B, r, Hq, D]
     q_means = _query_block_means(q, grid, seqs, compute_dtype(q.dtype))
-    return _select(q_rep, q_means, k, grid, seqs, config, softmax_scale, key_start, scores_backend, structure_backend)
+    return _select(q_rep, q_means, None, k, None, grid, seqs, config, softmax_scale, key_start, scores_backend,
+                   structure_backend)
 
 
 def select_blocks_from_parts(
@@ -133,6 +134,8 @@ def select_blocks_from_parts(
     key_start: Optional[torch.Tensor] = None,
     *,
     query_start: Optional[torch.Tensor] = None,
+    k_means: Optional[torch.Tensor] = None,
+    cu_seqlens_k: Optional[torch.Tensor] = None,
     scores_backend: Optional[str] = None,
     structure_backend: Optional[str] = None,
 ) -> BlockSelection:
@@ -142,19 +145,31 @@ def select_blocks_from_parts(
     q_rep: [B, r, Hq, D], the representative rows, i.e. the last ``r = grid.num_representative`` rows of q;
     q_means: [B, Hq, nqb, D] in the compute dtype (``scores.compute_dtype``), the mean of each present
     query block over its real query rows (0 where it has none); grid: ``BlockGrid(q_len, n, block_size)``
-    with ``k`` [B, n, Hkv, D]. The rest as :func:`select_blocks`.
+    with ``k`` [B, n, Hkv, D]. Or, with ``cu_seqlens_k`` (int32 [B + 1]) and ``k_means`` ([B, Hkv, nb, D] in the
+    compute dtype, the mean of each key block over its real keys), k packed [total_k, Hkv, D] (sequence b's
+    keys at positions ``key_start[b]..n-1``; key_start required): read in place by the Triton scores
+    kernels, so ``scores_backend`` must resolve to "triton". The rest as :func:`select_blocks`.
     """
+    if (cu_seqlens_k is None) != (k_means is None):
+        raise ValueError("cu_seqlens_k and k_means go together (packed keys); expected both or neither")
     seqs = _sequences(grid, q_rep.shape[0], key_start, query_start, config, q_rep.device)
-    return _select(q_rep, q_means, k, grid, seqs, config, softmax_scale, key_start, scores_backend, structure_backend)
+    return _select(q_rep, q_means, k_means, k, cu_seqlens_k, grid, seqs, config, softmax_scale, key_start,
+                   scores_backend, structure_backend)
 
 
-def _select(q_rep, q_means, k, grid, seqs, config, softmax_scale, key_start, scores_backend, structure_backend):
-    """§1-§5 from the representative rows q_rep [B, r, Hq, D] and the query-block means q_means [B, Hq, nqb, D]."""
+def _select(q_rep, q_means, k_means, k, cu_seqlens_k, grid, seqs, config, softmax_scale, key_start, scores_backend,
+            structure_backend):
+    """§1-§5 from the representative rows q_rep [B, r, Hq, D], the query-block means q_means [B, Hq, nqb, D] and
+    the keys k [B, n, Hkv, D] (or packed, with cu_seqlens_k and the key-block means k_means)."""
     scores_backend, compose = _backends(q_rep, scores_backend, structure_backend)
+    if cu_seqlens_k is not None and scores_backend != "triton":
+        raise ValueError(f"scores_backend={scores_backend!r} cannot read packed keys; expected 'triton'")
     dtype = compute_dtype(q_rep.dtype)
-    rep_scores = _representative_scores(q_rep, k, grid, softmax_scale, key_start, seqs, scores_backend)  # [2, B, Hq, n]
+    rep_scores = _representative_scores(q_rep, k, grid, softmax_scale, key_start, seqs, scores_backend,
+                                        cu_seqlens_k)  # [2, B, Hq, n]
     block_scores = _block_scores(rep_scores, grid)  # [2, B, Hq, nb]
-    k_means = block_means(k, seqs.key_valid, grid, dtype).permute(0, 2, 1, 3)  # [B, Hkv, nb, D]
+    if k_means is None:
+        k_means = block_means(k, seqs.key_valid, grid, dtype).permute(0, 2, 1, 3)  # [B, Hkv, nb, D]
     distance, query_aware = _pattern(q_rep, block_scores[0], k_means, grid, seqs, config, softmax_scale)
     vertical, slash = _vertical_slash_blocks(rep_scores, block_scores, query_aware, grid, seqs, config)
     parts = MaskParts(vertical=vertical, slash=slash, query_aware=query_aware, short=seqs.short, sink=seqs.sink)
@@ -224,7 +239,7 @@ def _sequences(
 
 def _representative_scores(
     q_rep: torch.Tensor, k: torch.Tensor, grid: BlockGrid, softmax_scale: float, key_start: Optional[torch.Tensor],
-    seqs: _Sequences, backend: str,
+    seqs: _Sequences, backend: str, cu_seqlens_k: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """§1 (and the scores of §3): a_v, a_s [2, B, Hq, n] of the representative rows q_rep [B, r, Hq, D], in the
     compute dtype (torch) or fp32 (triton, fp16/bf16 inputs)."""
@@ -234,7 +249,8 @@ def _representative_scores(
         from .scores_triton import representative_scores_triton
 
         query_start = None if seqs.query_rows is None else seqs.query_start
-        return representative_scores_triton(q, k, grid, softmax_scale, key_start, query_start=query_start)
+        return representative_scores_triton(q, k, grid, softmax_scale, key_start, query_start=query_start,
+                                            cu_seqlens_k=cu_seqlens_k)
     key_valid = seqs.key_valid
     if key_valid is None:
         key_valid = torch.ones(q.shape[0], grid.k_len, dtype=torch.bool, device=q.device)
