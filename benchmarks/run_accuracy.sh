@@ -1,9 +1,22 @@
 #!/usr/bin/env bash
-# The accuracy suite (issue 10) on the GPU, one group of methods per call (each call stays under 10 minutes).
+# The accuracy suite (issue 10) on the GPU.
 #
 #   bash benchmarks/run_accuracy.sh GROUP [METHOD...]
 #
-# Groups (METHOD specs as in `python -m flexprefill_hf.eval --help`; given METHODs replace the group's):
+# The one-call run (what the issue-10 numbers come from; ~290 s wall on the device after staging):
+#   all         every method below in one run, in priority order: dense, flexprefill (preset),
+#               flexprefill:gamma=0.9, streaming:fraction=match, vertical_slash:fraction=match (at each length
+#               the preset's share measured there in round 0), flexprefill_vs_only, flexprefill_qa_only,
+#               flexprefill:gamma=0.8|0.85|0.99. Rounds of ROUND (8) samples per (task, length, method) cell,
+#               round after round, batches of BATCH (88 = 11 tasks x 8: one batch per method and length per
+#               round), --time-budget BUDGET (280 s from the start, the model load included): the run stops
+#               starting batches when the next would not fit and writes what ran (results.md says how many
+#               samples each cell got). Writes 5 small files into DEST (default $OUT/acc, else ./accuracy_runs/all):
+#               samples.jsonl, results.md, heatmaps.json, run.json, log.txt; no plots there (draw them here
+#               with --merge). Exit status 1 if a method failed (the others' results are written).
+#   bash benchmarks/gpu_session.sh run bash benchmarks/run_accuracy.sh all
+# Groups of the earlier plan, one call each (METHOD specs as in `python -m flexprefill_hf.eval --help`;
+# given METHODs replace the group's):
 #   core        dense, flexprefill (the model's preset: SmolLM2 -> default, gamma 0.95, tau 0.1), flexprefill:gamma=0.9
 #   ablations   flexprefill_vs_only (tau 0), flexprefill_qa_only (tau 1e9)
 #   sweep       flexprefill:gamma=0.8|0.85|0.99 (with core's 0.9 and 0.95: the five-point sweep of the plot)
@@ -26,6 +39,23 @@ shift
 LENGTHS=${LENGTHS:-2048 4096 8192}
 RESULTS=${RESULTS:-${OUT:+$OUT/accuracy}}
 RESULTS=${RESULTS:-accuracy_runs}
+if [ "$GROUP" = all ]; then
+    [ $# -eq 0 ] || { echo "the group all takes no METHODs" >&2; exit 2; }
+    DEST=${DEST:-${OUT:+$OUT/acc}}
+    DEST=${DEST:-accuracy_runs/all}
+    mkdir -p "$DEST"
+    rc=0
+    # shellcheck disable=SC2086  # LENGTHS and TASKS are word lists
+    python3 -m flexprefill_hf.eval --device "${DEVICE:-cuda}" --dtype "${DTYPE:-bfloat16}" --lengths $LENGTHS \
+        --tasks ${TASKS:-all} --samples "${SAMPLES:-32}" --round-size "${ROUND:-8}" --batch-size "${BATCH:-88}" \
+        --time-budget "${BUDGET:-280}" --seed "${SEED:-0}" --out "$DEST" --no-plots --methods dense flexprefill \
+        "flexprefill:gamma=0.9" "streaming:fraction=match" "vertical_slash:fraction=match" flexprefill_vs_only \
+        flexprefill_qa_only "flexprefill:gamma=0.8|0.85|0.99" 2>"$DEST/log.txt" || rc=$?
+    tr '\r' '\n' <"$DEST/log.txt" | grep -v '^ *$' | tail -n 25  # progress, warnings, any traceback
+    sed -n '1,/^| task |/p' "$DEST/results.md" | sed '$d'  # the notes and the samples-per-cell table
+    grep '\*\*average\*\*' "$DEST/results.md"
+    exit $rc
+fi
 if [ $# -gt 0 ]; then
     METHODS=("$@")
 else

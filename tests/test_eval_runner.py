@@ -116,6 +116,22 @@ def test_matched_baseline_skipped_where_the_reference_measured_nothing(model, mo
                             f"{parse_methods([FLEX])[0].label} measured nothing there"]
 
 
+def test_a_task_whose_samples_fail_is_left_out_at_that_length(model):
+    source = SampleSource()
+
+    def flaky(task, length, start, count):
+        if task == "b" and length == 1024:
+            raise ValueError("sample larger than population")
+        return source(task, length, start, count)
+
+    result = runner.evaluate(
+        model, StubTokenizer(), parse_methods(["dense"]), flaky, lengths=(640, 1024), tasks=("a", "b"),
+        samples_per_cell=2, round_size=1, batch_size=4,
+    )
+    assert {(r["task"], r["length"]) for r in result.records} == {("a", 640), ("b", 640), ("a", 1024)}
+    assert len(result.records) == 6 and len(result.failures) == 1 and "b at 1024 tokens" in result.failures[0]
+
+
 def test_match_needs_a_flexprefill_method_before_it():
     (method,) = parse_methods(["vertical_slash:fraction=match"])
     assert is_matched(method) and method.config == {"fraction": "match", "block_size": 128}

@@ -181,8 +181,6 @@ def run(options: Options, start: Optional[float] = None) -> dict:
     info = _run_info(options, model, start)
     info["coverage"] = coverage_info(evaluation)
     notes = coverage_notes(info["coverage"])
-    for note in notes:
-        print(note, file=sys.stderr)
     written = {"samples": jsonl, **write_report(evaluation.records, evaluation.heatmaps, options.out, options.plots, notes)}
     written["run"] = options.out / "run.json"
     written["run"].write_text(json.dumps(info, indent=2))

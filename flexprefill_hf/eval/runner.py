@@ -117,7 +117,8 @@ class Evaluation:
     stopped_at_budget: True if the time budget stopped the run before the plan was done; seconds: from the
     start given to :func:`evaluate` to the end of the last batch; matched: {method label: {length: share}},
     the share each ``fraction=match`` baseline ran with; notes: what was skipped, and why; failures: the
-    methods that raised (each dropped from the rest of the run; the others go on).
+    methods (or sample generators) that raised, each dropped at that length for the rest of the run (the
+    others go on).
     """
 
     records: list[dict]
@@ -167,6 +168,10 @@ def evaluate(
     and length; 0 when none ran yet) fits in the budget; the first batch always runs. The run then stops:
     ``stopped_at_budget`` tells, and the records hold what ran (cells with fewer samples than planned).
 
+    A method that raises at a length is left out at that length from then on, as is a task whose samples
+    cannot be built there; the traceback goes to stderr, ``failures`` says what, and the rest goes on.
+    A batch that runs out of GPU memory runs again as two halves.
+
     ``on_record`` is called with each record as soon as it exists (the CLI writes JSON lines);
     ``progress`` with the number of samples just finished.
     """
@@ -184,15 +189,26 @@ def evaluate(
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     built: dict[tuple[str, int], list[Sample]] = {}
     last_duration: dict[tuple[str, int], float] = {}
-    failed: set[str] = set()
+    failed: set[tuple[str, int]] = set()  # (method label or task, length) cells left out after an error
     rounds = -(-samples_per_cell // round_size)
 
     def group_samples(length: int, first: int, stop: int) -> list[Sample]:
         group = []
         for task in tasks:
+            if (task, length) in failed:
+                continue
             have = built.setdefault((task, length), [])
-            if len(have) < stop:
-                have.extend(samples(task, length, len(have), stop - len(have)))
+            try:
+                if len(have) < stop:
+                    have.extend(samples(task, length, len(have), stop - len(have)))
+            except Exception as error:  # noqa: BLE001 -- a broken generator must not lose the other tasks
+                traceback.print_exc()
+                failed.add((task, length))
+                result.failures.append(
+                    f"building the samples of {task} at {length} tokens failed; the task is left out at that length: "
+                    f"{type(error).__name__}: {error}"
+                )
+                continue
             group.extend(have[first:stop])
         return group
 
@@ -206,6 +222,12 @@ def evaluate(
         for method in methods:
             for length in lengths:
                 key = (method.label, length)
+                if key in failed:
+                    continue
+                if out_of_time(key):
+                    result.stopped_at_budget = True
+                    result.seconds = time.perf_counter() - start_time
+                    return result
                 fraction = None
                 if is_matched(method):
                     fraction = result.matched.get(method.label, {}).get(length)
@@ -221,14 +243,10 @@ def evaluate(
                             continue
                         fraction = sum(shares) / len(shares)
                         result.matched.setdefault(method.label, {})[length] = fraction
-                if out_of_time(key):
-                    result.stopped_at_budget = True
-                    result.seconds = time.perf_counter() - start_time
-                    return result
-                if method.label in failed:
-                    continue
                 began = time.perf_counter()
                 group = group_samples(length, first, stop)
+                if not group:
+                    continue
                 try:
                     with apply_method(model, method, fraction) as recorder:
                         config = resolved_config(model, method)
@@ -247,10 +265,10 @@ def evaluate(
                 except Exception as error:  # noqa: BLE001 -- one broken method must not lose the others' results
                     # Loud, not silent: the traceback on stderr, a note in results.md, the CLI's exit status 1.
                     traceback.print_exc()
-                    failed.add(method.label)
+                    failed.add(key)
                     result.failures.append(
-                        f"{method.label} failed at {length} tokens (round {round_index}) and was dropped from the rest "
-                        f"of the run: {type(error).__name__}: {error}"
+                        f"{method.label} failed at {length} tokens (round {round_index}) and was dropped at that length "
+                        f"for the rest of the run: {type(error).__name__}: {error}"
                     )
                 if result.stopped_at_budget:
                     result.seconds = time.perf_counter() - start_time
