@@ -521,3 +521,20 @@ def test_gpu_generate_batch_runs_the_packed_kernel(varlen_calls):
     # gamma = 1: the prefill is exact up to fp16 rounding, so the first token (an argmax) agrees.
     assert [g[0] for g in got] == [w[0] for w in want]
     assert any(not stats.dense for _, _, stats in varlen_calls)
+
+
+def test_block_means_in_row_chunks_equal_one_pass(monkeypatch):
+    import flexprefill_hf.ops.varlen as varlen
+
+    lengths = PACKINGS["random-a"]
+    _, (q, _, _), cu_q, _ = _pack(lengths, 4, 2, 32, torch.float32, seed=1)
+    grid = BlockGrid(max(a for a, _ in lengths), max(b for _, b in lengths), 64)
+    whole = varlen._block_means(q, cu_q, cu_q.diff().long(), grid, grid.first_query_block)
+    monkeypatch.setattr(varlen, "_SEGMENT_CHUNK_BYTES", 7 * 4 * 32 * 4)  # 7 rows a chunk
+    assert torch.equal(varlen._block_means(q, cu_q, cu_q.diff().long(), grid, grid.first_query_block), whole)
+    # Against the definition: a block's mean over its sequence's rows (end-aligned: the last block holds the
+    # last 64 rows of every sequence), and 0 for blocks before a sequence's first query.
+    for b in range(len(lengths)):
+        rows = q[cu_q[b] : cu_q[b + 1]]
+        torch.testing.assert_close(whole[b, :, -1], rows[-64:].mean(0), rtol=1e-5, atol=1e-6)
+    assert (whole[2, :, 0] == 0).all()  # 240 queries: 4 blocks of the 9 hold none

@@ -58,6 +58,9 @@ from .selection.scores import compute_dtype
 from .selection.select import BlockSelection, select_blocks_from_parts
 from .validation import check_attention_inputs, check_softmax_scale
 
+# Bytes of packed rows upcast at once for the block-mean segment sums.
+_SEGMENT_CHUNK_BYTES = 1 << 28
+
 
 def flexprefill_attention_varlen(
     q: torch.Tensor,
@@ -219,7 +222,11 @@ def _block_means(x: torch.Tensor, cu_seqlens: torch.Tensor, lens: torch.Tensor, 
     block = ((position + grid.pad) // grid.block_size - first_block).clamp(0, blocks - 1)
     segment = torch.where(real, seq * blocks + block, batch * blocks)  # rows of no sequence: a dropped segment
     dtype = compute_dtype(x.dtype)
-    sums = x.new_zeros((batch * blocks + 1,) + x.shape[1:], dtype=dtype).index_add_(0, segment, x.to(dtype))
+    sums = x.new_zeros((batch * blocks + 1,) + x.shape[1:], dtype=dtype)
+    # Rows are upcast a chunk at a time: an fp32 copy of all of q would double its memory.
+    chunk = max(1, _SEGMENT_CHUNK_BYTES // max(1, x[0].numel() * torch.finfo(dtype).bits // 8))
+    for r0 in range(0, x.shape[0], chunk):
+        sums.index_add_(0, segment[r0 : r0 + chunk], x[r0 : r0 + chunk].to(dtype))
     counts = x.new_zeros(batch * blocks + 1, dtype=dtype).index_add_(0, segment, x.new_ones(x.shape[0], dtype=dtype))
     means = sums[:-1] / counts[:-1].clamp_min(1)[:, None, None]
     return means.unflatten(0, (batch, blocks)).transpose(1, 2)  # [B, H, blocks, D]
