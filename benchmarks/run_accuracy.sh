@@ -46,14 +46,17 @@ if [ "$GROUP" = all ]; then
     mkdir -p "$DEST"
     rc=0
     # shellcheck disable=SC2086  # LENGTHS and TASKS are word lists
-    python3 -m flexprefill_hf.eval --device "${DEVICE:-cuda}" --dtype "${DTYPE:-bfloat16}" --lengths $LENGTHS \
+    # The hard limit (LIMIT, 320 s) sends SIGTERM: the suite then writes the outputs of what ran.
+    timeout -s TERM "${LIMIT:-320}" python3 -m flexprefill_hf.eval --device "${DEVICE:-cuda}" --dtype "${DTYPE:-bfloat16}" --lengths $LENGTHS \
         --tasks ${TASKS:-all} --samples "${SAMPLES:-32}" --round-size "${ROUND:-8}" --batch-size "${BATCH:-88}" \
         --time-budget "${BUDGET:-280}" --seed "${SEED:-0}" --out "$DEST" --no-plots --methods dense flexprefill \
         "flexprefill:gamma=0.9" "streaming:fraction=match" "vertical_slash:fraction=match" flexprefill_vs_only \
         flexprefill_qa_only "flexprefill:gamma=0.8|0.85|0.99" 2>"$DEST/log.txt" || rc=$?
-    tr '\r' '\n' <"$DEST/log.txt" | grep -v '^ *$' | tail -n 25  # progress, warnings, any traceback
-    sed -n '1,/^| task |/p' "$DEST/results.md" | sed '$d'  # the notes and the samples-per-cell table
-    grep '\*\*average\*\*' "$DEST/results.md"
+    # What to read in the call's output (none of it may end the script before `exit $rc`):
+    tr '\r' '\n' <"$DEST/log.txt" | grep -v '^ *$' | tail -n 25 || true  # progress, warnings, any traceback
+    sed -n '1,/^| task |/p' "$DEST/results.md" | sed '$d' || true  # the notes and the samples-per-cell table
+    grep '\*\*average\*\*' "$DEST/results.md" || true
+    echo "run_accuracy.sh all: exit status $rc"
     exit $rc
 fi
 if [ $# -gt 0 ]; then

@@ -132,6 +132,14 @@ def test_a_task_whose_samples_fail_is_left_out_at_that_length(model):
     assert len(result.records) == 6 and len(result.failures) == 1 and "b at 1024 tokens" in result.failures[0]
 
 
+def test_an_interrupt_keeps_what_ran(model):
+    def interrupt(count):
+        raise KeyboardInterrupt
+
+    result = _evaluate(model, ["dense", FLEX], progress=interrupt)
+    assert len(result.records) == 2 and result.failures[0].startswith("interrupted after")
+
+
 def test_match_needs_a_flexprefill_method_before_it():
     (method,) = parse_methods(["vertical_slash:fraction=match"])
     assert is_matched(method) and method.config == {"fraction": "match", "block_size": 128}

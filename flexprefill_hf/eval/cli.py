@@ -16,6 +16,7 @@ import argparse
 import dataclasses
 import json
 import re
+import signal
 import sys
 import time
 from pathlib import Path
@@ -165,7 +166,6 @@ def run(options: Options, start: Optional[float] = None) -> dict:
     options.out.mkdir(parents=True, exist_ok=True)
     jsonl = options.out / "samples.jsonl"
     total = options.samples * len(options.tasks) * len(options.lengths) * len(options.methods)
-    evaluation = None
     with open(jsonl, "w") as sink, tqdm(total=total, desc="samples", unit="sample", mininterval=5.0) as bar:
 
         def write(record: dict) -> None:
@@ -173,11 +173,17 @@ def run(options: Options, start: Optional[float] = None) -> dict:
             sink.flush()
             bar.set_postfix(method=record["method"], length=record["length"], refresh=False)
 
-        evaluation = evaluate(
-            model, tokenizer, options.methods, samples, lengths=options.lengths, tasks=options.tasks,
-            samples_per_cell=options.samples, round_size=options.round_size, batch_size=options.batch_size,
-            time_budget=options.time_budget, start_time=start, on_record=write, progress=bar.update,
-        )
+        # SIGTERM (e.g. `timeout` around a device call) stops the run as Ctrl-C does: the outputs of what ran
+        # are still written.
+        previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+        try:
+            evaluation = evaluate(
+                model, tokenizer, options.methods, samples, lengths=options.lengths, tasks=options.tasks,
+                samples_per_cell=options.samples, round_size=options.round_size, batch_size=options.batch_size,
+                time_budget=options.time_budget, start_time=start, on_record=write, progress=bar.update,
+            )
+        finally:
+            signal.signal(signal.SIGTERM, previous)
     info = _run_info(options, model, start)
     info["coverage"] = coverage_info(evaluation)
     notes = coverage_notes(info["coverage"])

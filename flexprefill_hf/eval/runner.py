@@ -217,7 +217,13 @@ def evaluate(
             return False
         return time.perf_counter() - start_time + last_duration.get(key, 0.0) > time_budget
 
-    for round_index in range(rounds):
+    def run_rounds() -> None:
+        for round_index in range(rounds):
+            if run_round(round_index):
+                return
+
+    def run_round(round_index: int) -> bool:
+        """One round; True when the time budget stopped the run."""
         first, stop = round_index * round_size, min((round_index + 1) * round_size, samples_per_cell)
         for method in methods:
             for length in lengths:
@@ -226,8 +232,7 @@ def evaluate(
                     continue
                 if out_of_time(key):
                     result.stopped_at_budget = True
-                    result.seconds = time.perf_counter() - start_time
-                    return result
+                    return True
                 fraction = None
                 if is_matched(method):
                     fraction = result.matched.get(method.label, {}).get(length)
@@ -271,8 +276,13 @@ def evaluate(
                         f"for the rest of the run: {type(error).__name__}: {error}"
                     )
                 if result.stopped_at_budget:
-                    result.seconds = time.perf_counter() - start_time
-                    return result
+                    return True
+        return False
+
+    try:
+        run_rounds()
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM through the CLI's handler: keep what ran
+        result.failures.append(f"interrupted after {time.perf_counter() - start_time:.1f} s; the outputs hold what ran")
     result.seconds = time.perf_counter() - start_time
     return result
 
