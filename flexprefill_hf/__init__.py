@@ -18,6 +18,7 @@ from .integration import (
     layer_configs,
     load_preset,
     patch_model,
+    patch_model_for_continuous_batching,
     preset_names,
     record_stats,
     register,
@@ -25,6 +26,7 @@ from .integration import (
     unpatch_model,
 )
 from .ops.flexprefill import FlexPrefillStats, flexprefill_attention, flexprefill_attention_with_stats
+from .ops.varlen import flexprefill_attention_varlen, flexprefill_attention_varlen_with_stats
 
 # Makes attn_implementation="flexprefill" known to transformers (idempotent).
 register()
@@ -33,11 +35,14 @@ __all__ = [
     "FlexPrefillConfig",
     "FlexPrefillStats",
     "flexprefill_attention",
+    "flexprefill_attention_varlen",
+    "flexprefill_attention_varlen_with_stats",
     "flexprefill_attention_with_stats",
     "last_stats",
     "layer_configs",
     "load_preset",
     "patch_model",
+    "patch_model_for_continuous_batching",
     "preset_names",
     "record_stats",
     "register",

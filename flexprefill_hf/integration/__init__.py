@@ -7,12 +7,14 @@ Files, one job each:
     layer_config.py    per-layer configuration, resolved in one place
     patching.py        patch_model, unpatch_model, set_layer_config, layer_configs
     stats.py           record_stats, last_stats
+    continuous_batching.py  generate_batch / paged KV: packed prefills through the varlen operator
     presets.py         YAML presets and their matching to a model
 
 (``layer_config(module)``, one layer's configuration, is imported from ``.layer_config``: exported here it would
 hide the module of the same name.)
 """
 
+from .continuous_batching import CB_ATTENTION_NAME, patch_model_for_continuous_batching
 from .dense_fallback import dense_attention_forward
 from .masks import flexprefill_mask
 from .patching import layer_configs, patch_model, set_layer_config, unpatch_model
@@ -37,6 +39,7 @@ def register() -> None:
 
 __all__ = [
     "ATTENTION_NAME",
+    "CB_ATTENTION_NAME",
     "Preset",
     "StatsRecorder",
     "dense_attention_forward",
@@ -47,6 +50,7 @@ __all__ = [
     "load_preset",
     "match_preset",
     "patch_model",
+    "patch_model_for_continuous_batching",
     "preset_names",
     "record_stats",
     "register",
