@@ -6,8 +6,8 @@
 | ``haystack.py``, ``words.py`` | filler text (RULER's noise sentences; prose from ``pydoc_data.topics``) and the shipped word lists |
 | ``scoring.py`` | RULER's ``string_match_all`` / ``string_match_part`` and the teacher-forced score |
 | ``methods.py`` | dense, FlexPrefill and its ablations, the streaming and vertical-slash baselines (same kernels) |
-| ``runner.py`` | prefill, greedy decoding and both scores per batch of samples |
-| ``report.py`` | the task x length x method table with 95% intervals, the plots |
+| ``runner.py`` | the rounds over (method, length, task) cells, the time budget, matched shares; prefill, greedy decoding and both scores per batch |
+| ``report.py`` | the task x length x method table with 95% intervals, the samples-per-cell table, the plots |
 | ``cli.py`` | the command line (``flexprefill-eval``) |
 | ``needle.py`` | the single-needle prompt of ``examples/needle.py`` |
 

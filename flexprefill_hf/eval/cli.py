@@ -3,6 +3,13 @@
     flexprefill-eval --lengths 2048 4096 --samples 8 --methods dense flexprefill "flexprefill:gamma=0.9"
     flexprefill-eval --device cuda --lengths 2048 4096 8192 --samples 32 --batch-size 8 \\
         --methods dense flexprefill "streaming:window=512|1024" "vertical_slash:vertical=4|8,slash=4|8"
+    flexprefill-eval --device cuda --lengths 2048 4096 8192 --samples 32 --round-size 8 --batch-size 88 \\
+        --time-budget 280 --methods dense flexprefill "streaming:fraction=match" "vertical_slash:fraction=match"
+
+The work goes in rounds of --round-size samples over every (task, length, method) cell, methods in --methods
+order (their priority); --time-budget stops starting batches when the next would not fit and the outputs
+are written for what ran (results.md opens with the samples per cell). ``fraction=match`` baselines run
+at the share the first ``flexprefill`` method (listed before them) measured at each length in round 0.
 
 Writes into --out: samples.jsonl (one line per sample and method), results.md (the table), heatmaps.json,
 run.json (arguments and versions) and, with matplotlib installed, score_vs_fraction.png and
@@ -187,7 +194,8 @@ def run(options: Options, start: Optional[float] = None) -> dict:
     info = _run_info(options, model, start)
     info["coverage"] = coverage_info(evaluation)
     notes = coverage_notes(info["coverage"])
-    written = {"samples": jsonl, **write_report(evaluation.records, evaluation.heatmaps, options.out, options.plots, notes)}
+    report = write_report(evaluation.records, evaluation.heatmaps, options.out, options.plots, notes)
+    written = {"samples": jsonl, **report}
     written["run"] = options.out / "run.json"
     written["run"].write_text(json.dumps(info, indent=2))
     return written

@@ -262,7 +262,9 @@ def evaluate(
                                 result.stopped_at_budget = True
                                 break
                             batch = group[offset : offset + batch_size]
-                            _run_batch(model, tokenizer, method, config, batch, recorder, pad, round_index, result, on_record)
+                            _run_batch(
+                                model, tokenizer, method, config, batch, recorder, pad, round_index, result, on_record
+                            )
                             last_duration[key] = time.perf_counter() - began
                             began = time.perf_counter()
                             if progress is not None:
