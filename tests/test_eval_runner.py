@@ -4,6 +4,7 @@ method not losing the others. CPU, a few hundred tokens, a handful of samples.""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -88,6 +89,27 @@ def test_rounds_priority_and_matched_share(model):
             assert len(mine) == 4 and all(r["config"]["matched_fraction"] == matched for r in mine)
             # The narrowest window / smallest budgets that reach the share: at least it, never all of it.
             assert all(matched - 1e-6 <= r["computed_fraction"] < 1 for r in mine)
+
+
+@pytest.mark.parametrize("spec", [FLEX, "streaming:sink=64,window=128,block_size=64"])
+def test_decode_steps_run_sdpa_then_the_method_again(model, spec):
+    seen = []
+    hook = model.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append((kwargs["input_ids"].shape[1], model.config._attn_implementation)),
+        with_kwargs=True,
+    )
+    (method,) = parse_methods([spec])
+    try:
+        with runner.apply_method(model, method) as recorder:
+            patched = model.config._attn_implementation
+            batch = [dataclasses.replace(s, max_new_tokens=4) for s in SampleSource()("a", 640, 0, 2)]
+            replies, _, _, _ = runner.prefill_and_generate(model, StubTokenizer(), batch, recorder)
+            assert model.config._attn_implementation == patched != "sdpa"
+    finally:
+        hook.remove()
+    # The prefill (630 tokens) with the method, then the decode steps (at most max_new_tokens - 1) with SDPA.
+    assert seen[0] == (630, patched) and 2 <= len(seen) <= 4 and all(step == (1, "sdpa") for step in seen[1:])
+    assert all(isinstance(r, str) for r in replies)
 
 
 def test_zero_budget_runs_one_batch_and_a_large_one_runs_all(model):

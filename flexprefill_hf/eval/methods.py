@@ -32,7 +32,8 @@ builds a :class:`BlockStructure` and calls ``block_sparse_attention_triton`` on 
 ``block_sparse_attention_torch`` elsewhere -- the kernels FlexPrefill itself runs. Every method except
 ``dense`` sets ``cuda_dense_below = 0`` unless told otherwise: at the suite's lengths (2K-8K) the
 operator would otherwise route every prompt to dense attention on CUDA and the suite would measure
-dense attention twice. Decode steps (one query) always run dense.
+dense attention twice. Decode steps (one query) always run dense: the runner switches the model to
+transformers' SDPA for them.
 """
 
 from __future__ import annotations
@@ -461,7 +462,8 @@ def _attention_modules(model) -> list:
     return lookup(getattr(model.config, "model_type", None)).attention_modules(model)
 
 
-def _set_attn_implementation(model, name: str) -> None:
+def set_attention_implementation(model, name: str) -> None:
+    """Make ``model`` run the attention function registered as ``name`` (transformers 5 and 4.5x)."""
     if hasattr(model, "set_attn_implementation"):
         model.set_attn_implementation(name)
     else:  # transformers 4.5x
@@ -509,11 +511,11 @@ def apply_method(
     for module in modules:
         module.__dict__[PATTERN_ATTRIBUTE] = pattern
         module.__dict__[RECORDER_ATTRIBUTE] = recorder
-    _set_attn_implementation(model, EVAL_ATTENTION_NAME)
+    set_attention_implementation(model, EVAL_ATTENTION_NAME)
     try:
         yield recorder
     finally:
-        _set_attn_implementation(model, before)
+        set_attention_implementation(model, before)
         for module in modules:
             module.__dict__.pop(PATTERN_ATTRIBUTE, None)
             module.__dict__.pop(RECORDER_ATTRIBUTE, None)

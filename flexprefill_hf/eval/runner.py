@@ -16,7 +16,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from .methods import Method, apply_method, resolved_config, summarize
+from .methods import Method, set_attention_implementation, apply_method, resolved_config, summarize
 from .scoring import ruler_score, teacher_forced_score
 from .tasks import Sample
 
@@ -30,6 +30,9 @@ class Heatmap:
     length: int
     computed_fraction: list[list[float]]
     pattern: list[list[int]]
+
+
+DECODE_ATTENTION = "sdpa"
 
 
 def left_pad(rows: Sequence[Sequence[int]], pad_token_id: int):
@@ -85,21 +88,32 @@ def prefill_and_generate(model, tokenizer, samples: Sequence[Sample], recorder):
     generated: list[list[int]] = [[] for _ in samples]
     done = [False] * len(samples)
     next_position = positions[:, -1:] + 1
-    for _ in range(max(budgets)):
-        tokens = logits.argmax(-1)  # [B]
-        for b, token in enumerate(tokens.tolist()):
-            if not done[b]:
-                if token in stops or len(generated[b]) >= budgets[b]:
-                    done[b] = True
-                else:
-                    generated[b].append(token)
-        if all(done) or all(len(g) >= n for g, n in zip(generated, budgets)):
-            break
-        mask = torch.cat([mask, mask.new_ones(len(samples), 1)], dim=1)
-        logits = model(
-            input_ids=tokens[:, None], attention_mask=mask, position_ids=next_position, use_cache=True, **cache
-        ).logits[:, -1]
-        next_position = next_position + 1
+    # Decode steps run transformers' SDPA whatever the method (every method decodes densely; the methods
+    # differ in the prefill only), which also spares the sparse methods' per-call decode overhead.
+    implementation = model.config._attn_implementation
+    switch = implementation != DECODE_ATTENTION
+    if switch:
+        set_attention_implementation(model, DECODE_ATTENTION)
+    try:
+        for _ in range(max(budgets)):
+            tokens = logits.argmax(-1)  # [B]
+            for b, token in enumerate(tokens.tolist()):
+                if not done[b]:
+                    if token in stops or len(generated[b]) >= budgets[b]:
+                        done[b] = True
+                    else:
+                        generated[b].append(token)
+            # Stop as soon as every row has ended its turn or used its budget.
+            if all(done) or all(len(g) >= n for g, n in zip(generated, budgets)):
+                break
+            mask = torch.cat([mask, mask.new_ones(len(samples), 1)], dim=1)
+            logits = model(
+                input_ids=tokens[:, None], attention_mask=mask, position_ids=next_position, use_cache=True, **cache
+            ).logits[:, -1]
+            next_position = next_position + 1
+    finally:
+        if switch:
+            set_attention_implementation(model, implementation)
     replies = [tokenizer.decode(g, skip_special_tokens=True) for g in generated]
     return replies, seconds, stats, layers
 
