@@ -185,7 +185,8 @@ def test_qwen2_sliding_window_layers_run_dense_when_active(fresh_warnings):
         assert_close(_logits(model, long_prompt), expected_long)
     stats = fp.last_stats(model)
     assert stats[0] is not None and not stats[0].dense and stats[1] is None
-    assert any("sliding window" in m for m in _flexprefill_warnings(fresh_warnings))
+    # patch_model named the windowed layer; the calls that run it dense warn nothing more.
+    assert not _flexprefill_warnings(fresh_warnings)
 
     # Left padding through the dense fallback too.
     ids, mask, positions = left_pad([long_prompt[0], random_ids(450, seed=3)[0]])
