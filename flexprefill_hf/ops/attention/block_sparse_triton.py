@@ -383,9 +383,10 @@ def _launch(q, k, v, out, lse, structure: BlockStructure, softmax_scale, key_sta
     if tile_config is None and interpreting():
         # Autotuning needs a GPU. The interpreter's cost is per tile, barely by size: one tile per block.
         tile_config = TileConfig(grid_geom.block_size, grid_geom.block_size, 4, 1, True)
-    elif tile_config is None and q.is_cuda and torch.cuda.is_current_stream_capturing():
+    elif tile_config is None and q.is_cuda and not torch.compiler.is_compiling() and _capturing():
         # Inside CUDA-graph capture (transformers' continuous batching captures its forward) the autotuner's
         # timing runs would break the capture: a tile listed for every GPU and both block sizes instead.
+        # (Under torch.compile inductor tunes the kernel, and the capture query cannot be traced.)
         tile_config = _CAPTURE_TILES
     if tile_config is not None:
         kernel = _block_sparse_attention_fwd_kernel
@@ -417,10 +418,18 @@ def _launch(q, k, v, out, lse, structure: BlockStructure, softmax_scale, key_sta
         )
 
 
+def _capturing() -> bool:
+    return torch.cuda.is_current_stream_capturing()
+
+
 def launch_device(t: torch.Tensor):
     """A context that makes ``t``'s CUDA device current for a Triton launch (Triton launches on the current
-    device, whatever the tensors' one); a no-op for CPU tensors (the interpreter)."""
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+    device, whatever the tensors' one); a no-op for CPU tensors (the interpreter) and inside a torch.compile
+    trace, where inductor's generated code sets the graph's device itself and dynamo cannot trace the
+    device switch (nor the capture query above) into a full graph."""
+    if not t.is_cuda or torch.compiler.is_compiling():
+        return contextlib.nullcontext()
+    return torch.cuda.device(t.device)
 
 
 def block_sparse_attention_triton(
