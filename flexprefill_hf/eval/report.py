@@ -139,6 +139,9 @@ def plot_score_vs_fraction(rows: Sequence[dict], kinds: dict[str, str], path: Pa
         ("strict_top1", "strict top-1", (-0.05, 1.05)),
     )
     fig, axes = plt.subplots(len(lengths), len(panels), figsize=(4.2 * len(panels), 3.2 * len(lengths)), squeeze=False)
+    # One colour per method kind across every panel: a kind missing at one length must not shift the others'.
+    all_kinds = sorted({kinds.get(r["method"], r["method"]) for r in averages})
+    colors = {kind: f"C{i % 10}" for i, kind in enumerate(all_kinds)}
     for row_axes, length in zip(axes, lengths):
         by_kind: dict[str, list[dict]] = defaultdict(list)
         for r in averages:
@@ -150,15 +153,16 @@ def plot_score_vs_fraction(rows: Sequence[dict], kinds: dict[str, str], path: Pa
                 x = [r["computed_fraction"][0] for r in group]
                 y = [r[field][0] for r in group]
                 err = [r[field][1] or 0.0 for r in group]
-                lines = ax.errorbar(x, y, yerr=err, marker="o", capsize=2, label=kind)
+                ax.errorbar(x, y, yerr=err, marker="o", capsize=2, label=kind, color=colors[kind])
                 if kind == "dense":  # the reference level, across the plot
-                    ax.axhline(y[0], linestyle="--", linewidth=0.8, color=lines[0].get_color())
+                    ax.axhline(y[0], linestyle="--", linewidth=0.8, color=colors[kind])
             if limits is not None:
                 ax.set_ylim(*limits)
             ax.set_title(f"{title}, {length} tokens")
             ax.set_xlabel("computed share of causal blocks")
             ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=7)
+    handles = [plt.Line2D([], [], color=colors[k], marker="o", label=k) for k in all_kinds]
+    axes[0][0].legend(handles=handles, fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
