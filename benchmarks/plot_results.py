@@ -1,6 +1,6 @@
-"""Latency against N from bench_attention.py JSON logs: SDPA-cuDNN, SDPA-flash, ours (selection + kernel).
+"""Latency against N from bench_attention.py JSON logs: SDPA-cuDNN, SDPA-flash, flash-attn-4, ours (selection + kernel).
 
-    python benchmarks/plot_results.py benchmarks/logs/*bench_*.json --inputs structured --out benchmarks/latency.png
+    python benchmarks/plot_results.py benchmarks/logs/2026-12-01_h200_attention.json --inputs structured --out benchmarks/latency.png
 """
 
 from __future__ import annotations
@@ -33,9 +33,17 @@ def main(argv=None):
     dense = [n for n in ns if "cudnn_ms" in rows[n]]  # dense is skipped at the longest N
     ax.plot(dense, [rows[n]["cudnn_ms"] for n in dense], "o-", label="SDPA cuDNN (dense)")
     flash = [n for n in ns if "flash_ms" in rows[n]]
-    ax.plot(flash, [rows[n]["flash_ms"] for n in flash], "s-", label="SDPA flash (dense)")
+    if flash:  # --no-flash runs skip SDPA's flash backend
+        ax.plot(flash, [rows[n]["flash_ms"] for n in flash], "s-", label="SDPA flash (dense)")
+    fa4_dense = [n for n in ns if "fa4_dense_ms" in rows[n]]  # logs from 2026-12-01 on (flash-attn-4 installed)
+    if fa4_dense:
+        ax.plot(fa4_dense, [rows[n]["fa4_dense_ms"] for n in fa4_dense], "D-", label="flash-attn-4 (dense)")
     ax.plot(ns, [rows[n]["total_ms"] for n in ns], "^-", label="FlexPrefill total")
-    ax.plot(ns, [rows[n]["kernel_ms"] for n in ns], "v--", label="FlexPrefill sparse kernel")
+    ax.plot(ns, [rows[n]["kernel_ms"] for n in ns], "v--", label="FlexPrefill sparse kernel (Triton)")
+    fa4_sparse = [n for n in ns if "fa4_sparse_ms" in rows[n]]
+    if fa4_sparse:
+        ax.plot(fa4_sparse, [rows[n]["fa4_sparse_ms"] for n in fa4_sparse], "d--",
+                label="FlexPrefill sparse kernel (flash-attn-4)")
     ax.plot(ns, [rows[n]["select_ms"] for n in ns], "x--", label="FlexPrefill selection")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
