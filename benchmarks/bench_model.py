@@ -90,27 +90,6 @@ def build_model(layers: int, device: str, tiny: bool) -> LlamaForCausalLM:
     return model.to(dtype).eval()
 
 
-def build_model(layers: int, device: str, tiny: bool) -> LlamaForCausalLM:
-    """Random-weight Llama-3.1-8B architecture with ``layers`` decoder layers, bf16, built on ``device``.
-
-    tiny: a 256-wide, 4-head model for a smoke run on the CPU (fp32 there).
-    """
-    torch.manual_seed(0)
-    config = llama31_8b_config(layers)
-    if tiny:
-        config.vocab_size, config.hidden_size, config.intermediate_size = 1000, 256, 512
-        config.num_attention_heads, config.num_key_value_heads, config.head_dim = 4, 2, 64
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            model = LlamaForCausalLM(config)
-    finally:
-        torch.set_default_dtype(previous)
-    return model.to(dtype).eval()
-
-
 @torch.no_grad()
 def prefill_and_decode(model, input_ids, decode_steps: int, clock: Clock) -> tuple[float, float]:
     """(ms of the prefill forward, ms per decoded token over ``decode_steps`` steps on its cache)."""
