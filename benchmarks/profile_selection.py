@@ -1,21 +1,99 @@
-"""Where the selection's time goes: a torch.profiler table of select_blocks at a few lengths (GPU).
+"""Where the selection's time goes: a torch.profiler table of select_blocks at a few lengths (GPU), or,
+on CPU, the number of aten ops one call dispatches (a proxy for its launch count on CUDA).
 
 After ``pip install -e .``:
 
     python benchmarks/profile_selection.py                  # 8K and 128K, default (Triton) path
     python benchmarks/profile_selection.py --seq 32768 --torch   # the all-PyTorch path
+    TRITON_INTERPRET=1 python benchmarks/profile_selection.py --count-ops   # CPU: aten ops per call
+
+At 8K the CUDA selection is launch-bound (tens of small torch ops around four Triton kernels), so the
+ops one call dispatches track its eager time. ``--count-ops`` counts them on CPU tensors with both
+backends "triton" (the CUDA path, run by Triton's interpreter): the count does not depend on the
+length, so a short sequence (2048, block 128, 8 query / 2 KV heads) stands for 8K x 32 heads. Ops that
+the interpreter itself dispatches while it runs a kernel are counted apart (they are no launches on CUDA).
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import math
 
 import torch
 from torch.profiler import ProfilerActivity, profile
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from flexprefill_hf import FlexPrefillConfig
 from flexprefill_hf.ops.selection import select_blocks
+
+
+# Ops that never launch a device kernel: allocations and CPU scalars (views are told by ``is_view``).
+_NO_LAUNCH = {"empty", "empty_like", "empty_strided", "scalar_tensor", "lift_fresh", "detach"}
+
+
+class _OpCounter(TorchDispatchMode):
+    """Counts every aten op dispatched while active; ``in_kernel`` > 0 files them under the kernels.
+    ``launching``: those that would run a device kernel on CUDA (no view, no allocation, no CPU scalar)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = collections.Counter()
+        self.launching = 0
+        self.kernel_ops = 0
+        self.in_kernel = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if self.in_kernel:
+            self.kernel_ops += 1
+        else:
+            name = str(func.overloadpacket.__name__)
+            self.ops[name] += 1
+            self.launching += not func.is_view and name not in _NO_LAUNCH
+        return func(*args, **(kwargs or {}))
+
+
+def count_ops(seq: int = 2048, q_heads: int = 8, kv_heads: int = 2, head_dim: int = 128, block: int = 128,
+              key_start=None, verbose: bool = True) -> tuple[int, int]:
+    """aten ops dispatched by one CPU ``select_blocks`` call with both backends "triton" (fp16 inputs; the
+    Triton kernels run in the interpreter, so TRITON_INTERPRET=1 must be set before triton is imported).
+    Returns (all aten ops, those of them that launch a kernel on CUDA) outside the kernels; prints the ops
+    by name when verbose."""
+    import triton.runtime.interpreter as interpreter
+
+    torch.manual_seed(0)
+    q = torch.randn(1, seq, q_heads, head_dim, dtype=torch.float16)
+    k = torch.randn(1, seq, kv_heads, head_dim, dtype=torch.float16)
+    config = FlexPrefillConfig(gamma=0.9, tau=0.1, block_size=block)
+    kwargs = dict(scores_backend="triton", structure_backend="triton")
+    select_blocks(q, k, config, 1 / math.sqrt(head_dim), key_start, **kwargs)  # warm-up: compile caches
+    counter = _OpCounter()
+    # The interpreter's own tensor work inside a launch is no device op on CUDA: count it apart.
+    launcher = interpreter.InterpretedFunction.run
+    kernels = [0]
+
+    def counted_launch(self, *args, **kw):
+        kernels[0] += 1
+        counter.in_kernel += 1
+        try:
+            return launcher(self, *args, **kw)
+        finally:
+            counter.in_kernel -= 1
+
+    interpreter.InterpretedFunction.run = counted_launch
+    try:
+        with counter:
+            select_blocks(q, k, config, 1 / math.sqrt(head_dim), key_start, **kwargs)
+    finally:
+        interpreter.InterpretedFunction.run = launcher
+    total = sum(counter.ops.values())
+    if verbose:
+        print(f"select_blocks: {total} aten ops outside kernels ({counter.launching} launching: no view, "
+              f"allocation or CPU scalar), {kernels[0]} Triton launches "
+              f"(seq {seq}, block {block}, {q_heads}/{kv_heads} heads, key_start {key_start is not None})")
+        for name, n in counter.ops.most_common():
+            print(f"  {n:4d}  {name}")
+    return total, counter.launching
 
 
 def main(argv=None):
@@ -23,7 +101,15 @@ def main(argv=None):
     parser.add_argument("--seq", type=int, nargs="+", default=[8192, 131072])
     parser.add_argument("--rows", type=int, default=25)
     parser.add_argument("--torch", action="store_true", help="profile the all-PyTorch path (no Triton kernels)")
+    parser.add_argument("--count-ops", action="store_true",
+                        help="CPU: count the aten ops of one call (needs TRITON_INTERPRET=1; --seq default 2048)")
     args = parser.parse_args(argv)
+    if args.count_ops:
+        seqs = [2048] if args.seq == parser.get_default("seq") else args.seq
+        for n in seqs:
+            count_ops(n)
+            count_ops(n, key_start=torch.tensor([n // 3]))
+        return
     backends = dict(scores_backend="torch", structure_backend="torch") if args.torch else {}
     config = FlexPrefillConfig(gamma=0.9, tau=0.1)
     for n in args.seq:
