@@ -28,7 +28,7 @@ from typing import Callable, Optional
 import torch
 
 from ...config import FlexPrefillConfig
-from ..block_structure import BlockStructure, causal_pair_index
+from ..block_structure import BlockStructure, causal_pair_count, causal_pair_index
 from ..grid import BlockGrid, causal_block_counts
 from ..runtime import KERNEL_DTYPES
 from .compose import MaskParts, compose_structure_torch
@@ -70,6 +70,9 @@ class _Sequences:
     query_start: int64 [B], key position of the first real query (``starts`` without ``query_start``:
     a padding row is no query); query_rows: bool [B, nqb], query blocks holding a real query, or None
     when every present block does (no ``query_start``).
+    short_all: Python bool, the value of every ``short[b]`` when it is known from the shapes alone
+    (neither ``key_start`` nor ``query_start``: every sequence starts at key 0), else None. It lets
+    the call skip device ops whose outcome the host already knows (no host sync).
     """
 
     starts: torch.Tensor
@@ -80,6 +83,7 @@ class _Sequences:
     short: torch.Tensor
     query_start: torch.Tensor
     query_rows: Optional[torch.Tensor]
+    short_all: Optional[bool]
 
 
 def select_blocks(
@@ -174,7 +178,11 @@ def _select(q_rep, q_means, k_means, k, cu_seqlens_k, grid, seqs, config, softma
     vertical, slash = _vertical_slash_blocks(rep_scores, block_scores, query_aware, grid, seqs, config)
     parts = MaskParts(vertical=vertical, slash=slash, query_aware=query_aware, short=seqs.short, sink=seqs.sink)
     structure = _compose(q_means, k_means, parts, grid, seqs, config, softmax_scale, compose)
-    causal = causal_block_counts(grid, seqs.sink)
+    if seqs.short_all is not None:
+        # Every sink is block 0: each sequence's causal triangle is the grid's, P pairs (known on the host).
+        causal = torch.full((q_rep.shape[0],), causal_pair_count(grid), dtype=torch.int32, device=q_rep.device)
+    else:
+        causal = causal_block_counts(grid, seqs.sink)
     if seqs.query_rows is not None:
         # Query blocks without a query of their sequence compute nothing (what the sequence gets alone).
         no_query = ~seqs.query_rows[:, None, :]  # [B, 1, nqb]
@@ -182,9 +190,10 @@ def _select(q_rep, q_means, k_means, k, cu_seqlens_k, grid, seqs, config, softma
         structure.indices.masked_fill_(no_query[..., None], -1)
         causal = causal_block_counts(grid, seqs.sink, grid.sink_block(seqs.query_start))
 
-    # Dense sequences have no pattern to report.
-    query_aware = torch.where(seqs.short[:, None], False, query_aware)
-    distance = distance.masked_fill(seqs.short[:, None], math.nan)
+    # Dense sequences have no pattern to report (nothing to clear when the host knows there are none).
+    if seqs.short_all is not False:
+        query_aware = torch.where(seqs.short[:, None], False, query_aware)
+        distance = distance.masked_fill(seqs.short[:, None], math.nan)
     return BlockSelection(structure, query_aware, distance, causal)
 
 
@@ -214,27 +223,33 @@ def _sequences(
     j = torch.arange(nb, device=device)
     i = torch.arange(grid.first_query_block, nb, device=device)
     blocked = (j[None, :] > i[:, None])[None]  # [1, nqb, nb]: outside the block-causal triangle
+    dense_from = grid.k_len - config.effective_dense_threshold  # sequences starting here or later run dense
+    short_all = None
     if key_start is None:
-        # Without left padding the sink is block 0 (the grid's pad < B).
+        # Without left padding the sink is block 0 (the grid's pad < B), and every sequence starts at key 0:
+        # whether it runs dense is known here, so `short` is filled, not compared.
         starts = sink = torch.zeros(batch, dtype=torch.long, device=device)
         key_valid = padding_block = None
+        short_all = 0 >= dense_from
+        short = torch.full((batch,), short_all, dtype=torch.bool, device=device)  # [B]
     else:
         starts = key_start.to(device, torch.long)
         sink = grid.sink_block(starts)  # [B]
         key_valid = torch.arange(grid.k_len, device=device)[None, :] >= starts[:, None]  # [B, n]
         padding_block = (j < sink[:, None])[:, None, :]  # [B, 1, nb]
         blocked = blocked | padding_block  # [B, nqb, nb]
-    short = starts >= grid.k_len - config.effective_dense_threshold  # [B]
+        short = starts >= dense_from  # [B]
     query_rows = None
     if query_start is None:
         query_start = starts
     else:
+        short_all = None
         query_start = query_start.to(device, torch.long)
         # Blocks from the one holding the first query (sink_block: the block of a position); none when q_len is 0.
         query_rows = (i[None, :] >= grid.sink_block(query_start)[:, None]) & (query_start < grid.k_len)[:, None]
         blocked = blocked | ~query_rows[:, :, None]  # [B, nqb, nb]
         short = short | (query_start >= grid.k_len - 1)  # decode (or nothing) runs dense, as alone
-    return _Sequences(starts, sink, key_valid, padding_block, blocked, short, query_start, query_rows)
+    return _Sequences(starts, sink, key_valid, padding_block, blocked, short, query_start, query_rows, short_all)
 
 
 def _representative_scores(
