@@ -30,6 +30,7 @@ Decode goes to plain SDPA even with flash-attn-4 present: FA4 runs one tile per 
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 from typing import Callable, Optional, Union
 
@@ -54,7 +55,13 @@ Availability = Union[bool, Callable[[], bool]]
 
 
 def _capability(t: torch.Tensor) -> Optional[tuple[int, int]]:
-    return torch.cuda.get_device_capability(t.device) if t.is_cuda else None
+    return _cuda_capability(t.device.index) if t.is_cuda else None
+
+
+@functools.lru_cache(maxsize=64)
+def _cuda_capability(index: int) -> tuple[int, int]:
+    """(major, minor) of CUDA device ``index``: constant for the process, asked on every dense prefill."""
+    return torch.cuda.get_device_capability(index)
 
 
 def sparse_backend_for(case: KernelCase, fa4: Availability = fa4_available) -> tuple[str, str]:
@@ -121,13 +128,16 @@ def choose_dense_backend(q: torch.Tensor, k: torch.Tensor, key_start: Optional[t
     # Decode (every layer, every token) is decided before any device query.
     if key_start is not None:
         return "masked"
-    if q.shape[1] == 1:
+    q_len = q.shape[1]
+    if q_len == 1:
         return "sdpa"
+    if not q.is_cuda:
+        # What dense_backend_for gives off the GPU, without its arguments: nothing else to decide there.
+        return "sdpa" if q_len == k.shape[1] else "masked"
     compiling = torch.compiler.is_compiling()
     capability = None if compiling else _capability(q)  # no device query inside a traced graph
     return dense_backend_for(
-        q.device.type, capability, q.dtype, q.shape[-1], q.shape[1], k.shape[1], key_start is not None,
-        compiling=compiling,
+        q.device.type, capability, q.dtype, q.shape[-1], q_len, k.shape[1], False, compiling=compiling
     )
 
 
@@ -170,14 +180,16 @@ def dense_attention(
     optional int [B] of left padding. Returns [B, q_len, Hq, D] in q's dtype; rows with no real key are 0.
     No validation: the operator validates first.
     """
-    name = choose_dense_backend(q, k, key_start) if backend is None else backend
-    if q.shape[1] == 1 and (name == "sdpa" or (name == "masked" and key_start is not None)):
-        # Decode: no causal mask (the row sees every key), at most a [B, k_len] padding mask.
+    # Decode first (every layer, every token), before any backend decision: choose_dense_backend picks "sdpa"
+    # (or "masked" with padding) for one row, and both run here.
+    if q.shape[1] == 1 and (backend is None or backend == "sdpa" or (backend == "masked" and key_start is not None)):
+        # No causal mask (the row sees every key), at most a [B, k_len] padding mask.
         key_mask = None
         if key_start is not None:
             key_mask = torch.arange(k.shape[1], device=k.device)[None, :] >= key_start[:, None]
         out = decode_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), softmax_scale, key_mask)
         return out.transpose(1, 2)
+    name = choose_dense_backend(q, k, key_start) if backend is None else backend
     if name == "masked":
         from .attention.block_sparse_torch import masked_attention_torch
 

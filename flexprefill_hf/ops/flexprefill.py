@@ -106,21 +106,26 @@ def flexprefill_attention_with_stats(
 
 
 def _forward(q, k, v, config, softmax_scale, key_start, with_stats: bool):
-    """(out, stats or None): the operator; stats are built only when ``with_stats``."""
+    """(out, stats or None): the operator; stats are built only when ``with_stats``.
+
+    Ordered so that decode, which runs on every layer for every token, does the least: one shape read, the
+    checks, then the decode branch before any routing decision.
+    """
     check_attention_inputs(q, k, v, key_start)
-    if config is not None and not isinstance(config, FlexPrefillConfig):
+    if config is None:
+        config = _DEFAULT_CONFIG
+    elif not isinstance(config, FlexPrefillConfig):
         raise TypeError(f"config has type {type(config).__name__}; expected FlexPrefillConfig or None")
-    check_softmax_scale(softmax_scale)
-    config = _DEFAULT_CONFIG if config is None else config
-    scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
-    q_len, k_len = q.shape[1], k.shape[1]
-    # Decode first: one comparison, then nothing else to decide.
-    dense = q_len == 1 or k_len <= config.effective_dense_threshold
-    if not dense and q.is_cuda:
-        dense = q.dtype not in KERNEL_DTYPES or k_len < config.cuda_dense_below
-    if q.shape[0] == 0:
+    batch, q_len, _, head_dim = q.shape
+    if softmax_scale is None:
+        scale = 1.0 / math.sqrt(head_dim)
+    else:
+        check_softmax_scale(softmax_scale)
+        scale = float(softmax_scale)
+    if batch == 0:
+        dense = q_len == 1 or _routes_dense(q, k.shape[1], config)
         return torch.empty(q.shape, dtype=q.dtype, device=q.device), (_empty_stats(q, dense) if with_stats else None)
-    if dense:
+    if q_len == 1 or _routes_dense(q, k.shape[1], config):
         out = dense_attention(q, k, v, scale, key_start)
         return out, (_dense_stats(q, k, config, key_start) if with_stats else None)
 
@@ -152,6 +157,13 @@ def _forward(q, k, v, config, softmax_scale, key_start, with_stats: bool):
 
 
 _DEFAULT_CONFIG = FlexPrefillConfig()
+
+
+def _routes_dense(q: torch.Tensor, k_len: int, config: FlexPrefillConfig) -> bool:
+    """Whether a prefill (q_len > 1) takes the dense route (see :func:`flexprefill_attention`)."""
+    if k_len <= config.effective_dense_threshold:
+        return True
+    return q.is_cuda and (q.dtype not in KERNEL_DTYPES or k_len < config.cuda_dense_below)
 
 
 def _empty_stats(q: torch.Tensor, dense: bool) -> FlexPrefillStats:

@@ -38,7 +38,40 @@ def check_attention_inputs(
     is eager on CPU (ValueError). On CUDA it is ``torch._assert_async`` on a device boolean: no host sync,
     the failure surfaces as a device-side assert (with the same message) at the next synchronising call,
     and it leaves the CUDA context unusable, as every device-side assert does.
+
+    The valid case is decided by one expression (this runs on every decode step of every layer); only a
+    failing input goes through the rules one by one, which raise in the order listed above.
     """
+    if isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor) and isinstance(v, torch.Tensor):
+        q_shape, k_shape, dtype = q.shape, k.shape, q.dtype
+        if (
+            len(q_shape) == 4
+            and len(k_shape) == 4
+            and k_shape == v.shape
+            and dtype in (KERNEL_DTYPES if kernel else SUPPORTED_DTYPES)
+            and k.dtype == dtype
+            and v.dtype == dtype
+            and q.device == k.device == v.device
+            and k_shape[0] == q_shape[0]
+            and k_shape[3] == q_shape[3]
+            and k_shape[2] > 0
+            and q_shape[2] % k_shape[2] == 0
+            and (0 if kernel else 1) <= q_shape[1] <= k_shape[1]
+            and (not kernel or (q_shape[3] % 8 == 0 and 16 <= q_shape[3] <= MAX_HEAD_DIM))
+            # requires_grad first: inference tensors never ask for the grad mode.
+            and not ((q.requires_grad or k.requires_grad or v.requires_grad) and torch.is_grad_enabled())
+        ):
+            if key_start is not None:
+                check_key_start(key_start, q_shape[0], k_shape[1], q.device)
+            return
+    _raise_for_attention_inputs(q, k, v, kernel)
+    # Every rule held after all (only an input that fails one gets here otherwise).
+    if key_start is not None:
+        check_key_start(key_start, q.shape[0], k.shape[1], q.device)
+
+
+def _raise_for_attention_inputs(q, k, v, kernel: bool) -> None:
+    """The rules of :func:`check_attention_inputs` one by one: raises for the first that fails."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} has type {type(t).__name__}; expected a torch.Tensor")
@@ -74,8 +107,6 @@ def check_attention_inputs(
             "FlexPrefill does not support gradients: it is a prefill (inference) method; q, k or v requires grad. "
             "Call it under torch.no_grad() / torch.inference_mode(), or detach the inputs"
         )
-    if key_start is not None:
-        check_key_start(key_start, batch, k_len, q.device)
 
 
 def check_key_start(key_start, batch: int, k_len: int, device: torch.device) -> None:
@@ -84,19 +115,25 @@ def check_key_start(key_start, batch: int, k_len: int, device: torch.device) -> 
     if not isinstance(key_start, torch.Tensor) or key_start.dtype not in KEY_START_DTYPES:
         got = f"a tensor of dtype {key_start.dtype}" if isinstance(key_start, torch.Tensor) else type(key_start).__name__
         raise TypeError(f"key_start is {got}; expected an int32 or int64 tensor of shape ({batch},)")
-    if tuple(key_start.shape) != (batch,):
+    if key_start.shape != (batch,):
         raise ValueError(f"key_start has shape {tuple(key_start.shape)}; expected ({batch},)")
     if key_start.device != device:
         raise ValueError(f"key_start is on {key_start.device}; expected q's device {device}")
-    message = f"key_start out of range; expected 0 <= key_start[b] < k_len = {k_len}"
-    if key_start.device.type == "cuda":
+    if key_start.is_cuda:
         # A device-side check: reading the values on the host would synchronise every prefill.
-        torch._assert_async(((key_start >= 0) & (key_start < k_len)).all(), message)
+        in_range = key_start.clamp(0, k_len - 1) == key_start  # [B]
+        torch._assert_async(in_range.all(), _key_start_message(k_len))
     elif batch > 0:
-        low, high = int(key_start.min()), int(key_start.max())
+        # One host read (a CPU tensor: no sync); batches are small, so Python's min/max is the cheap way.
+        values = key_start.tolist()
+        low, high = min(values), max(values)
         if low < 0 or high >= k_len:
             bad = low if low < 0 else high
-            raise ValueError(f"key_start has value {bad}: {message}")
+            raise ValueError(f"key_start has value {bad}: {_key_start_message(k_len)}")
+
+
+def _key_start_message(k_len: int) -> str:
+    return f"key_start out of range; expected 0 <= key_start[b] < k_len = {k_len}"
 
 
 def check_softmax_scale(softmax_scale) -> None:
