@@ -10,7 +10,7 @@ from flexprefill_hf.ops import reference
 from flexprefill_hf.ops.block_structure import block_mask_to_structure, structure_to_block_mask
 from flexprefill_hf.ops.grid import BlockGrid
 from flexprefill_hf.ops.selection import scores, select, select_blocks
-from flexprefill_hf.ops.selection.coverage import coverage_counts, js_distance
+from flexprefill_hf.ops.selection.coverage import coverage_counts, coverage_mask, js_distance, top_blocks
 from flexprefill_hf.testing import structured_qkv
 
 from helpers import random_qkv, seeded
@@ -151,6 +151,25 @@ def test_coverage_count():
     assert reference.coverage_count(scores, 0.76) == 3
     assert reference.coverage_count(scores, 1.0) == 4
     assert torch.equal(coverage_counts(scores[None], 0.76), torch.tensor([3]))
+
+
+def test_top_blocks_and_coverage_mask_by_counting():
+    """Both scatter through a sort's permutation into fresh memory: every entry must come out as the
+    order-free definition says (ranks counted pairwise, ties to the lower index). Multiples of 1/16 keep the
+    running sums exact, so the coverage rule can be checked by summing in any order."""
+    gen = seeded(21)
+    scores_ = torch.randint(0, 6, (3, 5, 37), generator=gen).double() / 16  # many ties
+    counts = torch.randint(0, 40, (3, 5), generator=gen)
+    idx = torch.arange(37)
+    # rank[j]: entries before j in the descending, stable order.
+    ahead = (scores_[..., None, :] > scores_[..., :, None]) | (
+        (scores_[..., None, :] == scores_[..., :, None]) & (idx[None, :] < idx[:, None])
+    )  # [..., j, other]
+    rank = ahead.sum(-1)
+    assert torch.equal(top_blocks(scores_, counts), rank < counts[..., None])
+    before = (ahead * scores_[..., None, :]).sum(-1)  # the larger entries' sum, exact in any order
+    for gamma in (0.05, 0.3, 0.76, 0.9):
+        assert torch.equal(coverage_mask(scores_, gamma), before < gamma)
 
 
 def test_head_chunking_does_not_change_the_selection(monkeypatch):

@@ -28,14 +28,16 @@ def coverage_mask(scores: torch.Tensor, gamma: float) -> torch.Tensor:
         return torch.ones_like(scores, dtype=torch.bool)
     ordered, order = torch.sort(scores, dim=-1, descending=True, stable=True)
     keep = (torch.cumsum(ordered, dim=-1) - ordered) < gamma
-    return torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, order, keep)
+    # order is a permutation of each row: the scatter writes every entry, so no zero fill is needed.
+    return torch.empty_like(scores, dtype=torch.bool).scatter_(-1, order, keep)
 
 
 def top_blocks(scores: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """bool [..., nb]: the ``counts[...]`` highest scores of each row (ties go to the lower index)."""
     order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
     rank = torch.arange(scores.shape[-1], device=scores.device)
-    return torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, order, rank < counts[..., None])
+    # order is a permutation of each row: the scatter writes every entry, so no zero fill is needed.
+    return torch.empty_like(scores, dtype=torch.bool).scatter_(-1, order, rank < counts[..., None])
 
 
 def budget_blocks(tokens: torch.Tensor, grid: BlockGrid, config: FlexPrefillConfig) -> torch.Tensor:
