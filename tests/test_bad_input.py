@@ -192,12 +192,13 @@ OPERATOR_ROWS = [
     row("op-key_start-shape", lambda e: attention(key_start=torch.zeros(2, dtype=torch.long)), ValueError, "key_start has shape (2,)", "expected (1,)"),
     row("op-key_start-2d", lambda e: attention(key_start=torch.zeros(1, 1, dtype=torch.long)), ValueError, "key_start has shape (1, 1)", "expected (1,)"),
     row("op-key_start-device", lambda e: attention(key_start=torch.zeros(1, dtype=torch.long, device="meta")), ValueError, "key_start is on meta", "q's device cpu"),
-    row("op-key_start-too-large", lambda e: attention(key_start=torch.tensor([5000])), ValueError, "key_start", "5000", "expected 0 <= key_start[b] < k_len"),
-    row("op-key_start-k_len", lambda e: attention(key_start=torch.tensor([256])), ValueError, "key_start", "256", "expected 0 <= key_start[b] < k_len"),
-    row("op-key_start-negative", lambda e: attention(key_start=torch.tensor([-1], dtype=torch.int32)), ValueError, "key_start", "-1", "expected 0 <= key_start[b] < k_len"),
+    row("op-key_start-too-large", lambda e: attention(key_start=torch.tensor([5000])), ValueError, "key_start", "5000", "expected 0 <= key_start[b] <= k_len"),
+    # k_len itself (256) is a sequence of padding only, which is valid: one past it is the first bad value.
+    row("op-key_start-past-k_len", lambda e: attention(key_start=torch.tensor([257])), ValueError, "key_start", "257", "expected 0 <= key_start[b] <= k_len"),
+    row("op-key_start-negative", lambda e: attention(key_start=torch.tensor([-1], dtype=torch.int32)), ValueError, "key_start", "-1", "expected 0 <= key_start[b] <= k_len"),
     row("op-key_start-int16", lambda e: attention(key_start=torch.zeros(1, dtype=torch.int16)), TypeError, "key_start is a tensor of dtype torch.int16", "int32 or int64"),
     # Batch 2: the bad start is the second sequence's, the first is valid.
-    row("op-key_start-second-sequence", lambda e: attention(**batch_of_two(key_start=torch.tensor([0, 256]))), ValueError, "key_start has value 256", "expected 0 <= key_start[b] < k_len = 256"),
+    row("op-key_start-second-sequence", lambda e: attention(**batch_of_two(key_start=torch.tensor([0, 257]))), ValueError, "key_start has value 257", "expected 0 <= key_start[b] <= k_len = 256"),
     row("op-config-str", lambda e: attention(config="gamma=0.9"), TypeError, "config has type str", "expected FlexPrefillConfig or None"),
     row("op-config-dict", lambda e: attention(config={"gamma": 0.9}), TypeError, "config has type dict", "expected FlexPrefillConfig or None"),
     row("op-softmax_scale-str", lambda e: attention(softmax_scale="0.125"), TypeError, "softmax_scale='0.125'", "has type str", "expected a float or None"),
@@ -207,7 +208,7 @@ OPERATOR_ROWS = [
     row("op-softmax_scale-inf", lambda e: attention(softmax_scale=float("inf")), ValueError, "softmax_scale=inf", "expected a finite float"),
     row("op-gradients", lambda e: grad_attention("q"), ValueError, "does not support gradients"),
     row("op-gradients-v", lambda e: grad_attention("v"), ValueError, "does not support gradients"),
-    row("op-with-stats-key_start", lambda e: flexprefill_attention_with_stats(*qkv(), key_start=torch.tensor([-3])), ValueError, "key_start", "-3", "expected 0 <= key_start[b] < k_len"),
+    row("op-with-stats-key_start", lambda e: flexprefill_attention_with_stats(*qkv(), key_start=torch.tensor([-3])), ValueError, "key_start", "-3", "expected 0 <= key_start[b] <= k_len"),
     row("op-with-stats-config", lambda e: flexprefill_attention_with_stats(*qkv(), config=0.9), TypeError, "config has type float", "expected FlexPrefillConfig or None"),
 ]
 

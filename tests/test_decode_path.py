@@ -128,10 +128,11 @@ def test_operator_no_stats_variant_builds_none_and_with_stats_does(counted):
 
 @pytest.mark.parametrize("q_heads,kv_heads", [(4, 4), (8, 2)])
 def test_left_padded_decode_matches_the_reference(q_heads, kv_heads, counted):
-    """Through the routing (a [B, K] padding mask) and through the operator (key_start): the padding row only."""
-    k_len, starts = 300, [0, 17, 299]
+    """Through the routing (a [B, K] padding mask) and through the operator (key_start): the padding row only.
+    The last sequence is padding only (an all-zero mask row, key_start == k_len): its row is 0."""
+    k_len, starts = 300, [0, 17, 299, 300]
     module = Attention(q_heads // kv_heads, FlexPrefillConfig(**SMALL))
-    query, key, value = hf_layout(3, 1, k_len, q_heads, kv_heads, 32, seed=q_heads)
+    query, key, value = hf_layout(4, 1, k_len, q_heads, kv_heads, 32, seed=q_heads)
     key_start = torch.tensor(starts)
     mask = torch.arange(k_len)[None, :] >= key_start[:, None]  # bool [B, K], True = real
     q, k, v = (t.transpose(1, 2) for t in (query, key, value))
@@ -143,6 +144,7 @@ def test_left_padded_decode_matches_the_reference(q_heads, kv_heads, counted):
     assert_close(direct.double(), ref, rtol=1e-5)
     # Sequence 2 has one real key: its output is that key's value, exactly.
     torch.testing.assert_close(out[2, 0], value[2, :, -1].repeat_interleave(q_heads // kv_heads, 0))
+    assert (ref[3] == 0).all() and (out[3] == 0).all() and (direct[3] == 0).all()
     assert counted["masked"].calls == 0 and counted["stats"].calls == 0
 
 
@@ -164,6 +166,17 @@ def test_decode_in_a_patched_model_matches_sdpa_step_by_step():
             assert torch.equal(got.sequences, want.sequences)
             for step_got, step_want in zip(got.logits, want.logits):
                 assert_close(step_got, step_want, rtol=1e-4)
+
+
+def test_decode_attention_gives_zero_for_a_row_of_padding_only():
+    """An all-False mask row (no real key): 0 by definition, whatever SDPA's backend makes of it; the other
+    rows are untouched."""
+    query, key, value = hf_layout(3, 1, 40, 4, 2, 16, seed=22)
+    key_mask = torch.arange(40)[None, :] >= torch.tensor([40, 0, 39])[:, None]
+    out = backends.decode_attention(query, key, value, 0.3, key_mask)
+    assert (out[0] == 0).all()
+    torch.testing.assert_close(out[1:], backends.decode_attention(query[1:], key[1:], value[1:], 0.3, key_mask[1:]))
+    torch.testing.assert_close(out[2], value[2, :, -1:].repeat_interleave(2, 0))
 
 
 def test_decode_attention_packs_query_heads_under_a_padding_mask():

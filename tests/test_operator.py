@@ -258,3 +258,74 @@ def test_nan_in_a_value_reaches_the_rows_that_attend_it():
     out = flexprefill_attention(q, k, v, FlexPrefillConfig(gamma=1.0, tau=0.0, **SMALL))  # every causal block
     # Documented: every row that attends key 300 is NaN (earlier rows of the same chunk may be too).
     assert out[0, 300:].isnan().any(-1).all()
+
+
+# A sequence of padding only (key_start == k_len: an empty prompt in a left-padded batch) is valid: its rows
+# have no real key, so they output 0, its statistics count no block, and the other sequences are unaffected.
+@pytest.mark.parametrize(
+    "q_len,k_len,dense",
+    [(100, 100, True), (1, 100, True), (40, 120, True), (700, 700, False), (300, 900, False)],
+    ids=["dense", "decode", "dense-on-cache", "sparse", "sparse-on-cache"],
+)
+def test_sequence_of_padding_only_outputs_zero_and_leaves_the_others_alone(q_len, k_len, dense, poison_empty):
+    q, k, v = structured_qkv(3, k_len, 4, 2, 32, q_len=q_len, generator=seeded(q_len + k_len))
+    starts = [37, k_len, 0]
+    key_start = torch.tensor(starts)
+    config = FlexPrefillConfig(gamma=0.9, tau=0.2, **SMALL)
+    scale = 1 / math.sqrt(32)
+    out, stats = flexprefill_attention_with_stats(q, k, v, config, key_start=key_start)
+    assert stats.dense == dense
+    assert (out[1] == 0).all()
+    assert (stats.computed_blocks[1] == 0).all() and (stats.computed_fraction[1] == 0).all()
+    assert (stats.computed_blocks[[0, 2]] > 0).all()
+    # The other two sequences, alone: the same output (to rounding), statistics and selection.
+    keep = [0, 2]
+    alone, alone_stats = flexprefill_attention_with_stats(q[keep], k[keep], v[keep], config,
+                                                          key_start=key_start[keep])
+    assert relative_error(out[keep], alone) < 1e-6
+    assert torch.equal(stats.computed_blocks[keep], alone_stats.computed_blocks)
+    if dense:
+        want, _ = reference.dense_attention_reference(q, k, v, scale, key_start)
+    else:
+        sel = select_blocks(q, k, config, scale, key_start)
+        alone_sel = select_blocks(q[keep], k[keep], config, scale, key_start[keep])
+        assert torch.equal(sel.structure.counts[keep], alone_sel.structure.counts)
+        assert torch.equal(sel.structure.indices[keep], alone_sel.structure.indices)
+        want, _ = reference.block_sparse_attention_reference(q, k, v, sel.structure, scale, key_start)
+    assert (want[1] == 0).all()
+    assert relative_error(out, want) < REL_TOL[torch.float32]
+
+
+def test_batch_of_padding_only_outputs_zero():
+    """Every sequence empty (an all-zero attention mask): zeros on both routes and for decode."""
+    for q_len, k_len in ((100, 100), (1, 300), (600, 600)):
+        q, k, v = random_qkv(2, q_len, k_len, 4, 2, 16, seed=k_len)
+        out, stats = flexprefill_attention_with_stats(q, k, v, FlexPrefillConfig(**SMALL),
+                                                      key_start=torch.tensor([k_len, k_len], dtype=torch.int32))
+        assert (out == 0).all() and (stats.computed_blocks == 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("q_len,k_len", [(333, 333), (90, 400)])
+def test_triton_kernel_and_selection_with_a_sequence_of_padding_only(q_len, k_len, dtype, poison_empty):
+    """The Triton kernels (the interpreter on CPU, the GPU in CI's GPU job): the fully padded sequence gets zeros
+    from the attention kernel, and the Triton selection gives the torch selection's structure."""
+    pytest.importorskip("triton")
+    from flexprefill_hf.ops.attention.block_sparse_triton import block_sparse_attention_triton
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    q, k, v = (t.to(device) for t in structured_qkv(3, k_len, 4, 2, 32, q_len=q_len, generator=seeded(k_len)))
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    key_start = torch.tensor([k_len, 50, 0], device=device)
+    config = FlexPrefillConfig(gamma=0.9, tau=0.2, **SMALL)
+    scale = 1 / math.sqrt(32)
+    sel = select_blocks(q.float(), k.float(), config, scale, key_start, scores_backend="torch", structure_backend="torch")
+    out = block_sparse_attention_triton(q, k, v, sel.structure, softmax_scale=scale, key_start=key_start)
+    want, _ = reference.block_sparse_attention_reference(q, k, v, sel.structure, scale, key_start)
+    assert (out[0] == 0).all() and (want[0] == 0).all()
+    assert relative_error(out, want) < REL_TOL[dtype]
+    triton_sel = select_blocks(q, k, config, scale, key_start, scores_backend="triton", structure_backend="triton")
+    torch_sel = select_blocks(q, k, config, scale, key_start, scores_backend="torch", structure_backend="torch")
+    # The padded sequence runs dense (short) on both: the same structure there, exactly.
+    assert torch.equal(triton_sel.structure.counts[0], torch_sel.structure.counts[0])
+    assert torch.equal(triton_sel.structure.indices[0], torch_sel.structure.indices[0])

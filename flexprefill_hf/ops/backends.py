@@ -225,8 +225,9 @@ def decode_attention(
     """One query row per sequence over its whole cache, in transformers' layout: the call its ``sdpa`` makes.
 
     query [B, Hq, 1, D], key/value [B, Hkv, K, D] (Hq a multiple of Hkv; KV heads not repeated); softmax_scale
-    None means 1 / sqrt(D); key_mask optional bool [B, K], True = a real key (left padding), every row with at
-    least one real key (a decode query is the last, real, position). Returns [B, Hq, 1, D] in query's dtype.
+    None means 1 / sqrt(D); key_mask optional bool [B, K], True = a real key (left padding: the decode query,
+    the last position, is real exactly when the last key is; a row of padding only outputs 0). Returns
+    [B, Hq, 1, D] in query's dtype.
 
     Without a mask: one SDPA call with ``enable_gqa`` and no mask. With one: the G = Hq / Hkv query heads of a KV
     head become G query rows of that head (``[B, Hkv, G, D]``), so K/V are read once and the mask is the [B, K]
@@ -238,4 +239,6 @@ def decode_attention(
     kv_heads = key.shape[1]
     packed = query.reshape(batch, kv_heads, q_heads // kv_heads, head_dim)
     out = F.scaled_dot_product_attention(packed, key, value, attn_mask=key_mask[:, None, None, :], scale=softmax_scale)
+    # A row with no real key is 0 by definition (SDPA may give NaN there, depending on the backend).
+    out = torch.where(key_mask[:, -1, None, None, None], out, 0)
     return out.reshape(batch, q_heads, 1, head_dim)

@@ -25,7 +25,8 @@ class FlexPrefillStats:
     js_distance: float32 [B, Hq] -- sqrt(JSD) between the estimated and the true block distribution
         (NaN where the sequence ran dense).
     computed_blocks: int32 [B, Hq] -- (query block, key block) pairs computed.
-    computed_fraction: float32 [B, Hq] -- computed_blocks over the pairs of the causal block triangle.
+    computed_fraction: float32 [B, Hq] -- computed_blocks over the pairs of the causal block triangle
+        (0 for a sequence of padding only, key_start[b] == k_len).
     dense: True when the whole call took the dense path.
     A batch of 0 gives tensors of shape [0, Hq].
     """
@@ -56,9 +57,10 @@ def flexprefill_attention(
             h // G. Any strides (Hugging Face's transposed [B, H, N, D] views are used without a copy).
         config: hyper-parameters (default ``FlexPrefillConfig()``).
         softmax_scale: default 1 / sqrt(D).
-        key_start: optional int32/int64 tensor [B] on q's device, 0 <= key_start[b] < k_len: keys before
+        key_start: optional int32/int64 tensor [B] on q's device, 0 <= key_start[b] <= k_len: keys before
             key_start[b] are left padding. A padded sequence gets exactly the blocks it would get alone
-            (the block grid is end-aligned). The range is checked eagerly on CPU (ValueError); on CUDA by
+            (the block grid is end-aligned); key_start[b] == k_len is a sequence of padding only (an empty
+            prompt in a left-padded batch): every row of it outputs 0 and its statistics count no block. The range is checked eagerly on CPU (ValueError); on CUDA by
             ``torch._assert_async`` (no host sync: a bad value fails as a device-side assert at the next
             synchronisation, which leaves the CUDA context unusable).
     Returns:
@@ -146,6 +148,9 @@ def _forward(q, k, v, config, softmax_scale, key_start, with_stats: bool):
     if not with_stats:
         return out, None
     computed = structure.counts.sum(-1, dtype=torch.int32)  # [B, Hq]
+    if key_start is not None:
+        # A sequence of padding only runs dense from its clamped sink: one block of padding, nothing computed.
+        computed = computed.masked_fill_((key_start >= k.shape[1])[:, None], 0)
     stats = FlexPrefillStats(
         query_aware=selection.query_aware,
         js_distance=selection.js_distance.float(),
@@ -183,10 +188,16 @@ def _dense_stats(q: torch.Tensor, k: torch.Tensor, config: FlexPrefillConfig, ke
     starts = torch.zeros(batch, dtype=torch.long, device=q.device) if key_start is None else key_start
     sink = grid.sink_block(starts)  # [B]
     causal = causal_block_counts(grid, sink)  # [B]
+    fraction = torch.ones(batch, q_heads, device=q.device)
+    if key_start is not None:
+        # A sequence of padding only (key_start == k_len) computes no block, as on the sparse route.
+        empty = key_start >= grid.k_len  # [B]
+        causal = causal.masked_fill(empty, 0)
+        fraction = fraction.masked_fill_(empty[:, None], 0.0)
     return FlexPrefillStats(
         query_aware=torch.zeros(batch, q_heads, dtype=torch.bool, device=q.device),
         js_distance=torch.full((batch, q_heads), math.nan, device=q.device),
         computed_blocks=causal[:, None].expand(batch, q_heads).contiguous(),
-        computed_fraction=torch.ones(batch, q_heads, device=q.device),
+        computed_fraction=fraction,
         dense=True,
     )

@@ -34,8 +34,9 @@ def check_attention_inputs(
     must also be a multiple of 8 in [16, MAX_HEAD_DIM]. Gradients are refused (FlexPrefill is a prefill,
     i.e. inference, method: nothing here has a backward pass).
 
-    key_start: int32 or int64, shape [B], on q's device, ``0 <= key_start[b] < k_len``. The range check
-    is eager on CPU (ValueError). On CUDA it is ``torch._assert_async`` on a device boolean: no host sync,
+    key_start: int32 or int64, shape [B], on q's device, ``0 <= key_start[b] <= k_len``; ``k_len`` is a
+    sequence of padding only (e.g. an empty prompt in a left-padded batch: no real key, so every row of it
+    outputs 0). The range check is eager on CPU (ValueError). On CUDA it is ``torch._assert_async`` on a device boolean: no host sync,
     the failure surfaces as a device-side assert (with the same message) at the next synchronising call,
     and it leaves the CUDA context unusable, as every device-side assert does.
 
@@ -110,7 +111,7 @@ def _raise_for_attention_inputs(q, k, v, kernel: bool) -> None:
 
 
 def check_key_start(key_start, batch: int, k_len: int, device: torch.device) -> None:
-    """key_start: int32/int64 [batch] on ``device`` with 0 <= key_start[b] < k_len (see
+    """key_start: int32/int64 [batch] on ``device`` with 0 <= key_start[b] <= k_len (k_len: padding only; see
     :func:`check_attention_inputs` for how the range is checked on CUDA)."""
     if not isinstance(key_start, torch.Tensor) or key_start.dtype not in KEY_START_DTYPES:
         got = f"a tensor of dtype {key_start.dtype}" if isinstance(key_start, torch.Tensor) else type(key_start).__name__
@@ -121,19 +122,19 @@ def check_key_start(key_start, batch: int, k_len: int, device: torch.device) -> 
         raise ValueError(f"key_start is on {key_start.device}; expected q's device {device}")
     if key_start.is_cuda:
         # A device-side check: reading the values on the host would synchronise every prefill.
-        in_range = key_start.clamp(0, k_len - 1) == key_start  # [B]
+        in_range = key_start.clamp(0, k_len) == key_start  # [B]
         torch._assert_async(in_range.all(), _key_start_message(k_len))
     elif batch > 0:
         # One host read (a CPU tensor: no sync); batches are small, so Python's min/max is the cheap way.
         values = key_start.tolist()
         low, high = min(values), max(values)
-        if low < 0 or high >= k_len:
+        if low < 0 or high > k_len:
             bad = low if low < 0 else high
             raise ValueError(f"key_start has value {bad}: {_key_start_message(k_len)}")
 
 
 def _key_start_message(k_len: int) -> str:
-    return f"key_start out of range; expected 0 <= key_start[b] < k_len = {k_len}"
+    return f"key_start out of range; expected 0 <= key_start[b] <= k_len = {k_len}"
 
 
 def check_softmax_scale(softmax_scale) -> None:
