@@ -290,13 +290,14 @@ def _pattern(
     q: the representative rows [B, r, Hq, D]."""
     q_heads, kv_heads = q.shape[2], k_means.shape[1]
     n, r = grid.k_len, grid.num_representative
-    q_rep = q.to(k_means.dtype)  # [B, r, Hq, D]
+    dtype = k_means.dtype
     if seqs.key_valid is None and seqs.query_rows is None and r & (r - 1) == 0:
         # Dividing by a power of two is exact, however it is done.
-        q_rep_mean = q_rep.sum(1) / r  # [B, Hq, D]
+        q_rep_mean = q.to(dtype).sum(1) / r  # [B, Hq, D]
     else:  # padding (and cache) rows are left out of the mean
-        rep_valid = (torch.arange(n - r, n, device=q.device)[None, :] >= seqs.query_start[:, None]).to(q_rep.dtype)
-        q_rep_mean = (q_rep * rep_valid[:, :, None, None]).sum(1) / rep_valid.sum(1).clamp_min(1)[:, None, None]
+        rep_valid = (torch.arange(n - r, n, device=q.device)[None, :] >= seqs.query_start[:, None]).to(dtype)
+        # q itself, not its upcast copy: the product promotes to the compute dtype, and x·1, x·0 are exact.
+        q_rep_mean = (q * rep_valid[:, :, None, None]).sum(1) / rep_valid.sum(1).clamp_min(1)[:, None, None]
     est_logits = (q_rep_mean.unflatten(1, (kv_heads, q_heads // kv_heads)) @ k_means.transpose(-1, -2)).flatten(1, 2)
     est_logits = est_logits * softmax_scale  # [B, Hq, nb]
     if seqs.padding_block is not None:
