@@ -319,7 +319,8 @@ def test_triton_kernel_and_selection_with_a_sequence_of_padding_only(q_len, k_le
     key_start = torch.tensor([k_len, 50, 0], device=device)
     config = FlexPrefillConfig(gamma=0.9, tau=0.2, **SMALL)
     scale = 1 / math.sqrt(32)
-    sel = select_blocks(q.float(), k.float(), config, scale, key_start, scores_backend="torch", structure_backend="torch")
+    sel = select_blocks(q.float(), k.float(), config, scale, key_start, scores_backend="torch",
+                        structure_backend="torch")
     out = block_sparse_attention_triton(q, k, v, sel.structure, softmax_scale=scale, key_start=key_start)
     want, _ = reference.block_sparse_attention_reference(q, k, v, sel.structure, scale, key_start)
     assert (out[0] == 0).all() and (want[0] == 0).all()

@@ -60,9 +60,10 @@ def flexprefill_attention(
         key_start: optional int32/int64 tensor [B] on q's device, 0 <= key_start[b] <= k_len: keys before
             key_start[b] are left padding. A padded sequence gets exactly the blocks it would get alone
             (the block grid is end-aligned); key_start[b] == k_len is a sequence of padding only (an empty
-            prompt in a left-padded batch): every row of it outputs 0 and its statistics count no block. The range is checked eagerly on CPU (ValueError); on CUDA by
-            ``torch._assert_async`` (no host sync: a bad value fails as a device-side assert at the next
-            synchronisation, which leaves the CUDA context unusable).
+            prompt in a left-padded batch): every row of it outputs 0 and its statistics count no block.
+            The range is checked eagerly on CPU (ValueError); on CUDA by ``torch._assert_async`` (no host
+            sync: a bad value fails as a device-side assert at the next synchronisation, which leaves the
+            CUDA context unusable).
     Returns:
         [B, q_len, Hq, D] in q's dtype. Rows with no real key (padding queries) are 0. B = 0 gives an
         empty output (as SDPA does).

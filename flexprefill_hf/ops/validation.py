@@ -36,9 +36,9 @@ def check_attention_inputs(
 
     key_start: int32 or int64, shape [B], on q's device, ``0 <= key_start[b] <= k_len``; ``k_len`` is a
     sequence of padding only (e.g. an empty prompt in a left-padded batch: no real key, so every row of it
-    outputs 0). The range check is eager on CPU (ValueError). On CUDA it is ``torch._assert_async`` on a device boolean: no host sync,
-    the failure surfaces as a device-side assert (with the same message) at the next synchronising call,
-    and it leaves the CUDA context unusable, as every device-side assert does.
+    outputs 0). The range check is eager on CPU (ValueError). On CUDA it is ``torch._assert_async`` on a
+    device boolean: no host sync, the failure surfaces as a device-side assert (with the same message) at the
+    next synchronising call, and it leaves the CUDA context unusable, as every device-side assert does.
 
     The valid case is decided by one expression (this runs on every decode step of every layer); only a
     failing input goes through the rules one by one, which raise in the order listed above.
