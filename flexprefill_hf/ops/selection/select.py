@@ -220,9 +220,14 @@ def _sequences(
 ) -> _Sequences:
     """Small per-sequence values, once; the left-padding masks only when there is padding."""
     nb = grid.num_blocks
-    j = torch.arange(nb, device=device)
-    i = torch.arange(grid.first_query_block, nb, device=device)
-    blocked = (j[None, :] > i[:, None])[None]  # [1, nqb, nb]: outside the block-causal triangle
+    if key_start is None and query_start is None:
+        # Only the triangle: pairs with j > i = first_query_block + t, by one fill and one triu (no aranges).
+        blocked = torch.ones(grid.num_query_blocks, nb, dtype=torch.bool, device=device)
+        blocked = blocked.triu_(grid.first_query_block + 1)[None]  # [1, nqb, nb]
+    else:
+        j = torch.arange(nb, device=device)
+        i = torch.arange(grid.first_query_block, nb, device=device)
+        blocked = (j[None, :] > i[:, None])[None]  # [1, nqb, nb]: outside the block-causal triangle
     dense_from = grid.k_len - config.effective_dense_threshold  # sequences starting here or later run dense
     short_all = None
     if key_start is None:
