@@ -301,10 +301,10 @@ BAD_INPUTS = {
     "gradients": (_requires_grad, ValueError, r"does not support gradients"),
 }
 if DEVICE == "cpu":  # on CUDA the range check is a device-side assert (tests/test_gpu.py)
-    BAD_INPUTS["key-start-range"] = (lambda a: a.update(key_start=torch.tensor([100])), ValueError,
-                                     r"key_start has value 100: .*expected 0 <= key_start\[b\] < k_len = 100")
+    BAD_INPUTS["key-start-range"] = (lambda a: a.update(key_start=torch.tensor([101])), ValueError,
+                                     r"key_start has value 101: .*expected 0 <= key_start\[b\] <= k_len = 100")
     BAD_INPUTS["key-start-negative"] = (lambda a: a.update(key_start=torch.tensor([-1])), ValueError,
-                                        r"key_start has value -1: .*expected 0 <= key_start\[b\] < k_len")
+                                        r"key_start has value -1: .*expected 0 <= key_start\[b\] <= k_len")
 
 
 @pytest.mark.parametrize("bad", BAD_INPUTS.values(), ids=BAD_INPUTS.keys())

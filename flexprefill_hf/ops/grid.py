@@ -67,8 +67,8 @@ class BlockGrid:
         """The sink of each sequence: the block holding its first real key.
 
         ``key_start``: int tensor [B] (any int dtype) -> int64 [B]; or a Python int -> int (the
-        references' per-sequence form). A start past the last key is clamped to it (the operator rejects
-        such a start; the clamp keeps the index inside the grid). The one place this formula is written.
+        references' per-sequence form). A start past the last key is clamped to it (key_start == k_len, a
+        sequence of padding only, is valid; the clamp keeps the index inside the grid). The one place this formula is written.
         """
         if isinstance(key_start, torch.Tensor):
             return (key_start.long().clamp(max=self.k_len - 1) + self.pad) // self.block_size

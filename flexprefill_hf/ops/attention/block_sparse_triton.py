@@ -450,7 +450,8 @@ def block_sparse_attention_triton(
         structure: the selected key blocks, grid block size 64 or 128, ``grid.q_len == q_len`` and
             ``grid.k_len == k_len``; indices int32 [B, Hq, nqb, nb], counts int32 [B, Hq, nqb].
         softmax_scale: defaults to 1 / sqrt(D).
-        key_start: optional int32/int64 [B], 0 <= key_start[b] < k_len; keys before it are (left) padding.
+        key_start: optional int32/int64 [B], 0 <= key_start[b] <= k_len (k_len: padding only, every row outputs 0);
+            keys before it are (left) padding.
             On CUDA the range is checked by a device-side assert (no host sync; see ``ops/validation.py``).
         tile_config: pin the tiles (:class:`TileConfig`); default: autotuned on the GPU (H200-measured
             candidates on compute capability 9.0, a plain list elsewhere), one tile per block in the
