@@ -100,11 +100,22 @@ def pool_offset_blocks(x: torch.Tensor, grid: BlockGrid) -> torch.Tensor:
     return padded.unflatten(-1, (grid.num_blocks, grid.block_size)).sum(-1)
 
 
-def block_means(x: torch.Tensor, valid: Optional[torch.Tensor], grid: BlockGrid, dtype: torch.dtype) -> torch.Tensor:
+def block_counts(valid: torch.Tensor, grid: BlockGrid, dtype: torch.dtype) -> torch.Tensor:
+    """[B, blocks] in ``dtype``: real rows of each block of valid bool [B, L] laid on the grid from its end,
+    at least 1 (the divisor of :func:`block_means`)."""
+    sub = BlockGrid(valid.shape[1], valid.shape[1], grid.block_size)
+    return pool_key_blocks(valid.to(dtype), sub, dim=1).clamp_min(1)
+
+
+def block_means(
+    x: torch.Tensor, valid: Optional[torch.Tensor], grid: BlockGrid, dtype: torch.dtype,
+    counts: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
     """Block means [B, blocks, H, D] in ``dtype`` of x [B, L, H, D] laid on the grid from its end (L <= n).
 
     valid: bool [B, L] (rows that are not left padding) or None (all real). A block's mean is over its
-    real rows (the partial block 0 over the tokens it holds); a block with none gets 0.
+    real rows (the partial block 0 over the tokens it holds); a block with none gets 0. counts: optional
+    ``block_counts(valid, grid, dtype)``, for a caller that averages several tensors over the same rows.
     """
     # Lay the L rows on the last blocks of the grid: pad the front up to the block boundary.
     sub = BlockGrid(x.shape[1], x.shape[1], grid.block_size)
@@ -117,5 +128,6 @@ def block_means(x: torch.Tensor, valid: Optional[torch.Tensor], grid: BlockGrid,
         counts[0] = grid.block_size - sub.pad
         return sums / counts[:, None, None]
     sums = pool_key_blocks(x * valid[:, :, None, None], sub, dim=1, dtype=dtype)
-    counts = pool_key_blocks(valid.to(dtype), sub, dim=1)  # [B, blocks]
-    return sums / counts.clamp_min(1)[:, :, None, None]
+    if counts is None:
+        counts = block_counts(valid, grid, dtype)  # [B, blocks]
+    return sums / counts[:, :, None, None]

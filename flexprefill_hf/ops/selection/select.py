@@ -33,7 +33,7 @@ from ..grid import BlockGrid, causal_block_counts
 from ..runtime import KERNEL_DTYPES
 from .compose import MaskParts, compose_structure_torch
 from .coverage import budget_blocks, coverage_counts, coverage_mask, js_distance, top_blocks
-from .scores import block_means, compute_dtype, pool_key_blocks, pool_offset_blocks, representative_scores
+from .scores import block_counts, block_means, compute_dtype, pool_key_blocks, pool_offset_blocks, representative_scores
 
 # Upper bound on the temporaries of one chunk of block masks, and their bytes per (query block, key
 # block) pair and head: logits, probabilities, their sorted copy, int64 order, prefix sums, and the
@@ -123,8 +123,14 @@ def select_blocks(
     grid = BlockGrid(q.shape[1], k.shape[1], config.block_size)
     seqs = _sequences(grid, q.shape[0], key_start, query_start, config, q.device)
     q_rep = q[:, grid.q_len - grid.num_representative :]  # [B, r, Hq, D]
-    q_means = _query_block_means(q, grid, seqs, compute_dtype(q.dtype))
-    return _select(q_rep, q_means, None, k, None, grid, seqs, config, softmax_scale, key_start, scores_backend,
+    dtype = compute_dtype(q.dtype)
+    k_means = counts = None
+    if seqs.key_valid is not None and seqs.query_rows is None and grid.cache_len == 0:
+        # q and k lie on the same grid with the same real rows: one count of them divides both block means.
+        counts = block_counts(seqs.key_valid, grid, dtype)  # [B, nb]
+        k_means = block_means(k, seqs.key_valid, grid, dtype, counts).permute(0, 2, 1, 3)  # [B, Hkv, nb, D]
+    q_means = _query_block_means(q, grid, seqs, dtype, counts)
+    return _select(q_rep, q_means, k_means, k, None, grid, seqs, config, softmax_scale, key_start, scores_backend,
                    structure_backend)
 
 
@@ -348,15 +354,18 @@ def _query_aware_coverage(
     return coverage_mask(pair_probs, gamma)
 
 
-def _query_block_means(q: torch.Tensor, grid: BlockGrid, seqs: _Sequences, dtype: torch.dtype) -> torch.Tensor:
-    """Q̄ of §4: [B, Hq, nqb, D] in ``dtype``, each present query block's mean over its real query rows."""
+def _query_block_means(
+    q: torch.Tensor, grid: BlockGrid, seqs: _Sequences, dtype: torch.dtype, counts: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """Q̄ of §4: [B, Hq, nqb, D] in ``dtype``, each present query block's mean over its real query rows.
+    counts: optional ``scores.block_counts`` of those rows (the caller's, shared with the key means)."""
     q_len = q.shape[1]
     q_valid = None
     if seqs.query_rows is not None:
         q_valid = torch.arange(grid.k_len - q_len, grid.k_len, device=q.device)[None, :] >= seqs.query_start[:, None]
     elif seqs.key_valid is not None:
         q_valid = seqs.key_valid[:, grid.k_len - q_len :]
-    return block_means(q, q_valid, grid, dtype).permute(0, 2, 1, 3)[:, :, -grid.num_query_blocks :]
+    return block_means(q, q_valid, grid, dtype, counts).permute(0, 2, 1, 3)[:, :, -grid.num_query_blocks :]
 
 
 def _compose(
