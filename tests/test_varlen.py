@@ -311,6 +311,37 @@ def test_varlen_selection_triton_backends_equal_torch():
     assert torch.equal(triton_sel.structure.counts, torch_sel.structure.counts)
 
 
+def test_empty_sequences_read_no_key_in_the_packed_scores(monkeypatch):
+    # An empty sequence in the middle and one at the end, k sized exactly (cu_seqlens_k[B] == total_k): the packed
+    # scores kernel must read none of another sequence's keys (nor past the end of k). The kernel reads the keys
+    # key_start..n-1 of each sequence at packed rows cu_seqlens_k[b] + t - key_start[b], so an empty sequence must
+    # be handed key_start == n (no key), not a clamped n - 1 (one key: the next sequence's first, or past the end).
+    # Such a read adds no score (an empty sequence has no query row), so the start itself is what is checked.
+    from flexprefill_hf.ops.selection import scores_triton
+
+    lengths = [(300, 300), (40, 250)]
+    _, (q, k, _), _, _ = _pack(lengths, 4, 2, 32, torch.float16, seed=10)
+    cu_q = torch.tensor([0, 300, 300, 340, 340], dtype=torch.int32)
+    cu_k = torch.tensor([0, 300, 300, 550, 550], dtype=torch.int32)
+    seen = []
+    real = scores_triton.representative_scores_triton
+
+    def spy(*args, **kwargs):
+        seen.append((args[4].clone(), real(*args, **kwargs)))  # (key_start, scores)
+        return seen[-1][1]
+
+    monkeypatch.setattr(scores_triton, "representative_scores_triton", spy)
+    config = FlexPrefillConfig(gamma=0.9, tau=0.3, **SMALL)
+    sel = select_blocks_varlen(q, k, cu_q, cu_k, 300, 300, config, 0.2, scores_backend="triton",
+                               structure_backend="triton")
+    ((key_start, scores),) = seen  # [B], [2, B, Hq, n]
+    assert key_start.tolist() == [0, 300, 50, 300]
+    for b in (1, 3):
+        assert (scores[:, b] == 0).all()
+        assert (sel.structure.counts[b] == 0).all()
+    assert (scores[:, 0].sum(-1) > 0).all() and (scores[:, 2].sum(-1) > 0).all()
+
+
 # ---------------------------------------------------------------- bad input
 
 def _good():

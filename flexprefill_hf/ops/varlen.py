@@ -136,7 +136,9 @@ def flexprefill_attention_varlen_with_stats(
 
     q_lens = cu_seqlens_q.diff().long()  # [B]
     k_lens = cu_seqlens_k.diff().long()
-    key_start = varlen_key_start(cu_seqlens_k, max_k).clamp(max=max_k - 1)  # an empty sequence: any start
+    # An empty sequence starts at max_k (padding only, as key_start == k_len in the operator): never clamp it to a
+    # real position, or the packed scores kernel would read the next sequence's first key (or past the end of k).
+    key_start = varlen_key_start(cu_seqlens_k, max_k)
     query_start = max_k - q_lens  # [B] padded key position of each sequence's first query
     sink = grid.sink_block(key_start)
 
@@ -188,7 +190,7 @@ def select_blocks_varlen(
     max_q = min(max_seqlen_q, max_seqlen_k)
     grid = BlockGrid(max_q, max_seqlen_k, config.block_size)
     q_lens, k_lens = cu_seqlens_q.diff().long(), cu_seqlens_k.diff().long()
-    key_start = varlen_key_start(cu_seqlens_k, max_seqlen_k).clamp(max=max_seqlen_k - 1)
+    key_start = varlen_key_start(cu_seqlens_k, max_seqlen_k)  # max_seqlen_k for an empty sequence: reads no key
     query_start = max_seqlen_k - q_lens
     r = grid.num_representative
     # The last r rows of each sequence's view: rows before its first query are 0 (no query there).
