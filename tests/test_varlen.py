@@ -499,6 +499,29 @@ def test_generate_batch_gives_each_prompt_what_generate_gives_it_alone(varlen_ca
     assert any(not stats.dense and (stats.computed_fraction < 1).any() for _, _, stats in varlen_calls)
 
 
+def test_model_patched_for_continuous_batching_still_generates_a_padded_batch_and_records():
+    # The same model keeps serving generate(): its mask function must be registered under the CB name too, or a
+    # left-padded batch would get no mask at all; record_stats must accept the CB implementation.
+    from hf_tiny import EXACT, random_ids, tiny_model
+
+    import flexprefill_hf as fp
+    from flexprefill_hf.integration.continuous_batching import patch_model_for_continuous_batching
+
+    model = tiny_model("llama", seed=2).eval()
+    short, long = random_ids(150, seed=3), random_ids(400, seed=4)
+    with torch.no_grad():
+        alone = model(short).logits[0, -1]
+        batch = torch.cat([torch.zeros(1, 250, dtype=short.dtype), short], dim=1)
+        mask = torch.cat([torch.zeros(1, 250, dtype=torch.long), torch.ones(1, 150, dtype=torch.long)], dim=1)
+        patch_model_for_continuous_batching(model, **EXACT)
+        with fp.record_stats(model):
+            out = model(torch.cat([batch, long]), attention_mask=torch.cat([mask, torch.ones_like(mask)])).logits
+        stats = fp.last_stats(model)
+    fp.unpatch_model(model)
+    torch.testing.assert_close(out[0, -1], alone, rtol=1e-4, atol=1e-4)
+    assert all(s is not None for s in stats)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_gpu_varlen_replays_in_a_cuda_graph_on_new_lengths():

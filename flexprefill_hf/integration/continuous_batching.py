@@ -82,7 +82,7 @@ def flexprefill_paged_attention_forward(
     """
     if cu_seq_lens_q is None:
         return flexprefill_attention_forward(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
-    reason = _unsupported(module, dropout, kwargs)
+    reason = _unsupported(module, dropout, int(max_length_k), kwargs)
     if reason is not None:
         raise ValueError(f"{CB_ATTENTION_NAME} under continuous batching: {reason}")
     config = layer_config(module)
@@ -95,24 +95,33 @@ def flexprefill_paged_attention_forward(
     return out[None], None
 
 
-def _unsupported(module, dropout, kwargs) -> Optional[str]:
+def _unsupported(module, dropout, max_length_k: int, kwargs) -> Optional[str]:
     if kwargs.get("block_table") is not None:
         return "a block table (the decode fast path) is not supported; K/V must be read from the cache"
     if dropout and dropout > 0:
         return "attention dropout (training) is not supported"
     if kwargs.get("output_attentions", False):
         return "output_attentions=True needs the attention weights, which FlexPrefill never forms"
-    if _sliding_window(module, kwargs) is not None:
-        return f"layer {getattr(module, 'layer_idx', '?')} has a sliding window, which FlexPrefill cannot express"
+    window = _sliding_window(module, kwargs)
+    # As in routing.dense_reason: a window only matters once the keys outgrow it.
+    if window is not None and max_length_k > window:
+        return (f"layer {getattr(module, 'layer_idx', '?')} has a sliding window of {window} tokens, active at "
+                f"{max_length_k} keys, which FlexPrefill cannot express")
     return None
 
 
 def register_continuous_batching() -> None:
     """Register :func:`flexprefill_paged_attention_forward` with transformers as :data:`CB_ATTENTION_NAME`
-    (idempotent). No mask function: continuous batching builds no mask for it."""
+    (idempotent), with FlexPrefill's mask function. Continuous batching builds no mask (a paged cache gets
+    none, masking_utils), but ``generate`` on the same model does: without a mask function registered under
+    this name transformers would hand a left-padded batch no mask at all."""
     from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    from .masks import flexprefill_mask
 
     AttentionInterface.register(CB_ATTENTION_NAME, flexprefill_paged_attention_forward)
+    AttentionMaskInterface.register(CB_ATTENTION_NAME, flexprefill_mask)
 
 
 def patch_model_for_continuous_batching(model: torch.nn.Module, config=None, **overrides) -> torch.nn.Module:
