@@ -330,3 +330,23 @@ def test_triton_kernel_and_selection_with_a_sequence_of_padding_only(q_len, k_le
     # The padded sequence runs dense (short) on both: the same structure there, exactly.
     assert torch.equal(triton_sel.structure.counts[0], torch_sel.structure.counts[0])
     assert torch.equal(triton_sel.structure.indices[0], torch_sel.structure.indices[0])
+
+
+def test_on_cuda_a_short_sequence_in_a_long_padded_batch_runs_dense_as_it_would_alone():
+    # Alone, a prompt under cuda_dense_below runs dense on CUDA. Padded into a batch with a long one it takes the
+    # sparse route, where the selection's per-sequence `short` rule must mark it dense (all causal blocks).
+    from flexprefill_hf.ops.flexprefill import selection_config
+
+    config = FlexPrefillConfig(gamma=0.5, tau=0.1, block_size=64, min_budget=64, cuda_dense_below=700)
+    assert selection_config(config, on_cuda=False) is config
+    on_cuda = selection_config(config, on_cuda=True)
+    assert on_cuda.effective_dense_threshold == 699 and selection_config(config, on_cuda=True) is on_cuda
+    q, k, _ = random_qkv(2, 1024, 1024, 4, 2, 32, seed=21)
+    key_start = torch.tensor([0, 1024 - 600])  # sequence 1: 600 real keys, under cuda_dense_below
+    scale = 1 / math.sqrt(32)
+    sparse = select_blocks(q, k, config, scale, key_start)
+    routed = select_blocks(q, k, on_cuda, scale, key_start)
+    full = routed.structure.counts[1].sum(-1)  # the causal triangle from its sink
+    assert (full == routed.causal_blocks[1]).all()
+    assert (sparse.structure.counts[1].sum(-1) < full).any()  # without the rule it would have been sparse
+    assert torch.equal(routed.structure.indices[0], sparse.structure.indices[0])  # the long one is unchanged

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Optional
 
@@ -132,7 +133,7 @@ def _forward(q, k, v, config, softmax_scale, key_start, with_stats: bool):
         out = dense_attention(q, k, v, scale, key_start)
         return out, (_dense_stats(q, k, config, key_start) if with_stats else None)
 
-    selection = select_blocks(q, k, config, scale, key_start)
+    selection = select_blocks(q, k, selection_config(config, q.is_cuda), scale, key_start)
     structure = selection.structure
     backend, _ = choose_sparse_backend(q, k, structure, key_start)
     if backend == "fa4":
@@ -163,6 +164,17 @@ def _forward(q, k, v, config, softmax_scale, key_start, with_stats: bool):
 
 
 _DEFAULT_CONFIG = FlexPrefillConfig()
+
+
+@functools.lru_cache(maxsize=64)
+def selection_config(config: FlexPrefillConfig, on_cuda: bool) -> FlexPrefillConfig:
+    """The configuration the selection runs with: on CUDA, a sequence whose real keys are fewer than
+    ``cuda_dense_below`` runs dense inside a sparse call (its ``short`` rule), as it would alone -- so a short
+    prompt in a long left-padded batch, or in a packed batch (``varlen.py``), gets what it gets by itself.
+    Cached: configs are frozen and few."""
+    if not on_cuda or config.cuda_dense_below - 1 <= config.effective_dense_threshold:
+        return config
+    return config.replace(dense_threshold=config.cuda_dense_below - 1)
 
 
 def _routes_dense(q: torch.Tensor, k_len: int, config: FlexPrefillConfig) -> bool:

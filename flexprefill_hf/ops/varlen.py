@@ -51,7 +51,7 @@ import torch
 
 from ..config import FlexPrefillConfig
 from .block_structure import BlockStructure
-from .flexprefill import FlexPrefillStats
+from .flexprefill import FlexPrefillStats, selection_config
 from .grid import BlockGrid, causal_block_counts
 from .runtime import KERNEL_DTYPES
 from .selection.scores import compute_dtype
@@ -125,9 +125,8 @@ def flexprefill_attention_varlen_with_stats(
     kernel = q.is_cuda and q.dtype in KERNEL_DTYPES
     # A sequence runs dense where it would alone (flexprefill.py's routing): at or below the threshold,
     # and on CUDA below cuda_dense_below; decode rows are dense by select_blocks' query_start rule.
+    config = selection_config(config, q.is_cuda)
     threshold = config.effective_dense_threshold
-    if q.is_cuda:
-        threshold = max(threshold, config.cuda_dense_below - 1)
     all_dense = max_q <= 1 or max_k <= threshold or (q.is_cuda and not kernel)
     grid = BlockGrid(max_q, max_k, config.block_size)
     if batch == 0:
@@ -146,8 +145,6 @@ def flexprefill_attention_varlen_with_stats(
         selection = None
         structure = full_causal_structure(grid, q_heads, sink, query_start)
     else:
-        if threshold != config.effective_dense_threshold:
-            config = config.replace(dense_threshold=threshold)
         selection = select_blocks_varlen(q, k, cu_seqlens_q, cu_seqlens_k, max_q, max_k, config, scale)
         structure = selection.structure
     if kernel:
