@@ -147,8 +147,12 @@ def test_merge_combines_runs_without_a_model(tmp_path, monkeypatch):
     for name, method, score in (("a", "dense", 100.0), ("b", "flexprefill", 50.0)):
         folder = tmp_path / name
         folder.mkdir()
-        record = {**_record("vt", 2048, method, score, 1.0 if method == "dense" else 0.3), "kind": method}
-        (folder / "samples.jsonl").write_text(json.dumps(record) + "\n" + json.dumps(record) + "\n")
+        records = [
+            {**_record("vt", 2048, method, score, 1.0 if method == "dense" else 0.3), "kind": method,
+             "prompt_hash": prompt}
+            for prompt in ("p0", "p1")
+        ]
+        (folder / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
         heatmap = {"method": method, "task": "vt", "length": 2048, "computed_fraction": [[1.0]], "pattern": [[0]]}
         (folder / "heatmaps.json").write_text(json.dumps([heatmap]))
         folders.append(str(folder))

@@ -268,11 +268,28 @@ def merge(options: Options) -> dict:
         if coverage is not None:
             prefix = f"{folder.name}: " if len(options.merge) > 1 else ""
             notes.extend(prefix + note for note in coverage_notes(coverage))
+    records, dropped = _drop_repeated_samples(records)
+    if dropped:
+        # Two runs with the same seed hold the same prompts: counted twice they would halve the intervals.
+        notes.append(f"{dropped} repeated sample(s) (same method, task, length and prompt) were counted once.")
     options.out.mkdir(parents=True, exist_ok=True)
     jsonl = options.out / "samples.jsonl"
     if not any(jsonl.resolve() == (f / "samples.jsonl").resolve() for f in options.merge):
         jsonl.write_text("".join(json.dumps(r, separators=(",", ":")) + "\n" for r in records))
     return {"samples": jsonl, **write_report(records, heatmaps, options.out, options.plots, notes)}
+
+
+def _drop_repeated_samples(records: list) -> tuple[list, int]:
+    """The records with each (method, task, length, prompt_hash) kept once, in order; and how many were dropped.
+    Records without a prompt hash are all kept."""
+    seen, kept = set(), []
+    for record in records:
+        key = (record["method"], record["task"], record["length"], record.get("prompt_hash"))
+        if key[3] is not None and key in seen:
+            continue
+        seen.add(key)
+        kept.append(record)
+    return kept, len(records) - len(kept)
 
 
 def _run_info(options: Options, model, start: float) -> dict:
