@@ -163,5 +163,11 @@ def test_merge_combines_runs_without_a_model(tmp_path, monkeypatch):
     assert "| **average** | 2048 | dense | 2 | 100.0 ± 0.0 |" in table
     assert "| **average** | 2048 | flexprefill | 2 | 50.0 ± 0.0 |" in table
     assert len(json.loads((out / "heatmaps.json").read_text())) == 2
+    # The same run merged twice (same seed, same prompts): each sample counts once, and the report says so.
+    again = tmp_path / "merged_twice"
+    assert cli.main(["--merge", folders[0], folders[0], "--out", str(again), "--no-plots"]) == 0
+    twice = (again / "results.md").read_text()
+    assert "| **average** | 2048 | dense | 2 | 100.0 ± 0.0 |" in twice
+    assert "2 repeated sample(s)" in twice
     with pytest.raises(SystemExit):
         cli.main(["--merge", str(tmp_path / "missing"), "--no-plots"])
