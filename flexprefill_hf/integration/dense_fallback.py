@@ -34,13 +34,13 @@ def dense_attention_forward(
     Rows without any key give 0, as in the operator, so left padding never spreads NaN.
     """
     groups = query.shape[1] // key.shape[1]
-    if groups > 1:
-        key = key.repeat_interleave(groups, dim=1)
-        value = value.repeat_interleave(groups, dim=1)
     scale = 1.0 / math.sqrt(query.shape[-1]) if scaling is None else scaling
     # SDPA's is_causal covers the plain causal square; explicit weights always need the mask.
     mask = dense_mask(query, key, attention_mask, sliding_window, is_causal, allow_none=not output_attentions)
     if output_attentions:
+        if groups > 1:  # explicit weights per query head: here (only) K/V are repeated
+            key = key.repeat_interleave(groups, dim=1)
+            value = value.repeat_interleave(groups, dim=1)
         scores = (query @ key.transpose(-1, -2)).float() * scale  # [B, Hq, N, K]
         if mask is not None:
             scores = scores.masked_fill(~mask, -math.inf) if mask.dtype == torch.bool else scores + mask
@@ -49,7 +49,7 @@ def dense_attention_forward(
         return (weights @ value).transpose(1, 2).contiguous(), weights
     causal_flag = mask is None and is_causal and query.shape[2] == key.shape[2]
     out = F.scaled_dot_product_attention(
-        query, key, value, attn_mask=mask, dropout_p=dropout, is_causal=causal_flag, scale=scale
+        query, key, value, attn_mask=mask, dropout_p=dropout, is_causal=causal_flag, scale=scale, enable_gqa=groups > 1
     )
     if mask is not None and mask.dtype == torch.bool:
         out = torch.where(mask.any(-1, keepdim=True), out, 0)

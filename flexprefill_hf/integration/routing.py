@@ -137,7 +137,8 @@ def dense_reason(module, query, key, value, attention_mask, dropout, kwargs) -> 
 def _sliding_window(module, kwargs) -> Optional[int]:
     window = kwargs.get("sliding_window", None)
     if window is None:
-        window = getattr(module, "sliding_window", None)
+        # A plain instance attribute where a module has one: no nn.Module.__getattr__ miss on the others.
+        window = module.__dict__.get("sliding_window")
     return window if isinstance(window, int) and window > 0 else None
 
 
