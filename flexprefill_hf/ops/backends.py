@@ -46,22 +46,12 @@ from .attention.block_sparse_fa4 import (
     unsupported_reason,
 )
 from .block_structure import BlockStructure
-from .runtime import KERNEL_DTYPES
+from .runtime import KERNEL_DTYPES, compute_capability, cuda_capability
 
 SPARSE_BACKENDS = ("fa4", "triton", "torch")
 DENSE_BACKENDS = ("masked", "sdpa", "fa4", "sdpa_cudnn", "sdpa_lower_right")
 
 Availability = Union[bool, Callable[[], bool]]
-
-
-def _capability(t: torch.Tensor) -> Optional[tuple[int, int]]:
-    return _cuda_capability(t.device.index) if t.is_cuda else None
-
-
-@functools.lru_cache(maxsize=64)
-def _cuda_capability(index: int) -> tuple[int, int]:
-    """(major, minor) of CUDA device ``index``: constant for the process, asked on every dense prefill."""
-    return torch.cuda.get_device_capability(index)
 
 
 def sparse_backend_for(case: KernelCase, fa4: Availability = fa4_available) -> tuple[str, str]:
@@ -86,7 +76,18 @@ def choose_sparse_backend(
     if q.is_cuda and q.dtype in KERNEL_DTYPES and torch.compiler.is_compiling():
         # Decided before any device query, so nothing but this branch is traced.
         return "triton", f"Triton kernel: {COMPILE_REASON}"
-    return sparse_backend_for(KernelCase.of(q, structure, key_start))
+    device = q.device
+    return _sparse_backend(device.type, device.index, q.dtype, structure.grid.block_size, q.shape[-1],
+                           key_start is not None)
+
+
+@functools.lru_cache(maxsize=256)
+def _sparse_backend(device_type: str, index: Optional[int], dtype: torch.dtype, block_size: int, head_dim: int,
+                    padded: bool) -> tuple[str, str]:
+    """:func:`sparse_backend_for` of an eager call, cached by the values it depends on: the device's capability
+    and ``fa4_available()`` are constant for the process, so a prefill builds no KernelCase and asks nothing."""
+    capability = cuda_capability(index) if device_type == "cuda" else None
+    return sparse_backend_for(KernelCase(device_type, capability, dtype, block_size, head_dim, padded))
 
 
 def dense_backend_for(
@@ -135,7 +136,7 @@ def choose_dense_backend(q: torch.Tensor, k: torch.Tensor, key_start: Optional[t
         # What dense_backend_for gives off the GPU, without its arguments: nothing else to decide there.
         return "sdpa" if q_len == k.shape[1] else "masked"
     compiling = torch.compiler.is_compiling()
-    capability = None if compiling else _capability(q)  # no device query inside a traced graph
+    capability = None if compiling else compute_capability(q)  # no device query inside a traced graph
     return dense_backend_for(
         q.device.type, capability, q.dtype, q.shape[-1], q_len, k.shape[1], False, compiling=compiling
     )
