@@ -226,25 +226,24 @@ def test_sparse_route_picks_triton_under_compile_and_fa4_eagerly():
 
 
 def test_the_cached_sparse_backend_decision_is_the_plain_value_one(monkeypatch):
-    """choose_sparse_backend caches its decision by (device, dtype, block size, head dim, padding): for every such
-    case it is what sparse_backend_for says of the KernelCase with that device's capability."""
+    """On CUDA, choose_sparse_backend caches its decision by (device, dtype, block size, head dim, padding): for
+    every such case it is what sparse_backend_for says of the KernelCase with that device's capability."""
     from flexprefill_hf.ops.attention.block_sparse_fa4 import KernelCase
 
     capabilities = {0: (9, 0), 1: (8, 0)}
     monkeypatch.setattr(backends, "cuda_capability", capabilities.__getitem__)
-    backends._sparse_backend.cache_clear()
+    backends._cuda_sparse_backend.cache_clear()
     try:
         seen = set()
-        for device_type, index in (("cuda", 0), ("cuda", 1), ("cpu", None)):
-            for dtype in (torch.bfloat16, torch.float32):
+        for index, capability in capabilities.items():
+            for dtype in (torch.bfloat16, torch.float16):
                 for block_size, head_dim, padded in ((128, 64, False), (64, 64, False), (128, 256, False),
                                                      (128, 128, True)):
-                    capability = capabilities.get(index)
-                    want = backends.sparse_backend_for(
-                        KernelCase(device_type, capability, dtype, block_size, head_dim, padded))
-                    got = backends._sparse_backend(device_type, index, dtype, block_size, head_dim, padded)
+                    want = backends.sparse_backend_for(KernelCase("cuda", capability, dtype, block_size, head_dim,
+                                                                  padded))
+                    got = backends._cuda_sparse_backend(index, dtype, block_size, head_dim, padded)
                     assert got == want
-                    seen.add(got[0])
-        assert {"triton", "torch"} <= seen
+                    seen.add(got[1])
+        assert any("compute capability (8, 0)" in reason for reason in seen)
     finally:
-        backends._sparse_backend.cache_clear()
+        backends._cuda_sparse_backend.cache_clear()

@@ -36,6 +36,7 @@ from typing import Callable, Optional, Union
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .attention.block_sparse_fa4 import (
     COMPILE_REASON,
@@ -73,21 +74,24 @@ def choose_sparse_backend(
     q: torch.Tensor, k: torch.Tensor, structure: BlockStructure, key_start: Optional[torch.Tensor]
 ) -> tuple[str, str]:
     """(backend, reason) for the block-sparse forward of q [B, q_len, Hq, D] over k [B, k_len, Hkv, D]."""
-    if q.is_cuda and q.dtype in KERNEL_DTYPES and torch.compiler.is_compiling():
-        # Decided before any device query, so nothing but this branch is traced.
-        return "triton", f"Triton kernel: {COMPILE_REASON}"
-    device = q.device
-    return _sparse_backend(device.type, device.index, q.dtype, structure.grid.block_size, q.shape[-1],
-                           key_start is not None)
+    block_size, head_dim, padded = structure.grid.block_size, q.shape[-1], key_start is not None
+    if q.is_cuda and q.dtype in KERNEL_DTYPES:
+        if torch.compiler.is_compiling():
+            # Decided before any device query, so nothing but this branch is traced.
+            return "triton", f"Triton kernel: {COMPILE_REASON}"
+        return _cuda_sparse_backend(q.device.index, q.dtype, block_size, head_dim, padded)
+    # The PyTorch path, whatever the capability.
+    return sparse_backend_for(KernelCase(q.device.type, None, q.dtype, block_size, head_dim, padded))
 
 
 @functools.lru_cache(maxsize=256)
-def _sparse_backend(device_type: str, index: Optional[int], dtype: torch.dtype, block_size: int, head_dim: int,
-                    padded: bool) -> tuple[str, str]:
-    """:func:`sparse_backend_for` of an eager call, cached by the values it depends on: the device's capability
-    and ``fa4_available()`` are constant for the process, so a prefill builds no KernelCase and asks nothing."""
-    capability = cuda_capability(index) if device_type == "cuda" else None
-    return sparse_backend_for(KernelCase(device_type, capability, dtype, block_size, head_dim, padded))
+def _cuda_sparse_backend(
+    index: int, dtype: torch.dtype, block_size: int, head_dim: int, padded: bool
+) -> tuple[str, str]:
+    """:func:`sparse_backend_for` of an eager fp16/bf16 call on CUDA device ``index``, cached by the values it
+    depends on: the capability and ``fa4_available()`` are constant for the process, so a prefill builds no
+    KernelCase and queries no device."""
+    return sparse_backend_for(KernelCase("cuda", cuda_capability(index), dtype, block_size, head_dim, padded))
 
 
 def dense_backend_for(
@@ -144,26 +148,23 @@ def choose_dense_backend(q: torch.Tensor, k: torch.Tensor, key_start: Optional[t
 
 def _sdpa_priority_supported() -> bool:
     """torch.nn.attention.sdpa_kernel takes ``set_priority`` (the list order as priority) in newer torch."""
-    from torch.nn.attention import sdpa_kernel
-
     return "set_priority" in inspect.signature(sdpa_kernel).parameters
 
 
 # Read once at import: dynamo cannot trace inspect.signature(sdpa_kernel), and the dense route runs inside
 # torch.compile (sdpa_kernel itself, with set_priority, traces under fullgraph=True; tests/test_decode_path.py).
 _SDPA_SET_PRIORITY = _sdpa_priority_supported()
+# The priority order of cudnn_first, built once (sdpa_kernel copies the list it is given).
+_CUDNN_FIRST = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 def cudnn_first():
     """A context in which SDPA tries cuDNN, then flash, then efficient, then math attention.
 
-    Without ``set_priority`` (older torch) the list only enables all four, i.e. torch's own order.
+    Without ``set_priority`` (older torch) a no-op: all four stay enabled, in torch's own order.
     """
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
     if _SDPA_SET_PRIORITY:
-        return sdpa_kernel(order, set_priority=True)
+        return sdpa_kernel(_CUDNN_FIRST, set_priority=True)
     return contextlib.nullcontext()
 
 
