@@ -32,8 +32,9 @@ builds a :class:`BlockStructure` and calls ``block_sparse_attention_triton`` on 
 ``block_sparse_attention_torch`` elsewhere -- the kernels FlexPrefill itself runs. Every method except
 ``dense`` sets ``cuda_dense_below = 0`` unless told otherwise: at the suite's lengths (2K-8K) the
 operator would otherwise route every prompt to dense attention on CUDA and the suite would measure
-dense attention twice. Decode steps (one query) always run dense: the runner switches the model to
-transformers' SDPA for them.
+dense attention twice. Decode steps (one query) always run dense, for every method through the one
+attention function ``runner.DECODE_ATTENTION`` (this module's, whose decode branch is
+``ops.backends.decode_attention``).
 """
 
 from __future__ import annotations
