@@ -5,18 +5,21 @@
 # wheels travel in pieces over consecutive calls. A warm machine keeps /root and /tmp between calls but is
 # given back after 30 s idle: make the calls back to back. Prepared here (ignored folders, see
 # .git/info/exclude; rebuild them with the pip commands in shared/ENVIRONMENT.md):
-#   .whl/fa4a/   58.4 MB  flash-attn-4 4.0.0b36, nvidia-cutlass-dsl(-libs-base, -libs-core) 4.8.1, apache-tvm-ffi,
-#                         torch-c-dlpack-ext, quack-kernels, the first 46 MiB of nvidia-cutlass-dsl-libs-cu13 4.8.1
+#   .whl/fa4a/   43.7 MB  flash-attn-4 4.0.0b36, nvidia-cutlass-dsl(-libs-base, -libs-core) 4.8.1, apache-tvm-ffi,
+#                         torch-c-dlpack-ext, quack-kernels, the first 32 MiB of nvidia-cutlass-dsl-libs-cu13 4.8.1
 #                         (cu13.part.aa) and the sha256 of the whole cu13 wheel
-#   .whl/fa4b/   43.7 MB  the rest of the cu13 wheel (cu13.part.ab)
+#   .whl/fa4b/   33.6 MB  the next 32 MiB of the cu13 wheel (cu13.part.ab)
+#   .whl/fa4c/   24.8 MB  the rest (cu13.part.ac)
+#   (three pieces since the tracked tree grew to ~19 MB with the accuracy runs: tree + carry <= 64 MiB a call)
 #   .model/m1/   52.5 MB  the first 50 MiB of SmolLM2-135M-Instruct.Q4_1.gguf (gguf.part.aa), its sha256, the gguf wheel
 #   .model/m2/   45.9 MB  the rest of the GGUF file (gguf.part.ab)
-# No two of these fit in one call, so FA4 takes two calls and the model two more.
+# No two of these fit in one call, so FA4 takes three calls and the model two more.
 #
 # Calls (device tool `run`; each command is far below 2000 characters):
 #   FA4 only (what bench_decode, bench_attention and tests/test_fa4_adapter.py need):
 #     1. carry [".whl/fa4a"]   command: bash benchmarks/gpu_session.sh stage1
-#     2. carry [".whl/fa4b"]   command: bash benchmarks/gpu_session.sh stage2 CMD...
+#     2. carry [".whl/fa4b"]   command: bash benchmarks/gpu_session.sh stage1
+#     3. carry [".whl/fa4c"]   command: bash benchmarks/gpu_session.sh stage2 CMD...
 #   The embedded model only (the accuracy suite, benchmarks/run_accuracy.sh):
 #     1. carry [".model/m1"]   command: bash benchmarks/gpu_session.sh stage1
 #     2. carry [".model/m2"]   command: bash benchmarks/gpu_session.sh stage2 CMD...
@@ -24,10 +27,11 @@
 #     1. carry [".whl/fa4a"]   command: bash benchmarks/gpu_session.sh stage1
 #     2. carry [".model/m1"]   command: bash benchmarks/gpu_session.sh stage1
 #     3. carry [".model/m2"]   command: bash benchmarks/gpu_session.sh stage1
-#     4. carry [".whl/fa4b"]   command: bash benchmarks/gpu_session.sh stage2 CMD...
+#     4. carry [".whl/fa4b"]   command: bash benchmarks/gpu_session.sh stage1
+#     5. carry [".whl/fa4c"]   command: bash benchmarks/gpu_session.sh stage2 CMD...
 #   Later calls on the same warm machine (nothing carried):
 #        command: bash benchmarks/gpu_session.sh run CMD...
-# CMD runs in the repository root with PYTHONPATH set. The call-2 command for issue 9 (one line, ~330 characters;
+# CMD runs in the repository root with PYTHONPATH set. The last call's command for issue 9 (one line, ~330 characters;
 # the FA4 tests first, then decode/prefill/operator timings and FA4-vs-Triton at an aligned and an unaligned length):
 #   bash benchmarks/gpu_session.sh stage2 sh -c 'python3 -m pytest -q -rs tests/test_fa4_adapter.py
 #   > $OUT/test_fa4.log 2>&1; tail -5 $OUT/test_fa4.log; python3 benchmarks/bench_decode.py --sparse 32768 32731
@@ -36,8 +40,8 @@
 #
 # The issue-9 performance run (one call after stage1, ~270 s of work after the ~1 min of stage2 setup; every piece
 # hard-limited by `timeout`, so a hang costs its limit, not the call):
-#     1. carry [".whl/fa4a"]   command: bash benchmarks/gpu_session.sh stage1
-#     2. carry [".whl/fa4b"]   command: bash benchmarks/gpu_session.sh stage2 perf
+#     1./2. carry [".whl/fa4a"], then [".whl/fa4b"]   command: bash benchmarks/gpu_session.sh stage1
+#     3. carry [".whl/fa4c"]   command: bash benchmarks/gpu_session.sh stage2 perf   (or perf2, perf3)
 #   (or, on a machine stage2 already set up: bash benchmarks/gpu_session.sh perf)
 #   perf writes 6 files into $OUT (flat): tests.log, decode.json, decode.log, attention.json, attention.log,
 #   summary.txt, and prints the summary last (benchmarks/perf_summary.py: the ratios against the issue's bars
@@ -167,11 +171,40 @@ perf2() {  # the second session's GPU run (issues 9, 11, 12): ~480 s of work, ev
     tail -8 "$out/varlen.log"
 }
 
+perf3() {  # the third session's one GPU run (~500 s of work), most important first: a cut loses only the tail
+    out=${OUT:-/tmp/perf_out}
+    mkdir -p "$out"
+    # The new selection kernels (threshold searches, one-launch stages) had run only under the interpreter.
+    step tests_selection 80 python3 -m pytest -q -rs --durations=5 -p no:cacheprovider tests/test_selection_kernels.py \
+        tests/test_selection.py
+    tail -2 "$out/tests_selection.log"
+    step check_selection 35 python3 benchmarks/check_selection_gpu.py --seq 8192 32768 131072
+    tail -6 "$out/check_selection.log"
+    step attention 120 python3 benchmarks/bench_attention.py --seq 8192 16384 24576 32768 131072 --inputs structured \
+        clustered random --gamma 0.9 --head-dim 128 --dtype bfloat16 --no-flash --out "$out/attention.json"
+    step tests 120 python3 -m pytest -q -rs --durations=8 -p no:cacheprovider tests/test_gpu.py tests/test_decode_path.py \
+        tests/test_fa4_adapter.py
+    tail -3 "$out/tests.log"
+    step tests_gpu_marked 45 python3 -m pytest -q -rs -m gpu -p no:cacheprovider tests/test_varlen.py tests/test_multi_gpu.py
+    tail -2 "$out/tests_gpu_marked.log"
+    step decode 35 python3 benchmarks/bench_decode.py --layers 4 32 --cache 1024 32768 --prefill 8192 --steps 16 \
+        --warmup 2 --rounds 3 --repeats 6 --out "$out/decode.json"
+    step varlen 30 python3 benchmarks/bench_varlen.py --repeats 5 --out "$out/varlen.json"
+    step attention_d64 30 python3 benchmarks/bench_attention.py --seq 32768 131072 --inputs structured --gamma 0.9 \
+        --head-dim 64 --dtype bfloat16 --no-flash --out "$out/attention_d64.json"
+    step attention_fp16 30 python3 benchmarks/bench_attention.py --seq 32768 131072 --inputs structured --gamma 0.9 \
+        --head-dim 128 --dtype float16 --no-flash --out "$out/attention_fp16.json"
+    timeout 20 python3 benchmarks/perf_summary.py --decode "$out/decode.json" --attention "$out/attention.json" \
+        | tee "$out/summary.txt" | tail -32
+    tail -8 "$out/varlen.log"
+}
+
 case "${1:-}" in
     stage1) copy_carried ;;
-    stage2) shift; stage2; if [ "${1:-}" = perf ]; then perf; elif [ "${1:-}" = perf2 ]; then perf2; elif [ $# -gt 0 ]; then "$@"; fi ;;
+    stage2) shift; stage2; if [ "${1:-}" = perf ]; then perf; elif [ "${1:-}" = perf2 ]; then perf2; elif [ "${1:-}" = perf3 ]; then perf3; elif [ $# -gt 0 ]; then "$@"; fi ;;
     run) shift; set_env; "$@" ;;
     perf) set_env; perf ;;
     perf2) set_env; perf2 ;;
-    *) echo "usage: $0 stage1 | stage2 [perf | perf2 | CMD...] | run CMD... | perf | perf2" >&2; exit 2 ;;
+    perf3) set_env; perf3 ;;
+    *) echo "usage: $0 stage1 | stage2 [perf | perf2 | perf3 | CMD...] | run CMD... | perf | perf2 | perf3" >&2; exit 2 ;;
 esac
