@@ -41,7 +41,7 @@
 # The issue-9 performance run (one call after stage1, ~270 s of work after the ~1 min of stage2 setup; every piece
 # hard-limited by `timeout`, so a hang costs its limit, not the call):
 #     1./2. carry [".whl/fa4a"], then [".whl/fa4b"]   command: bash benchmarks/gpu_session.sh stage1
-#     3. carry [".whl/fa4c"]   command: bash benchmarks/gpu_session.sh stage2 perf   (or perf2, perf3)
+#     3. carry [".whl/fa4c"]   command: bash benchmarks/gpu_session.sh stage2 perf   (or perf3)
 #   (or, on a machine stage2 already set up: bash benchmarks/gpu_session.sh perf)
 #   perf writes 6 files into $OUT (flat): tests.log, decode.json, decode.log, attention.json, attention.log,
 #   summary.txt, and prints the summary last (benchmarks/perf_summary.py: the ratios against the issue's bars
@@ -148,29 +148,6 @@ step() {  # step NAME LIMIT CMD...: run CMD under a hard limit, output into $out
     return 0
 }
 
-perf2() {  # the second session's GPU run (issues 9, 11, 12): ~480 s of work, every step hard-limited
-    out=${OUT:-/tmp/perf_out}
-    mkdir -p "$out"
-    step tests 130 python3 -m pytest -q -rs --durations=8 -p no:cacheprovider tests/test_gpu.py tests/test_decode_path.py \
-        tests/test_selection_kernels.py tests/test_selection.py tests/test_fa4_adapter.py
-    tail -3 "$out/tests.log"
-    step tests_gpu_marked 60 python3 -m pytest -q -rs -m gpu -p no:cacheprovider tests/test_varlen.py tests/test_multi_gpu.py \
-        tests/test_eval_methods.py
-    tail -3 "$out/tests_gpu_marked.log"
-    step attention 120 python3 benchmarks/bench_attention.py --seq 8192 16384 24576 32768 131072 --inputs structured \
-        clustered random --gamma 0.9 --head-dim 128 --dtype bfloat16 --no-flash --out "$out/attention.json"
-    step varlen 45 python3 benchmarks/bench_varlen.py --repeats 5 --out "$out/varlen.json"
-    step decode 45 python3 benchmarks/bench_decode.py --layers 4 32 --cache 1024 32768 --prefill 8192 --steps 16 \
-        --warmup 2 --rounds 3 --repeats 10 --out "$out/decode.json"
-    step attention_d64 35 python3 benchmarks/bench_attention.py --seq 32768 131072 --inputs structured --gamma 0.9 \
-        --head-dim 64 --dtype bfloat16 --no-flash --out "$out/attention_d64.json"
-    step attention_fp16 35 python3 benchmarks/bench_attention.py --seq 32768 131072 --inputs structured --gamma 0.9 \
-        --head-dim 128 --dtype float16 --no-flash --out "$out/attention_fp16.json"
-    timeout 20 python3 benchmarks/perf_summary.py --decode "$out/decode.json" --attention "$out/attention.json" \
-        | tee "$out/summary.txt" | tail -32
-    tail -8 "$out/varlen.log"
-}
-
 perf3() {  # the third session's one GPU run (~500 s of work), most important first: a cut loses only the tail
     out=${OUT:-/tmp/perf_out}
     mkdir -p "$out"
@@ -201,10 +178,9 @@ perf3() {  # the third session's one GPU run (~500 s of work), most important fi
 
 case "${1:-}" in
     stage1) copy_carried ;;
-    stage2) shift; stage2; if [ "${1:-}" = perf ]; then perf; elif [ "${1:-}" = perf2 ]; then perf2; elif [ "${1:-}" = perf3 ]; then perf3; elif [ $# -gt 0 ]; then "$@"; fi ;;
+    stage2) shift; stage2; if [ "${1:-}" = perf ]; then perf; elif [ "${1:-}" = perf3 ]; then perf3; elif [ $# -gt 0 ]; then "$@"; fi ;;
     run) shift; set_env; "$@" ;;
     perf) set_env; perf ;;
-    perf2) set_env; perf2 ;;
     perf3) set_env; perf3 ;;
-    *) echo "usage: $0 stage1 | stage2 [perf | perf2 | perf3 | CMD...] | run CMD... | perf | perf2 | perf3" >&2; exit 2 ;;
+    *) echo "usage: $0 stage1 | stage2 [perf | perf3 | CMD...] | run CMD... | perf | perf3" >&2; exit 2 ;;
 esac
