@@ -142,9 +142,9 @@ perf() {  # issue 9: GPU tests, decode/dense-route timings, attention at 8K/32K/
 step() {  # step NAME LIMIT CMD...: run CMD under a hard limit, output into $out/NAME.log; the tail if it failed
     local name=$1 limit=$2 rc=0
     shift 2
-    echo "perf2: $name (limit $limit s)"
+    echo "step: $name (limit $limit s)"
     timeout "$limit" "$@" >"$out/$name.log" 2>&1 || rc=$?
-    [ $rc -eq 0 ] || { echo "perf2: $name exit $rc (124 = cut by the limit)"; tail -4 "$out/$name.log"; }
+    [ $rc -eq 0 ] || { echo "step: $name exit $rc (124 = cut by the limit)"; tail -4 "$out/$name.log"; }
     return 0
 }
 
