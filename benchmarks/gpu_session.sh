@@ -148,7 +148,8 @@ step() {  # step NAME LIMIT CMD...: run CMD under a hard limit, output into $out
     return 0
 }
 
-perf3() {  # the third session's one GPU run (~500 s of work), most important first: a cut loses only the tail
+perf3() {  # the third session's one GPU run (~600 s of work), most important first: a cut loses only the tail,
+           # and every step's output is already in $OUT (perf_summary.py runs here as well as there)
     out=${OUT:-/tmp/perf_out}
     mkdir -p "$out"
     # The new selection kernels (threshold searches, one-launch stages) had run only under the interpreter.
@@ -157,23 +158,26 @@ perf3() {  # the third session's one GPU run (~500 s of work), most important fi
     tail -2 "$out/tests_selection.log"
     step check_selection 35 python3 benchmarks/check_selection_gpu.py --seq 8192 32768 131072
     tail -6 "$out/check_selection.log"
+    step profile_selection 30 sh -c 'python3 benchmarks/profile_selection.py --time --seq 8192 32768 131072 &&
+        python3 benchmarks/profile_selection.py --time --scratch --seq 8192 131072'
+    tail -6 "$out/profile_selection.log"
     step attention 120 python3 benchmarks/bench_attention.py --seq 8192 16384 24576 32768 131072 --inputs structured \
         clustered random --gamma 0.9 --head-dim 128 --dtype bfloat16 --no-flash --out "$out/attention.json"
+    step tests_gpu_marked 45 python3 -m pytest -q -rs -m gpu -p no:cacheprovider tests/test_varlen.py tests/test_multi_gpu.py
+    tail -2 "$out/tests_gpu_marked.log"
+    step varlen 30 python3 benchmarks/bench_varlen.py --repeats 5 --out "$out/varlen.json"
+    tail -8 "$out/varlen.log"
     step tests 120 python3 -m pytest -q -rs --durations=8 -p no:cacheprovider tests/test_gpu.py tests/test_decode_path.py \
         tests/test_fa4_adapter.py
     tail -3 "$out/tests.log"
-    step tests_gpu_marked 45 python3 -m pytest -q -rs -m gpu -p no:cacheprovider tests/test_varlen.py tests/test_multi_gpu.py
-    tail -2 "$out/tests_gpu_marked.log"
-    step decode 35 python3 benchmarks/bench_decode.py --layers 4 32 --cache 1024 32768 --prefill 8192 --steps 16 \
-        --warmup 2 --rounds 3 --repeats 6 --out "$out/decode.json"
-    step varlen 30 python3 benchmarks/bench_varlen.py --repeats 5 --out "$out/varlen.json"
     step attention_d64 30 python3 benchmarks/bench_attention.py --seq 32768 131072 --inputs structured --gamma 0.9 \
         --head-dim 64 --dtype bfloat16 --no-flash --out "$out/attention_d64.json"
     step attention_fp16 30 python3 benchmarks/bench_attention.py --seq 32768 131072 --inputs structured --gamma 0.9 \
         --head-dim 128 --dtype float16 --no-flash --out "$out/attention_fp16.json"
+    step decode 35 python3 benchmarks/bench_decode.py --layers 4 32 --cache 1024 32768 --prefill 8192 --steps 16 \
+        --warmup 2 --rounds 3 --repeats 6 --out "$out/decode.json"
     timeout 20 python3 benchmarks/perf_summary.py --decode "$out/decode.json" --attention "$out/attention.json" \
         | tee "$out/summary.txt" | tail -32
-    tail -8 "$out/varlen.log"
 }
 
 case "${1:-}" in
