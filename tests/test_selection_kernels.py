@@ -62,3 +62,68 @@ def test_selection_with_triton_scores_equals_torch_scores():
     b = select_blocks(q, k, config, 0.125, key_start, scores_backend="triton")
     assert torch.equal(structure_to_block_mask(a.structure), structure_to_block_mask(b.structure))
     assert torch.equal(a.query_aware, b.query_aware)
+
+
+# The γ-coverage threshold searches (coverage_triton.py) against the sort + cumsum rule (coverage.py), exactly.
+
+def _coverage_both(x, gamma):
+    from flexprefill_hf.ops.selection.coverage import coverage_counts, coverage_mask
+    from flexprefill_hf.ops.selection.coverage_triton import coverage_counts_triton, coverage_mask_triton
+
+    want_counts, want_mask = coverage_counts(x, gamma), coverage_mask(x, gamma)
+    got_counts, got_mask = coverage_counts_triton(x.to(DEVICE), gamma), coverage_mask_triton(x.to(DEVICE), gamma)
+    assert got_counts.dtype == torch.long and got_mask.dtype == torch.bool
+    assert torch.equal(got_counts.cpu(), want_counts), (got_counts, want_counts)
+    assert torch.equal(got_mask.cpu(), want_mask)
+    assert torch.equal(want_mask.sum(-1), want_counts)  # the two rules agree with each other
+    return want_counts
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("length", [1, 2, 37, 1024, 2500])  # one entry .. several 1024-entry blocks
+@pytest.mark.usefixtures("poison_empty")
+def test_coverage_search_equals_sorted_cumsum_on_random_rows(dtype, length):
+    g = seeded(length + (dtype == torch.float64))
+    # Rows of probabilities, peaked to flat, plus an all-zero row (a padding row keeps everything).
+    logits = torch.randn(5, length, generator=g, dtype=torch.float64) * torch.tensor([0.1, 1.0, 3.0, 8.0, 1.0])[:, None]
+    x = torch.softmax(logits, -1).to(dtype)
+    x[4] = 0
+    for gamma in (0.05, 0.5, 0.9, 0.99):
+        counts = _coverage_both(x, gamma)
+        assert counts[4] == length
+    assert torch.equal(_coverage_both(x, 1.0), torch.full((5,), length))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.usefixtures("poison_empty")
+def test_coverage_search_ties_at_the_boundary_go_to_the_lower_index(dtype):
+    # Multiples of 1/16: every running sum is exact, so the boundary falls exactly on γ for some γ, often inside
+    # a run of ties; the stable sort keeps the first ties by index, and so must the search.
+    g = seeded(23)
+    x = (torch.randint(0, 6, (6, 41), generator=g).double() / 16).to(dtype)
+    x[0, :] = 0.25  # one run of ties: before = 0, 0.25, 0.5, ... hits γ = 0.5 exactly (not kept)
+    for gamma in (1 / 16, 0.25, 0.3, 0.5, 0.75, 0.76, 2.0 - 1 / 16):
+        gamma = min(gamma, 0.999)
+        _coverage_both(x, gamma)
+    from flexprefill_hf.ops.selection.coverage_triton import coverage_mask_triton
+
+    assert _coverage_both(x, 0.5)[0] == 2  # 0.25 + 0.25 reaches 0.5: two entries
+    assert coverage_mask_triton(x.to(DEVICE), 0.5)[0].nonzero().flatten().tolist() == [0, 1]  # the lower indices
+
+
+def test_coverage_search_rounds_gamma_like_the_tensor_comparison():
+    # γ just above 0.5 rounds to 0.5 in float32 (the comparison's dtype) but not in float64.
+    gamma = 0.5 + 2.0 ** -30
+    for dtype, want in ((torch.float32, 2), (torch.float64, 3)):
+        x = torch.full((1, 4), 0.25, dtype=dtype)
+        assert int(_coverage_both(x, gamma)[0]) == want
+
+
+def test_coverage_search_rejects_what_it_cannot_read():
+    from flexprefill_hf.ops.selection.coverage_triton import coverage_counts_triton
+
+    x = torch.rand(3, 8, device=DEVICE)
+    with pytest.raises(TypeError, match="scores.dtype=torch.float16 is not supported"):
+        coverage_counts_triton(x.half(), 0.9)
+    with pytest.raises(ValueError, match="scores must be contiguous"):
+        coverage_counts_triton(x.t(), 0.9)

@@ -114,9 +114,10 @@ def select_blocks(
             after ``key_start`` (or all rows) are queries, as before.
         scores_backend: "triton" (fused kernels of ``scores_triton.py``) or "torch" (``scores.py``)
             for the representative scores; default: triton for fp16/bf16 CUDA tensors, torch otherwise.
-        structure_backend: "triton" (``compose_triton.py``: mask composed and packed in one kernel)
-            or "torch" (``compose.compose_structure_torch``); default: triton for CUDA tensors.
-            Both give the same structure exactly.
+        structure_backend: "triton" (``compose_triton.py``: mask composed and packed in one kernel; the
+            γ-coverage rules of §3/§4 by the threshold searches of ``coverage_triton.py``, no sort) or
+            "torch" (``compose.compose_structure_torch``, ``coverage.py``); default: triton for CUDA
+            tensors. Both give the same structure exactly (``coverage_triton.py`` says when its sums are).
     Returns:
         BlockSelection with the structure int32 [B, Hq, nqb, nb] / counts [B, Hq, nqb].
     """
@@ -171,19 +172,19 @@ def _select(q_rep, q_means, k_means, k, cu_seqlens_k, grid, seqs, config, softma
             structure_backend):
     """§1-§5 from the representative rows q_rep [B, r, Hq, D], the query-block means q_means [B, Hq, nqb, D] and
     the keys k [B, n, Hkv, D] (or packed, with cu_seqlens_k and the key-block means k_means)."""
-    scores_backend, compose = _backends(q_rep, scores_backend, structure_backend)
-    if cu_seqlens_k is not None and scores_backend != "triton":
-        raise ValueError(f"scores_backend={scores_backend!r} cannot read packed keys; expected 'triton'")
+    stages = _backends(q_rep, scores_backend, structure_backend)
+    if cu_seqlens_k is not None and stages.scores != "triton":
+        raise ValueError(f"scores_backend={stages.scores!r} cannot read packed keys; expected 'triton'")
     dtype = compute_dtype(q_rep.dtype)
-    rep_scores = _representative_scores(q_rep, k, grid, softmax_scale, key_start, seqs, scores_backend,
+    rep_scores = _representative_scores(q_rep, k, grid, softmax_scale, key_start, seqs, stages.scores,
                                         cu_seqlens_k)  # [2, B, Hq, n]
     block_scores = _block_scores(rep_scores, grid)  # [2, B, Hq, nb]
     if k_means is None:
         k_means = block_means(k, seqs.key_valid, grid, dtype).permute(0, 2, 1, 3)  # [B, Hkv, nb, D]
     distance, query_aware = _pattern(q_rep, block_scores[0], k_means, grid, seqs, config, softmax_scale)
-    vertical, slash = _vertical_slash_blocks(rep_scores, block_scores, query_aware, grid, seqs, config)
+    vertical, slash = _vertical_slash_blocks(rep_scores, block_scores, query_aware, grid, seqs, config, stages.counts)
     parts = MaskParts(vertical=vertical, slash=slash, query_aware=query_aware, short=seqs.short, sink=seqs.sink)
-    structure = _compose(q_means, k_means, parts, grid, seqs, config, softmax_scale, compose)
+    structure = _compose(q_means, k_means, parts, grid, seqs, config, softmax_scale, stages)
     if seqs.short_all is not None:
         # Every sink is block 0: each sequence's causal triangle is the grid's, P pairs (known on the host).
         causal = torch.full((q_rep.shape[0],), causal_pair_count(grid), dtype=torch.int32, device=q_rep.device)
@@ -203,8 +204,23 @@ def _select(q_rep, q_means, k_means, k, cu_seqlens_k, grid, seqs, config, softma
     return BlockSelection(structure, query_aware, distance, causal)
 
 
-def _backends(q: torch.Tensor, scores_backend: Optional[str], structure_backend: Optional[str]) -> tuple[str, Callable]:
-    """Resolve the two backend arguments (defaults from q's device and dtype); the composition function."""
+@dataclasses.dataclass(frozen=True)
+class _Stages:
+    """The functions one call runs for the stages that have a Triton and a PyTorch version.
+
+    scores: "triton" or "torch" (``_representative_scores``); compose: the §5 composition; counts, mask:
+    the γ-coverage rule (``coverage.coverage_counts`` / ``coverage_mask`` or their threshold searches in
+    ``coverage_triton.py``, which follow the structure backend).
+    """
+
+    scores: str
+    compose: Callable
+    counts: Callable
+    mask: Callable
+
+
+def _backends(q: torch.Tensor, scores_backend: Optional[str], structure_backend: Optional[str]) -> _Stages:
+    """Resolve the two backend arguments (defaults from q's device and dtype) into the stages' functions."""
     if scores_backend is None:
         scores_backend = "triton" if q.is_cuda and q.dtype in KERNEL_DTYPES else "torch"
     if scores_backend not in ("triton", "torch"):
@@ -213,10 +229,11 @@ def _backends(q: torch.Tensor, scores_backend: Optional[str], structure_backend:
         structure_backend = "triton" if q.is_cuda else "torch"
     if structure_backend == "triton":
         from .compose_triton import compose_structure_triton
+        from .coverage_triton import coverage_counts_triton, coverage_mask_triton
 
-        return scores_backend, compose_structure_triton
+        return _Stages(scores_backend, compose_structure_triton, coverage_counts_triton, coverage_mask_triton)
     if structure_backend == "torch":
-        return scores_backend, compose_structure_torch
+        return _Stages(scores_backend, compose_structure_torch, coverage_counts, coverage_mask)
     raise ValueError(f"structure_backend={structure_backend!r} is not supported; expected 'triton', 'torch' or None")
 
 
@@ -319,7 +336,7 @@ def _pattern(
 
 def _vertical_slash_blocks(
     rep_scores: torch.Tensor, block_scores: torch.Tensor, query_aware: torch.Tensor, grid: BlockGrid,
-    seqs: _Sequences, config: FlexPrefillConfig,
+    seqs: _Sequences, config: FlexPrefillConfig, counts: Callable = coverage_counts,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """§3: (vertical, slash) bool [B, Hq, nb] -- the kb_v best key blocks and kb_s best offset blocks.
 
@@ -328,7 +345,7 @@ def _vertical_slash_blocks(
     after §2): padding blocks are set below every real block, so they are never candidates.
     """
     min_blocks = min(config.min_budget_blocks, grid.num_blocks)
-    token_budget = budget_blocks(coverage_counts(rep_scores, config.gamma), grid, config)  # [2, B, Hq]
+    token_budget = budget_blocks(counts(rep_scores, config.gamma), grid, config)  # [2, B, Hq]
     block_budget = torch.where(query_aware, min_blocks, token_budget)  # [2, B, Hq]
     if seqs.padding_block is not None:
         block_scores[0].masked_fill_(seqs.padding_block, -1.0)
@@ -339,7 +356,7 @@ def _vertical_slash_blocks(
 
 def _query_aware_coverage(
     q_means: torch.Tensor, k_means: torch.Tensor, blocked: torch.Tensor, pair_index: torch.Tensor,
-    softmax_scale: float, gamma: float,
+    softmax_scale: float, gamma: float, mask: Callable = coverage_mask,
 ) -> torch.Tensor:
     """§4 for a chunk of hc heads: bool [B, hc, P], the global γ-coverage of P = row-softmax(s · Q̄K̄ᵀ).
 
@@ -351,7 +368,7 @@ def _query_aware_coverage(
     block_probs = torch.softmax(block_logits.mul_(softmax_scale).masked_fill_(blocked[:, None], -math.inf), dim=-1)
     pair_probs = torch.nan_to_num_(block_probs.flatten(2).index_select(-1, pair_index), nan=0.0)  # [B, hc, P]
     pair_probs = pair_probs.div_(pair_probs.sum(-1, keepdim=True).clamp_min(torch.finfo(pair_probs.dtype).tiny))
-    return coverage_mask(pair_probs, gamma)
+    return mask(pair_probs, gamma)
 
 
 def _query_block_means(
@@ -370,7 +387,7 @@ def _query_block_means(
 
 def _compose(
     q_means: torch.Tensor, k_means: torch.Tensor, parts: MaskParts, grid: BlockGrid, seqs: _Sequences,
-    config: FlexPrefillConfig, softmax_scale: float, compose: Callable,
+    config: FlexPrefillConfig, softmax_scale: float, stages: _Stages,
 ) -> BlockStructure:
     """§5: the packed structure from ``parts`` and the §4 estimate, a chunk of query heads at a time.
 
@@ -391,7 +408,7 @@ def _compose(
     for h0 in range(0, q_heads, chunk):
         h1 = min(h0 + chunk, q_heads)
         estimate = _query_aware_coverage(
-            q_means[:, h0:h1], k_means[:, h0:h1], seqs.blocked, pair_index, softmax_scale, config.gamma
+            q_means[:, h0:h1], k_means[:, h0:h1], seqs.blocked, pair_index, softmax_scale, config.gamma, stages.mask
         )
-        compose(parts, estimate, grid, indices, counts, h0)
+        stages.compose(parts, estimate, grid, indices, counts, h0)
     return BlockStructure(indices=indices, counts=counts, grid=grid)

@@ -1,0 +1,210 @@
+"""Triton version of the γ-coverage rule (``coverage.coverage_counts`` / ``coverage_mask``) without a sort.
+
+The rule, as ``coverage.py`` and ``reference.coverage_count`` compute it: sort a row descending (stable),
+``before[i] = cumsum[i] - x[i]``, keep the entries with ``before[i] < γ``. Here one program per row finds
+the same boundary by a threshold search over the entries' bit patterns (non-negative floats order as
+their bits do), ``PROBES`` thresholds per pass over the row, and never orders the row:
+
+* ``pred(t)``: is the *last* entry ``>= t`` (in the sorted order) kept? Its running sum is
+  ``Σ_{x >= t} x`` and its value ``min{x >= t}``, so one pass gives ``pred`` at every probe.
+  ``pred`` only flips once as t falls (the running sums only grow), so a K-ary search over the
+  keys finds the smallest key ``t*`` with ``pred`` true in ``ceil(log_K(keys))`` passes: every entry
+  ``>= t*`` is kept and the last tie run of them too.
+* The boundary is the next smaller value ``w = max{x < t*}`` with its ``e`` ties: in the sorted order
+  they follow the ``Σ_{x >= t*} x`` of the larger entries, so tie ``r`` (0-based) has running sum
+  ``G + (r + 1) w`` and is kept when ``fl(fl(G + (r + 1) w) - w) < γ``; a search over ``r`` counts them,
+  and the first ``c`` ties by index are the ones the stable sort puts first (the mask's tie rank is a
+  running ``cumsum`` in index order).
+
+Arithmetic, so that the result equals the sorted cumsum: running sums in float64 (torch's CPU
+``cumsum`` accumulates float32 in double as well), rounded to the row's dtype, ``x`` subtracted in that
+dtype, compared with γ rounded to that dtype (as ``tensor < float`` does). The sums here are
+reductions in another order than the sequential cumsum; they are the same number whenever those
+float64 sums are exact: for float32 rows, whenever every kept entry is at least 2^-29 and the sums
+stay below 2 (an entry's lowest bit is then at least the double ulp of any partial sum). A row of
+probabilities summing to 1 has its boundary entry at about ``(1 - γ) / L`` or more (the entries at or
+below it carry the remaining mass), so this holds up to tens of millions of entries at γ = 0.9.
+Ties, zeros and dyadic values are exact in any order. The one-flip argument also needs consecutive
+running sums to round monotonically, which holds when the boundary entries are at least one ulp of γ
+in the row's dtype. For float64 rows the float64 sums themselves round: the counts then agree unless a
+boundary sum lies within rounding (~L·2^-53) of γ. (torch's CUDA ``cumsum`` sums float32 in float32, in
+a scan order: the sort path it replaces was exact on CUDA under no such condition either.)
+
+Rows: the last dim of a contiguous tensor, entries >= 0 (probabilities; no NaN).
+"""
+
+from __future__ import annotations
+
+import struct
+
+import torch
+import triton
+import triton.language as tl
+
+from ..attention.block_sparse_triton import launch_device
+
+# Thresholds evaluated per pass over a row (4 bits of the key per pass).
+_PROBES = 16
+
+
+@triton.jit
+def _key_value(key, FP64: tl.constexpr):
+    """The float whose bit pattern is ``key`` (int64; a non-negative float's key is its bits)."""
+    if FP64:
+        return key.to(tl.float64, bitcast=True)
+    return key.to(tl.int32).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _before(total, x, FP64: tl.constexpr):
+    """The sorted cumsum's ``before`` of an entry x whose float64 running sum is total: rounded to the
+    row's dtype, then x subtracted in that dtype (``torch.cumsum(o) - o``)."""
+    if FP64:
+        return total - x
+    return total.to(tl.float32) - x
+
+
+@triton.jit
+def _search_step(lo, hi, probe, pred):
+    """One K-ary search step: (lo, hi) with hi the smallest probe where pred holds (else hi) and lo the
+    largest probe below it (else lo). Invariant: pred(lo) false, pred(hi) true."""
+    new_hi = tl.min(tl.where(pred, probe, hi), 0)
+    new_lo = tl.max(tl.where(probe < new_hi, probe, lo), 0)
+    return new_lo, new_hi
+
+
+@triton.jit
+def _coverage_kernel(
+    X, Out, length, stride_row, gamma_bits, key_hi,
+    BLOCK: tl.constexpr, PROBES: tl.constexpr, KEY_PASSES: tl.constexpr, RANK_PASSES: tl.constexpr,
+    FP64: tl.constexpr, MASK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    x_row = X + row * stride_row
+    if FP64:
+        gamma = tl.full([], gamma_bits, tl.int64).to(tl.float64, bitcast=True)
+    else:
+        gamma = tl.full([], gamma_bits, tl.int32).to(tl.float32, bitcast=True)
+    offs = tl.arange(0, BLOCK)
+    offs_k = tl.arange(0, PROBES).to(tl.int64)
+
+    # Search the keys for t*: pred(-1) is false by convention, pred(key_hi = +inf) true (no entry >= it).
+    lo = tl.full([], -1, tl.int64)
+    hi = tl.full([], key_hi, tl.int64)
+    for _ in tl.static_range(KEY_PASSES):
+        step = tl.maximum((hi - lo + PROBES - 1) // PROBES, 1)
+        probe = tl.minimum(lo + (offs_k + 1) * step, hi)  # [K]
+        t = _key_value(probe, FP64)  # [K]
+        total = tl.zeros([PROBES], dtype=tl.float64)
+        least = tl.full([PROBES], float("inf"), dtype=t.dtype)
+        for start in range(0, length, BLOCK):
+            x = tl.load(x_row + start + offs, mask=start + offs < length, other=-1.0)  # [BLOCK]; -1: below all
+            ge = x[:, None] >= t[None, :]  # [BLOCK, K]
+            total += tl.sum(tl.where(ge, x[:, None].to(tl.float64), 0.0), 0)
+            least = tl.minimum(least, tl.min(tl.where(ge, x[:, None], float("inf")), 0))
+        # The last entry >= t is kept (vacuously when there is none).
+        pred = (least == float("inf")) | (_before(total, least, FP64) < gamma)
+        lo, hi = _search_step(lo, hi, probe, pred)
+    t_star = _key_value(hi, FP64)
+
+    # The kept larger entries' sum and count, and the boundary value w = max{x < t*} with its ties.
+    larger = tl.zeros([], dtype=tl.float64)
+    kept = tl.zeros([], dtype=tl.int64)
+    w = tl.full([], float("-inf"), dtype=t_star.dtype)
+    ties = tl.zeros([], dtype=tl.int64)
+    for start in range(0, length, BLOCK):
+        valid = start + offs < length
+        x = tl.load(x_row + start + offs, mask=valid, other=-1.0)
+        ge = valid & (x >= t_star)
+        larger += tl.sum(tl.where(ge, x.to(tl.float64), 0.0), 0)
+        kept += tl.sum(ge.to(tl.int64), 0)
+        below = valid & (x < t_star)
+        block_max = tl.max(tl.where(below, x, float("-inf")), 0)
+        block_ties = tl.sum((below & (x == block_max)).to(tl.int64), 0)
+        ties = tl.where(block_max > w, block_ties, tl.where(block_max == w, ties + block_ties, ties))
+        w = tl.maximum(w, block_max)
+
+    # Ties of w kept: tie r has running sum larger + (r + 1) w; search r in [0, ties] (ties: none dropped).
+    r_lo = tl.full([], -1, tl.int64)
+    r_hi = ties
+    w = tl.where(ties > 0, w, 0.0)  # no boundary value (every entry kept): any finite stand-in, never used
+    w64 = w.to(tl.float64)
+    for _ in tl.static_range(RANK_PASSES):
+        step = tl.maximum((r_hi - r_lo + PROBES - 1) // PROBES, 1)
+        probe = tl.minimum(r_lo + (offs_k + 1) * step, r_hi)  # [K]
+        dropped = (probe < ties) & ~(_before(larger + (probe + 1).to(tl.float64) * w64, w, FP64) < gamma)
+        r_lo, r_hi = _search_step(r_lo, r_hi, probe, dropped | (probe >= ties))
+    tie_kept = r_hi  # ties 0 .. r_hi - 1 are kept
+
+    if MASK:
+        out_row = Out + row * length
+        seen = tl.zeros([], dtype=tl.int64)
+        for start in range(0, length, BLOCK):
+            valid = start + offs < length
+            x = tl.load(x_row + start + offs, mask=valid, other=-1.0)
+            tie = (valid & (x == w)).to(tl.int64)
+            rank = seen + tl.cumsum(tie, 0) - tie  # ties of w before this entry, in index order
+            keep = (x >= t_star) | ((tie != 0) & (rank < tie_kept))
+            tl.store(out_row + start + offs, keep.to(tl.int8), mask=valid)
+            seen += tl.sum(tie, 0)
+    else:
+        tl.store(Out + row, kept + tie_kept)
+
+
+def _passes(width: int) -> int:
+    """Passes of the K-ary search that shrink an interval of ``width`` keys to one."""
+    passes = 0
+    while width > 1:
+        width = -(-width // _PROBES)
+        passes += 1
+    return passes
+
+
+def _launch(scores: torch.Tensor, gamma: float, mask: bool) -> torch.Tensor:
+    if scores.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"scores.dtype={scores.dtype} is not supported; expected torch.float32 or torch.float64")
+    if not scores.is_contiguous():
+        raise ValueError("scores must be contiguous (rows along the last dim)")
+    length = scores.shape[-1]
+    rows = scores.numel() // max(length, 1)
+    fp64 = scores.dtype == torch.float64
+    if fp64:
+        gamma_bits = struct.unpack("<q", struct.pack("<d", gamma))[0]
+        key_hi = 0x7FF0000000000000  # +inf
+    else:
+        # γ rounded to float32 (round to nearest), as a comparison with a float32 tensor does.
+        gamma_bits = struct.unpack("<i", struct.pack("<f", gamma))[0]
+        key_hi = 0x7F800000
+    if mask:
+        out = torch.empty(scores.shape, dtype=torch.bool, device=scores.device)
+    else:
+        out = torch.empty(scores.shape[:-1], dtype=torch.long, device=scores.device)
+    if rows == 0 or length == 0:
+        if not mask:
+            out.fill_(length)
+        return out
+    block = min(1024, max(16, triton.next_power_of_2(length)))
+    with launch_device(scores):
+        _coverage_kernel[(rows,)](
+            scores, out.view(torch.int8) if mask else out, length, length, gamma_bits, key_hi,
+            BLOCK=block, PROBES=_PROBES, KEY_PASSES=_passes(key_hi + 2), RANK_PASSES=_passes(length + 2),
+            FP64=fp64, MASK=mask, num_warps=8 if block >= 512 else 4,
+        )
+    return out
+
+
+def coverage_counts_triton(scores: torch.Tensor, gamma: float) -> torch.Tensor:
+    """``coverage.coverage_counts`` by a threshold search (module docstring): int64 [...], the fewest
+    largest entries of each row of scores [..., L] (float32/float64, contiguous, >= 0) whose sum
+    reaches gamma, L if they never do. One launch."""
+    if gamma >= 1.0:  # all the attention: every entry (as coverage.coverage_counts)
+        return torch.full(scores.shape[:-1], scores.shape[-1], dtype=torch.long, device=scores.device)
+    return _launch(scores, gamma, mask=False)
+
+
+def coverage_mask_triton(scores: torch.Tensor, gamma: float) -> torch.Tensor:
+    """``coverage.coverage_mask`` by a threshold search: bool [..., L], the entries that rule keeps
+    (ties at the boundary to the lower index, as the stable sort). One launch."""
+    if gamma >= 1.0:
+        return torch.ones_like(scores, dtype=torch.bool)
+    return _launch(scores, gamma, mask=True)
