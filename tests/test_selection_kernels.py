@@ -129,3 +129,28 @@ def test_coverage_search_rejects_what_it_cannot_read():
         coverage_counts_triton(x.half(), 0.9)
     with pytest.raises(ValueError, match="scores must be contiguous"):
         coverage_counts_triton(x.t(), 0.9)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("gamma,least,most", [(0.9, 1, 9), (0.5, 3, 2), (1.0, 1, 9), (0.99, 0, 4)])
+@pytest.mark.usefixtures("poison_empty")
+def test_fused_vertical_slash_blocks_equal_budget_then_top_blocks(dtype, gamma, least, most):
+    """§3 in one launch = coverage_counts -> budget -> (query-aware: least blocks) -> top_blocks, on block scores
+    with ties (multiples of 1/16) and padding blocks (< 0, never chosen), min above max included."""
+    from flexprefill_hf.ops.selection.coverage import coverage_counts, top_blocks
+    from flexprefill_hf.ops.selection.coverage_triton import vertical_slash_blocks_triton
+
+    g = seeded(int(gamma * 100) + least)
+    batch, heads, n, block = 2, 3, 300, 32
+    nb = -(-n // block)
+    scores = torch.softmax(torch.randn(2, batch, heads, n, generator=g, dtype=torch.float64) * 2, -1).to(dtype)
+    block_scores = (torch.randint(0, 5, (2, batch, heads, nb), generator=g).double() / 16).to(dtype)
+    block_scores[0, 1, :, :3] = -1.0  # padding blocks of sequence 1
+    query_aware = torch.rand(batch, heads, generator=g) < 0.4
+    qa_blocks = min(least, nb)
+    got = vertical_slash_blocks_triton(scores.to(DEVICE), block_scores.to(DEVICE), query_aware.to(DEVICE), gamma,
+                                       block, least, most, qa_blocks).cpu()
+    budget = (coverage_counts(scores, gamma) // block + 1).clamp(min=least, max=most)
+    budget = torch.where(query_aware, qa_blocks, budget)
+    want = top_blocks(block_scores, budget) & (block_scores >= 0)  # padding blocks: dropped by the composition
+    assert torch.equal(got, want)

@@ -32,7 +32,7 @@ from ..block_structure import BlockStructure, causal_pair_count, causal_pair_ind
 from ..grid import BlockGrid, causal_block_counts
 from ..runtime import KERNEL_DTYPES
 from .compose import MaskParts, compose_structure_torch
-from .coverage import budget_blocks, coverage_counts, coverage_mask, js_distance, top_blocks
+from .coverage import budget_blocks, budget_limits, coverage_counts, coverage_mask, js_distance, top_blocks
 from .scores import block_counts, block_means, compute_dtype, pool_key_blocks, pool_offset_blocks, representative_scores
 
 # Upper bound on the temporaries of one chunk of block masks, and their bytes per (query block, key
@@ -182,7 +182,7 @@ def _select(q_rep, q_means, k_means, k, cu_seqlens_k, grid, seqs, config, softma
     if k_means is None:
         k_means = block_means(k, seqs.key_valid, grid, dtype).permute(0, 2, 1, 3)  # [B, Hkv, nb, D]
     distance, query_aware = _pattern(q_rep, block_scores[0], k_means, grid, seqs, config, softmax_scale)
-    vertical, slash = _vertical_slash_blocks(rep_scores, block_scores, query_aware, grid, seqs, config, stages.counts)
+    vertical, slash = _vertical_slash_blocks(rep_scores, block_scores, query_aware, grid, seqs, config, stages)
     parts = MaskParts(vertical=vertical, slash=slash, query_aware=query_aware, short=seqs.short, sink=seqs.sink)
     structure = _compose(q_means, k_means, parts, grid, seqs, config, softmax_scale, stages)
     if seqs.short_all is not None:
@@ -210,13 +210,15 @@ class _Stages:
 
     scores: "triton" or "torch" (``_representative_scores``); compose: the §5 composition; counts, mask:
     the γ-coverage rule (``coverage.coverage_counts`` / ``coverage_mask`` or their threshold searches in
-    ``coverage_triton.py``, which follow the structure backend).
+    ``coverage_triton.py``, which follow the structure backend); vertical_slash: all of §3 in one launch
+    (``coverage_triton.vertical_slash_blocks_triton``), or None (§3 from counts, budget_blocks, top_blocks).
     """
 
     scores: str
     compose: Callable
     counts: Callable
     mask: Callable
+    vertical_slash: Optional[Callable] = None
 
 
 def _backends(q: torch.Tensor, scores_backend: Optional[str], structure_backend: Optional[str]) -> _Stages:
@@ -229,9 +231,10 @@ def _backends(q: torch.Tensor, scores_backend: Optional[str], structure_backend:
         structure_backend = "triton" if q.is_cuda else "torch"
     if structure_backend == "triton":
         from .compose_triton import compose_structure_triton
-        from .coverage_triton import coverage_counts_triton, coverage_mask_triton
+        from .coverage_triton import coverage_counts_triton, coverage_mask_triton, vertical_slash_blocks_triton
 
-        return _Stages(scores_backend, compose_structure_triton, coverage_counts_triton, coverage_mask_triton)
+        return _Stages(scores_backend, compose_structure_triton, coverage_counts_triton, coverage_mask_triton,
+                       vertical_slash_blocks_triton)
     if structure_backend == "torch":
         return _Stages(scores_backend, compose_structure_torch, coverage_counts, coverage_mask)
     raise ValueError(f"structure_backend={structure_backend!r} is not supported; expected 'triton', 'torch' or None")
@@ -336,19 +339,27 @@ def _pattern(
 
 def _vertical_slash_blocks(
     rep_scores: torch.Tensor, block_scores: torch.Tensor, query_aware: torch.Tensor, grid: BlockGrid,
-    seqs: _Sequences, config: FlexPrefillConfig, counts: Callable = coverage_counts,
+    seqs: _Sequences, config: FlexPrefillConfig, stages: Optional[_Stages] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """§3: (vertical, slash) bool [B, Hq, nb] -- the kb_v best key blocks and kb_s best offset blocks.
 
     Budgets by γ-coverage of the token scores rep_scores [2, B, Hq, n], turned into blocks and
     clamped; query-aware heads keep the minimum budget. Overwrites block_scores[0] (â, not needed
     after §2): padding blocks are set below every real block, so they are never candidates.
+    With ``stages.fused`` (the Triton stages), all of it in one launch (``coverage_triton``).
     """
     min_blocks = min(config.min_budget_blocks, grid.num_blocks)
-    token_budget = budget_blocks(counts(rep_scores, config.gamma), grid, config)  # [2, B, Hq]
-    block_budget = torch.where(query_aware, min_blocks, token_budget)  # [2, B, Hq]
     if seqs.padding_block is not None:
         block_scores[0].masked_fill_(seqs.padding_block, -1.0)
+    if stages is not None and stages.vertical_slash is not None:
+        least, most = budget_limits(grid, config)
+        chosen = stages.vertical_slash(rep_scores, block_scores, query_aware, config.gamma, grid.block_size,
+                                       least, most, min_blocks)
+        vertical, slash = chosen.unbind(0)
+        return vertical, slash
+    counts = coverage_counts if stages is None else stages.counts
+    token_budget = budget_blocks(counts(rep_scores, config.gamma), grid, config)  # [2, B, Hq]
+    block_budget = torch.where(query_aware, min_blocks, token_budget)  # [2, B, Hq]
     # Vertical and slash blocks by one sort: rows are independent.
     vertical, slash = top_blocks(block_scores, block_budget).unbind(0)
     return vertical, slash
