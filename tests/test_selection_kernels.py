@@ -154,3 +154,42 @@ def test_fused_vertical_slash_blocks_equal_budget_then_top_blocks(dtype, gamma, 
     budget = torch.where(query_aware, qa_blocks, budget)
     want = top_blocks(block_scores, budget) & (block_scores >= 0)  # padding blocks: dropped by the composition
     assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("starts,short", [(None, None), ([0, 150], None), ([40, 290], [False, True])])
+@pytest.mark.parametrize("block_n", [None, 16])  # one chunk of key blocks, or several (a chunk of padding only)
+def test_pattern_kernel_matches_torch_pattern(dtype, starts, short, block_n):
+    from flexprefill_hf.ops.selection import pattern_triton
+    from flexprefill_hf.ops.selection.coverage import js_distance
+
+    g = seeded(7 + (starts is None))
+    batch, n, r, hq, hkv, d, block = 2, 300, 7, 4, 2, 24, 8
+    grid = BlockGrid(r, n, block)
+    nb = grid.num_blocks
+    q_rep = (torch.randn(batch, r, hq, d, generator=g, dtype=torch.float64) * 2).to(dtype)
+    k_means = torch.randn(batch, nb, hkv, d, generator=g, dtype=torch.float64).to(dtype).permute(0, 2, 1, 3)
+    true_dist = torch.softmax(torch.randn(batch, hq, nb, generator=g, dtype=torch.float64) * 3, -1).to(dtype)
+    query_start = torch.tensor(starts or [0, 0])
+    sink = None if starts is None else grid.sink_block(query_start)
+    short_t = None if short is None else torch.tensor(short)
+    got_js, got_qa = pattern_triton.pattern_triton(q_rep.to(DEVICE), k_means.to(DEVICE), true_dist.to(DEVICE),
+                                                   query_start.to(DEVICE), None if sink is None else sink.to(DEVICE),
+                                                   None if short_t is None else short_t.to(DEVICE), n, 0.3, 0.25,
+                                                   block_n=block_n)
+    got_js, got_qa = got_js.cpu(), got_qa.cpu()
+    # The PyTorch arithmetic of select._pattern, written out.
+    rows = (torch.arange(n - r, n)[None, :] >= query_start[:, None]).to(dtype)  # [B, r]
+    mean = (q_rep * rows[:, :, None, None]).sum(1) / rows.sum(1).clamp_min(1)[:, None, None]  # [B, Hq, D]
+    logits = (mean.unflatten(1, (hkv, hq // hkv)) @ k_means.transpose(-1, -2)).flatten(1, 2) * 0.3
+    if sink is not None:
+        logits = logits.masked_fill(torch.arange(nb)[None, None, :] < sink[:, None, None], -math.inf)
+    want_js = js_distance(torch.softmax(logits, -1), true_dist)
+    want_qa = want_js < 0.25
+    if short_t is not None:
+        want_js = want_js.masked_fill(short_t[:, None], math.nan)
+        want_qa = want_qa & ~short_t[:, None]
+    assert got_js.dtype == dtype
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-13)
+    torch.testing.assert_close(got_js, want_js, equal_nan=True, **tol)
+    assert torch.equal(got_qa, want_qa)

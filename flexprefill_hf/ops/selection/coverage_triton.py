@@ -162,11 +162,11 @@ def _store_kept(x_row, out_row, length, t_star, w, tie_kept, BLOCK: tl.constexpr
 
 
 @triton.jit
-def _gamma(gamma_bits, FP64: tl.constexpr):
-    """γ from its bit pattern in the row's dtype (Triton takes no float64 scalars)."""
+def _from_bits(bits, FP64: tl.constexpr):
+    """A float scalar from its bit pattern (``float_bits``) in the row's dtype."""
     if FP64:
-        return tl.full([], gamma_bits, tl.int64).to(tl.float64, bitcast=True)
-    return tl.full([], gamma_bits, tl.int32).to(tl.float32, bitcast=True)
+        return tl.full([], bits, tl.int64).to(tl.float64, bitcast=True)
+    return tl.full([], bits, tl.int32).to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -177,7 +177,7 @@ def _coverage_kernel(
 ):
     row = tl.program_id(0).to(tl.int64)
     x_row = X + row * length
-    t_star, w, tie_kept, kept = _boundary(x_row, length, _gamma(gamma_bits, FP64), key_hi, BLOCK, PROBES,
+    t_star, w, tie_kept, kept = _boundary(x_row, length, _from_bits(gamma_bits, FP64), key_hi, BLOCK, PROBES,
                                           KEY_PASSES, RANK_PASSES, FP64, False)
     if MASK:
         _store_kept(x_row, Out + row * length, length, t_star, w, tie_kept, BLOCK)
@@ -198,7 +198,7 @@ def _vertical_slash_kernel(
     if ALL_TOKENS:  # γ >= 1: every token, whatever the rounding of the running sum (coverage_counts)
         tokens = tl.full([], n, tl.int64)
     else:
-        t_star, w, tie_kept, kept = _boundary(Scores + row * n, n, _gamma(gamma_bits, FP64), key_hi, BLOCK, PROBES,
+        t_star, w, tie_kept, kept = _boundary(Scores + row * n, n, _from_bits(gamma_bits, FP64), key_hi, BLOCK, PROBES,
                                               KEY_PASSES, RANK_PASSES, FP64, False)
         tokens = kept + tie_kept
     # Budget: tokens -> blocks, floor(tokens / B) + 1 clamped (one clamp: max wins when min > max).
@@ -226,14 +226,19 @@ def _check_rows(name: str, scores: torch.Tensor) -> None:
         raise ValueError(f"{name} must be contiguous (rows along the last dim)")
 
 
-def _keys(dtype: torch.dtype, gamma: float) -> dict:
-    """γ's bit pattern in ``dtype`` (rounded to nearest for float32, as a comparison with a float32 tensor
-    does), the key of +inf, and the passes of the key search."""
+def float_bits(value: float, dtype: torch.dtype) -> int:
+    """The bit pattern of ``value`` in ``dtype`` (float32: rounded to nearest, as a comparison or product with
+    a float32 tensor rounds a Python float), for kernels: Triton takes no float64 scalars."""
     if dtype == torch.float64:
-        gamma_bits, key_hi = struct.unpack("<q", struct.pack("<d", gamma))[0], 0x7FF0000000000000
-    else:
-        gamma_bits, key_hi = struct.unpack("<i", struct.pack("<f", gamma))[0], 0x7F800000
-    return dict(gamma_bits=gamma_bits, key_hi=key_hi, KEY_PASSES=_passes(key_hi + 2), FP64=dtype == torch.float64)
+        return struct.unpack("<q", struct.pack("<d", value))[0]
+    return struct.unpack("<i", struct.pack("<f", value))[0]
+
+
+def _keys(dtype: torch.dtype, gamma: float) -> dict:
+    """γ's bit pattern in ``dtype``, the key of +inf, and the passes of the key search."""
+    key_hi = 0x7FF0000000000000 if dtype == torch.float64 else 0x7F800000
+    return dict(gamma_bits=float_bits(gamma, dtype), key_hi=key_hi, KEY_PASSES=_passes(key_hi + 2),
+                FP64=dtype == torch.float64)
 
 
 def _launch(scores: torch.Tensor, gamma: float, mask: bool) -> torch.Tensor:

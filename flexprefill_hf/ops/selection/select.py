@@ -181,7 +181,16 @@ def _select(q_rep, q_means, k_means, k, cu_seqlens_k, grid, seqs, config, softma
     block_scores = _block_scores(rep_scores, grid)  # [2, B, Hq, nb]
     if k_means is None:
         k_means = block_means(k, seqs.key_valid, grid, dtype).permute(0, 2, 1, 3)  # [B, Hkv, nb, D]
-    distance, query_aware = _pattern(q_rep, block_scores[0], k_means, grid, seqs, config, softmax_scale)
+    # Dense sequences have no pattern to report (nothing to clear when the host knows there are none).
+    clear_short = seqs.short_all is not False
+    if stages.pattern is not None:
+        distance, query_aware = stages.pattern(
+            q_rep, k_means, block_scores[0], seqs.query_start, None if seqs.padding_block is None else seqs.sink,
+            seqs.short if clear_short else None, grid.k_len, softmax_scale, config.tau,
+        )
+        clear_short = False  # done by the kernel
+    else:
+        distance, query_aware = _pattern(q_rep, block_scores[0], k_means, grid, seqs, config, softmax_scale)
     vertical, slash = _vertical_slash_blocks(rep_scores, block_scores, query_aware, grid, seqs, config, stages)
     parts = MaskParts(vertical=vertical, slash=slash, query_aware=query_aware, short=seqs.short, sink=seqs.sink)
     structure = _compose(q_means, k_means, parts, grid, seqs, config, softmax_scale, stages)
@@ -197,8 +206,7 @@ def _select(q_rep, q_means, k_means, k, cu_seqlens_k, grid, seqs, config, softma
         structure.indices.masked_fill_(no_query[..., None], -1)
         causal = causal_block_counts(grid, seqs.sink, grid.sink_block(seqs.query_start))
 
-    # Dense sequences have no pattern to report (nothing to clear when the host knows there are none).
-    if seqs.short_all is not False:
+    if clear_short:
         query_aware = torch.where(seqs.short[:, None], False, query_aware)
         distance = distance.masked_fill(seqs.short[:, None], math.nan)
     return BlockSelection(structure, query_aware, distance, causal)
@@ -211,7 +219,8 @@ class _Stages:
     scores: "triton" or "torch" (``_representative_scores``); compose: the §5 composition; counts, mask:
     the γ-coverage rule (``coverage.coverage_counts`` / ``coverage_mask`` or their threshold searches in
     ``coverage_triton.py``, which follow the structure backend); vertical_slash: all of §3 in one launch
-    (``coverage_triton.vertical_slash_blocks_triton``), or None (§3 from counts, budget_blocks, top_blocks).
+    (``coverage_triton.vertical_slash_blocks_triton``), or None (§3 from counts, budget_blocks, top_blocks);
+    pattern: §2 in one launch (``pattern_triton.pattern_triton``), or None (``_pattern`` in PyTorch).
     """
 
     scores: str
@@ -219,6 +228,7 @@ class _Stages:
     counts: Callable
     mask: Callable
     vertical_slash: Optional[Callable] = None
+    pattern: Optional[Callable] = None
 
 
 def _backends(q: torch.Tensor, scores_backend: Optional[str], structure_backend: Optional[str]) -> _Stages:
@@ -233,8 +243,10 @@ def _backends(q: torch.Tensor, scores_backend: Optional[str], structure_backend:
         from .compose_triton import compose_structure_triton
         from .coverage_triton import coverage_counts_triton, coverage_mask_triton, vertical_slash_blocks_triton
 
+        from .pattern_triton import pattern_triton
+
         return _Stages(scores_backend, compose_structure_triton, coverage_counts_triton, coverage_mask_triton,
-                       vertical_slash_blocks_triton)
+                       vertical_slash_blocks_triton, pattern_triton)
     if structure_backend == "torch":
         return _Stages(scores_backend, compose_structure_torch, coverage_counts, coverage_mask)
     raise ValueError(f"structure_backend={structure_backend!r} is not supported; expected 'triton', 'torch' or None")
