@@ -193,3 +193,44 @@ def test_pattern_kernel_matches_torch_pattern(dtype, starts, short, block_n):
     tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-13)
     torch.testing.assert_close(got_js, want_js, equal_nan=True, **tol)
     assert torch.equal(got_qa, want_qa)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("block_n", [None, 16])
+def test_block_estimate_kernel_matches_torch(dtype, padded, block_n):
+    """§4's row-softmax over the block-causal pairs, for a chunk of heads (GQA by index), with padding blocks,
+    query blocks without a query (all zeros) and rows longer than one loop step."""
+    from flexprefill_hf.ops.block_structure import causal_pair_index
+    from flexprefill_hf.ops.selection.estimate_triton import block_estimate_triton
+
+    g = seeded(31 + padded)
+    batch, hq, hkv, d = 2, 6, 2, 24
+    grid = BlockGrid(500, 700, 16)  # nqb 32 of nb 44: a prefill on a cache, rows of 13 .. 44 key blocks
+    nb, nqb = grid.num_blocks, grid.num_query_blocks
+    q_means = torch.randn(batch, nqb, hq, d, generator=g, dtype=torch.float64).to(dtype).permute(0, 2, 1, 3)
+    k_means = torch.randn(batch, nb, hkv, d, generator=g, dtype=torch.float64).to(dtype).permute(0, 2, 1, 3)
+    sink = torch.tensor([0, 20 if padded else 0])
+    query_rows = None
+    if padded:
+        query_rows = torch.arange(grid.first_query_block, nb)[None, :] >= torch.tensor([0, 30])[:, None]
+    h0, hc = 1, 4
+    got = block_estimate_triton(q_means.to(DEVICE), k_means.to(DEVICE), sink.to(DEVICE),
+                                None if query_rows is None else query_rows.to(DEVICE), grid, 0.3, h0, hc,
+                                block_n=block_n).cpu()
+    # The PyTorch steps of select._query_aware_coverage, up to the normalisation.
+    i = torch.arange(grid.first_query_block, nb)
+    j = torch.arange(nb)
+    blocked = (j[None, :] > i[:, None])[None] | (j[None, None, :] < sink[:, None, None])  # [B, nqb, nb]
+    if query_rows is not None:
+        blocked = blocked | ~query_rows[:, :, None]
+    k_rep = k_means.repeat_interleave(hq // hkv, dim=1)[:, h0 : h0 + hc]
+    logits = (q_means[:, h0 : h0 + hc] @ k_rep.transpose(-1, -2)) * 0.3
+    probs = torch.softmax(logits.masked_fill(blocked[:, None], -math.inf), -1)
+    want = torch.nan_to_num(probs.flatten(2).index_select(-1, causal_pair_index(grid, "cpu")), nan=0.0)
+    tol = dict(rtol=1e-5, atol=1e-7) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(got, want, **tol)
+    if padded:  # query blocks without a query: all zeros (and the others are not)
+        row_of_pair = causal_pair_index(grid, "cpu") // nb
+        no_query = ~query_rows[1][row_of_pair]  # [P]
+        assert no_query.any() and got[1][:, no_query].eq(0).all() and got[1][:, ~no_query].sum(-1).gt(0).all()

@@ -220,7 +220,9 @@ class _Stages:
     the γ-coverage rule (``coverage.coverage_counts`` / ``coverage_mask`` or their threshold searches in
     ``coverage_triton.py``, which follow the structure backend); vertical_slash: all of §3 in one launch
     (``coverage_triton.vertical_slash_blocks_triton``), or None (§3 from counts, budget_blocks, top_blocks);
-    pattern: §2 in one launch (``pattern_triton.pattern_triton``), or None (``_pattern`` in PyTorch).
+    pattern: §2 in one launch (``pattern_triton.pattern_triton``), or None (``_pattern`` in PyTorch);
+    estimate: §4's row-softmax over the pairs in one launch (``estimate_triton.block_estimate_triton``), or
+    None (``_query_aware_coverage`` in PyTorch).
     """
 
     scores: str
@@ -229,6 +231,7 @@ class _Stages:
     mask: Callable
     vertical_slash: Optional[Callable] = None
     pattern: Optional[Callable] = None
+    estimate: Optional[Callable] = None
 
 
 def _backends(q: torch.Tensor, scores_backend: Optional[str], structure_backend: Optional[str]) -> _Stages:
@@ -243,10 +246,11 @@ def _backends(q: torch.Tensor, scores_backend: Optional[str], structure_backend:
         from .compose_triton import compose_structure_triton
         from .coverage_triton import coverage_counts_triton, coverage_mask_triton, vertical_slash_blocks_triton
 
+        from .estimate_triton import block_estimate_triton
         from .pattern_triton import pattern_triton
 
         return _Stages(scores_backend, compose_structure_triton, coverage_counts_triton, coverage_mask_triton,
-                       vertical_slash_blocks_triton, pattern_triton)
+                       vertical_slash_blocks_triton, pattern_triton, block_estimate_triton)
     if structure_backend == "torch":
         return _Stages(scores_backend, compose_structure_torch, coverage_counts, coverage_mask)
     raise ValueError(f"structure_backend={structure_backend!r} is not supported; expected 'triton', 'torch' or None")
@@ -390,6 +394,12 @@ def _query_aware_coverage(
     block_logits = q_means @ k_means.transpose(-1, -2)  # [B, hc, nqb, nb]
     block_probs = torch.softmax(block_logits.mul_(softmax_scale).masked_fill_(blocked[:, None], -math.inf), dim=-1)
     pair_probs = torch.nan_to_num_(block_probs.flatten(2).index_select(-1, pair_index), nan=0.0)  # [B, hc, P]
+    return _pair_coverage(pair_probs, gamma, mask)
+
+
+def _pair_coverage(pair_probs: torch.Tensor, gamma: float, mask: Callable) -> torch.Tensor:
+    """bool [B, hc, P]: the γ-coverage of the row-softmax probabilities pair_probs [B, hc, P] (each
+    query block's row sums to 1 or 0), normalised over all pairs of a head (overwritten)."""
     pair_probs = pair_probs.div_(pair_probs.sum(-1, keepdim=True).clamp_min(torch.finfo(pair_probs.dtype).tiny))
     return mask(pair_probs, gamma)
 
@@ -422,16 +432,21 @@ def _compose(
     nb, nqb = grid.num_blocks, grid.num_query_blocks
     groups = q_heads // k_means.shape[1]
     device = q_means.device
-    # Each query head's KV-head means, by one copy.
-    k_means = k_means[:, :, None].expand(-1, -1, groups, -1, -1).flatten(1, 2)  # [B, Hq, nb, D]
-    pair_index = causal_pair_index(grid, device)  # [P]: the block-causal pairs, row-major
+    if stages.estimate is None:
+        # Each query head's KV-head means, by one copy (the Triton estimate reads them by index).
+        k_means = k_means[:, :, None].expand(-1, -1, groups, -1, -1).flatten(1, 2)  # [B, Hq, nb, D]
+        pair_index = causal_pair_index(grid, device)  # [P]: the block-causal pairs, row-major
     indices = torch.empty(batch, q_heads, nqb, nb, dtype=torch.int32, device=device)
     counts = torch.empty(batch, q_heads, nqb, dtype=torch.int32, device=device)
     chunk = max(1, min(q_heads, _MASK_CHUNK_BYTES // (_MASK_BYTES_PER_PAIR * batch * nqb * nb)))
     for h0 in range(0, q_heads, chunk):
         h1 = min(h0 + chunk, q_heads)
-        estimate = _query_aware_coverage(
-            q_means[:, h0:h1], k_means[:, h0:h1], seqs.blocked, pair_index, softmax_scale, config.gamma, stages.mask
-        )
+        if stages.estimate is None:
+            estimate = _query_aware_coverage(
+                q_means[:, h0:h1], k_means[:, h0:h1], seqs.blocked, pair_index, softmax_scale, config.gamma, stages.mask
+            )
+        else:
+            pair_probs = stages.estimate(q_means, k_means, seqs.sink, seqs.query_rows, grid, softmax_scale, h0, h1 - h0)
+            estimate = _pair_coverage(pair_probs, config.gamma, stages.mask)
         stages.compose(parts, estimate, grid, indices, counts, h0)
     return BlockStructure(indices=indices, counts=counts, grid=grid)
