@@ -30,7 +30,13 @@ in the row's dtype. For float64 rows the float64 sums themselves round: the coun
 boundary sum lies within rounding (~L·2^-53) of γ. (torch's CUDA ``cumsum`` sums float32 in float32, in
 a scan order: the sort path it replaces was exact on CUDA under no such condition either.)
 
-Rows: the last dim of a contiguous tensor, entries >= 0 (probabilities; no NaN).
+The same search with the rule "the k largest, ties to the lower index" (``pred(t)``: at most k entries
+are ``>= t``; integer counts, exact) picks §3's blocks: :func:`vertical_slash_blocks_triton` runs, per
+row, the coverage search on the token scores, the budget, and this top-k search on the block scores, in
+one launch (``coverage.budget_blocks`` and ``top_blocks`` are its PyTorch version).
+
+Rows: the last dim of a contiguous tensor, entries >= 0 (probabilities; no NaN); entries < 0 are never
+kept (padding blocks of §3).
 """
 
 from __future__ import annotations

@@ -64,8 +64,7 @@ class _Sequences:
 
     starts: int64 [B], first real key; sink: int64 [B], its block (``BlockGrid.sink_block``);
     key_valid: bool [B, n], or None without left padding; padding_block: bool [B, 1, nb], blocks of
-    padding only, or None; blocked: bool [1 or B, nqb, nb], pairs outside the block-causal triangle
-    or in padding (and, with ``query_start``, rows before the sequence's first query block);
+    padding only, or None (``_blocked`` builds §4's mask from them when the PyTorch path needs it);
     short: bool [B], real length at or below the dense threshold, or at most one query (§5).
     query_start: int64 [B], key position of the first real query (``starts`` without ``query_start``:
     a padding row is no query); query_rows: bool [B, nqb], query blocks holding a real query, or None
@@ -79,7 +78,6 @@ class _Sequences:
     sink: torch.Tensor
     key_valid: Optional[torch.Tensor]
     padding_block: Optional[torch.Tensor]
-    blocked: torch.Tensor
     short: torch.Tensor
     query_start: torch.Tensor
     query_rows: Optional[torch.Tensor]
@@ -262,14 +260,6 @@ def _sequences(
 ) -> _Sequences:
     """Small per-sequence values, once; the left-padding masks only when there is padding."""
     nb = grid.num_blocks
-    if key_start is None and query_start is None:
-        # Only the triangle: pairs with j > i = first_query_block + t, by one fill and one triu (no aranges).
-        blocked = torch.ones(grid.num_query_blocks, nb, dtype=torch.bool, device=device)
-        blocked = blocked.triu_(grid.first_query_block + 1)[None]  # [1, nqb, nb]
-    else:
-        j = torch.arange(nb, device=device)
-        i = torch.arange(grid.first_query_block, nb, device=device)
-        blocked = (j[None, :] > i[:, None])[None]  # [1, nqb, nb]: outside the block-causal triangle
     dense_from = grid.k_len - config.effective_dense_threshold  # sequences starting here or later run dense
     short_all = None
     if key_start is None:
@@ -283,8 +273,7 @@ def _sequences(
         starts = key_start.to(device, torch.long)
         sink = grid.sink_block(starts)  # [B]
         key_valid = torch.arange(grid.k_len, device=device)[None, :] >= starts[:, None]  # [B, n]
-        padding_block = (j < sink[:, None])[:, None, :]  # [B, 1, nb]
-        blocked = blocked | padding_block  # [B, nqb, nb]
+        padding_block = (torch.arange(nb, device=device) < sink[:, None])[:, None, :]  # [B, 1, nb]
         short = starts >= dense_from  # [B]
     query_rows = None
     if query_start is None:
@@ -293,10 +282,28 @@ def _sequences(
         short_all = None
         query_start = query_start.to(device, torch.long)
         # Blocks from the one holding the first query (sink_block: the block of a position); none when q_len is 0.
+        i = torch.arange(grid.first_query_block, nb, device=device)
         query_rows = (i[None, :] >= grid.sink_block(query_start)[:, None]) & (query_start < grid.k_len)[:, None]
-        blocked = blocked | ~query_rows[:, :, None]  # [B, nqb, nb]
         short = short | (query_start >= grid.k_len - 1)  # decode (or nothing) runs dense, as alone
-    return _Sequences(starts, sink, key_valid, padding_block, blocked, short, query_start, query_rows, short_all)
+    return _Sequences(starts, sink, key_valid, padding_block, short, query_start, query_rows, short_all)
+
+
+def _blocked(grid: BlockGrid, seqs: _Sequences) -> torch.Tensor:
+    """bool [1 or B, nqb, nb]: the pairs §4 never keeps (PyTorch path) -- outside the block-causal triangle,
+    in padding, or (with ``query_start``) in query blocks before the sequence's first query."""
+    nb = grid.num_blocks
+    if seqs.padding_block is None and seqs.query_rows is None:
+        # Only the triangle: pairs with j > i = first_query_block + t, by one fill and one triu (no aranges).
+        blocked = torch.ones(grid.num_query_blocks, nb, dtype=torch.bool, device=seqs.sink.device)
+        return blocked.triu_(grid.first_query_block + 1)[None]  # [1, nqb, nb]
+    j = torch.arange(nb, device=seqs.sink.device)
+    i = torch.arange(grid.first_query_block, nb, device=seqs.sink.device)
+    blocked = (j[None, :] > i[:, None])[None]  # [1, nqb, nb]: outside the block-causal triangle
+    if seqs.padding_block is not None:
+        blocked = blocked | seqs.padding_block  # [B, nqb, nb]
+    if seqs.query_rows is not None:
+        blocked = blocked | ~seqs.query_rows[:, :, None]  # [B, nqb, nb]
+    return blocked
 
 
 def _representative_scores(
@@ -436,6 +443,7 @@ def _compose(
         # Each query head's KV-head means, by one copy (the Triton estimate reads them by index).
         k_means = k_means[:, :, None].expand(-1, -1, groups, -1, -1).flatten(1, 2)  # [B, Hq, nb, D]
         pair_index = causal_pair_index(grid, device)  # [P]: the block-causal pairs, row-major
+        blocked = _blocked(grid, seqs)
     indices = torch.empty(batch, q_heads, nqb, nb, dtype=torch.int32, device=device)
     counts = torch.empty(batch, q_heads, nqb, dtype=torch.int32, device=device)
     chunk = max(1, min(q_heads, _MASK_CHUNK_BYTES // (_MASK_BYTES_PER_PAIR * batch * nqb * nb)))
@@ -443,7 +451,7 @@ def _compose(
         h1 = min(h0 + chunk, q_heads)
         if stages.estimate is None:
             estimate = _query_aware_coverage(
-                q_means[:, h0:h1], k_means[:, h0:h1], seqs.blocked, pair_index, softmax_scale, config.gamma, stages.mask
+                q_means[:, h0:h1], k_means[:, h0:h1], blocked, pair_index, softmax_scale, config.gamma, stages.mask
             )
         else:
             pair_probs = stages.estimate(q_means, k_means, seqs.sink, seqs.query_rows, grid, softmax_scale, h0, h1 - h0)
