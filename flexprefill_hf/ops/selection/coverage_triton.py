@@ -291,7 +291,8 @@ def coverage_mask_triton(scores: torch.Tensor, gamma: float) -> torch.Tensor:
 
 
 def vertical_slash_blocks_triton(
-    scores: torch.Tensor, block_scores: torch.Tensor, query_aware: torch.Tensor, gamma: float, block_size: int, min_blocks: int, most_blocks: int, query_aware_blocks: int,
+    scores: torch.Tensor, block_scores: torch.Tensor, query_aware: torch.Tensor, gamma: float, block_size: int,
+    min_blocks: int, most_blocks: int, query_aware_blocks: int,
 ) -> torch.Tensor:
     """§3 in one launch: bool [2, B, Hq, nb], the vertical (row 0) and slash (row 1) blocks.
 
