@@ -121,6 +121,16 @@ def test_coverage_search_rounds_gamma_like_the_tensor_comparison():
         assert int(_coverage_both(x, gamma)[0]) == want
 
 
+def test_coverage_mask_computes_the_rows_needed(poison_empty):
+    from flexprefill_hf.ops.selection.coverage import coverage_mask
+    from flexprefill_hf.ops.selection.coverage_triton import coverage_mask_triton
+
+    x = torch.softmax(torch.randn(2, 3, 50, generator=seeded(4), dtype=torch.float64), -1).float()
+    needed = torch.tensor([[True, False, True], [False, False, True]])
+    got = coverage_mask_triton(x.to(DEVICE), 0.8, rows_needed=needed.to(DEVICE)).cpu()
+    assert torch.equal(got[needed], coverage_mask(x, 0.8)[needed])  # the skipped rows are nobody's to read
+
+
 def test_coverage_search_rejects_what_it_cannot_read():
     from flexprefill_hf.ops.selection.coverage_triton import coverage_counts_triton
 
@@ -218,6 +228,15 @@ def test_block_estimate_kernel_matches_torch(dtype, padded, block_n):
     got = block_estimate_triton(q_means.to(DEVICE), k_means.to(DEVICE), sink.to(DEVICE),
                                 None if query_rows is None else query_rows.to(DEVICE), grid, 0.3, h0, hc,
                                 block_n=block_n).cpu()
+    # Heads that are not query-aware are skipped: the others' rows are the same numbers.
+    query_aware = torch.rand(batch, hq, generator=g) < 0.5
+    query_aware[0, h0] = True
+    query_aware[0, h0 + 1] = False
+    some = block_estimate_triton(q_means.to(DEVICE), k_means.to(DEVICE), sink.to(DEVICE),
+                                 None if query_rows is None else query_rows.to(DEVICE), grid, 0.3, h0, hc,
+                                 block_n=block_n, query_aware=query_aware.to(DEVICE)).cpu()
+    chunk_qa = query_aware[:, h0 : h0 + hc]
+    assert torch.equal(some[chunk_qa], got[chunk_qa])
     # The PyTorch steps of select._query_aware_coverage, up to the normalisation.
     i = torch.arange(grid.first_query_block, nb)
     j = torch.arange(nb)

@@ -42,6 +42,7 @@ kept (padding blocks of §3).
 from __future__ import annotations
 
 import struct
+from typing import Optional
 
 import torch
 import triton
@@ -177,12 +178,14 @@ def _from_bits(bits, FP64: tl.constexpr):
 
 @triton.jit
 def _coverage_kernel(
-    X, Out, length, gamma_bits, key_hi,
+    X, Out, Needed, length, gamma_bits, key_hi,
     BLOCK: tl.constexpr, PROBES: tl.constexpr, KEY_PASSES: tl.constexpr, RANK_PASSES: tl.constexpr,
-    FP64: tl.constexpr, MASK: tl.constexpr,
+    FP64: tl.constexpr, MASK: tl.constexpr, HAS_NEEDED: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     x_row = X + row * length
+    if HAS_NEEDED:  # a row nobody reads: no pass over it, nothing written (an empty row to every loop)
+        length = tl.where(tl.load(Needed + row) != 0, length, 0)
     t_star, w, tie_kept, kept = _boundary(x_row, length, _from_bits(gamma_bits, FP64), key_hi, BLOCK, PROBES,
                                           KEY_PASSES, RANK_PASSES, FP64, False)
     if MASK:
@@ -247,7 +250,8 @@ def _keys(dtype: torch.dtype, gamma: float) -> dict:
                 FP64=dtype == torch.float64)
 
 
-def _launch(scores: torch.Tensor, gamma: float, mask: bool) -> torch.Tensor:
+def _launch(scores: torch.Tensor, gamma: float, mask: bool, rows_needed: Optional[torch.Tensor] = None
+            ) -> torch.Tensor:
     _check_rows("scores", scores)
     length = scores.shape[-1]
     rows = scores.numel() // max(length, 1)
@@ -262,8 +266,9 @@ def _launch(scores: torch.Tensor, gamma: float, mask: bool) -> torch.Tensor:
     block = _block(length)
     with launch_device(scores):
         _coverage_kernel[(rows,)](
-            scores, out.view(torch.int8) if mask else out, length, **_keys(scores.dtype, gamma), BLOCK=block,
-            PROBES=_PROBES, RANK_PASSES=_passes(length + 2), MASK=mask, num_warps=8 if block >= 512 else 4,
+            scores, out.view(torch.int8) if mask else out, scores if rows_needed is None else rows_needed, length,
+            **_keys(scores.dtype, gamma), BLOCK=block, PROBES=_PROBES, RANK_PASSES=_passes(length + 2), MASK=mask,
+            HAS_NEEDED=rows_needed is not None, num_warps=8 if block >= 512 else 4,
         )
     return out
 
@@ -282,12 +287,19 @@ def coverage_counts_triton(scores: torch.Tensor, gamma: float) -> torch.Tensor:
     return _launch(scores, gamma, mask=False)
 
 
-def coverage_mask_triton(scores: torch.Tensor, gamma: float) -> torch.Tensor:
+def coverage_mask_triton(
+    scores: torch.Tensor, gamma: float, rows_needed: Optional[torch.Tensor] = None
+) -> torch.Tensor:
     """``coverage.coverage_mask`` by a threshold search: bool [..., L], the entries that rule keeps
-    (ties at the boundary to the lower index, as the stable sort). One launch."""
+    (ties at the boundary to the lower index, as the stable sort). One launch.
+
+    rows_needed: optional bool [...] (contiguous): rows where it is False are neither read nor written
+    (their output stays uninitialised; §4 needs only the query-aware heads' rows)."""
     if gamma >= 1.0:
         return torch.ones_like(scores, dtype=torch.bool)
-    return _launch(scores, gamma, mask=True)
+    if rows_needed is not None:
+        assert rows_needed.shape == scores.shape[:-1] and rows_needed.is_contiguous(), "rows_needed: bool [...]"
+    return _launch(scores, gamma, mask=True, rows_needed=rows_needed)
 
 
 def vertical_slash_blocks_triton(

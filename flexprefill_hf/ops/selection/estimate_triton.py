@@ -27,11 +27,11 @@ from .pattern_triton import _div
 
 @triton.jit
 def _estimate_kernel(
-    QMeans, KMeans, Sink, QueryRows, Out,
+    QMeans, KMeans, Sink, QueryRows, QueryAware, Out,
     stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
-    chunk_heads, head_start, num_kv_groups, num_query_blocks, first_query_block, num_pairs, scale_bits,
+    num_heads, chunk_heads, head_start, num_kv_groups, num_query_blocks, first_query_block, num_pairs, scale_bits,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, FP64: tl.constexpr,
-    HAS_QUERY_ROWS: tl.constexpr,
+    HAS_QUERY_ROWS: tl.constexpr, HAS_QUERY_AWARE: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64)
     pid_bh = tl.program_id(1).to(tl.int64)
@@ -46,6 +46,10 @@ def _estimate_kernel(
     end = i + 1
     if HAS_QUERY_ROWS:
         end = tl.where(tl.load(QueryRows + off_b * num_query_blocks + t) != 0, i + 1, 0)
+    # A vertical-slash head never reads its estimate: no loop step, nothing written.
+    row_end = i + 1
+    if HAS_QUERY_AWARE:
+        row_end = tl.where(tl.load(QueryAware + off_b * num_heads + head_start + off_hc) != 0, i + 1, 0)
 
     offs_d = tl.arange(0, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
@@ -56,7 +60,7 @@ def _estimate_kernel(
 
     m_i = tl.full([], float("-inf"), dtype)
     l_i = tl.zeros([], dtype)
-    for start in range(0, i + 1, BLOCK_N):
+    for start in range(0, row_end, BLOCK_N):
         j = start + offs_n
         k = tl.load(k_base + j[:, None] * stride_kn + offs_d[None, :] * stride_kd,
                     mask=(j <= i)[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0).to(dtype)  # [BN, BD]
@@ -67,7 +71,7 @@ def _estimate_kernel(
         m_i = m_new
     m_sub = tl.where(m_i == float("-inf"), 0.0, m_i)
     denom = tl.where(l_i > 0, l_i, 1.0)
-    for start in range(0, i + 1, BLOCK_N):
+    for start in range(0, row_end, BLOCK_N):
         j = start + offs_n
         k = tl.load(k_base + j[:, None] * stride_kn + offs_d[None, :] * stride_kd,
                     mask=(j <= i)[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0).to(dtype)
@@ -79,6 +83,7 @@ def _estimate_kernel(
 def block_estimate_triton(
     q_means: torch.Tensor, k_means: torch.Tensor, sink: torch.Tensor, query_rows: Optional[torch.Tensor],
     grid: BlockGrid, softmax_scale: float, head_start: int, chunk_heads: int, block_n: Optional[int] = None,
+    query_aware: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Row-softmax probabilities of the block estimate over the block-causal pairs: [B, hc, P] in k_means's dtype.
 
@@ -86,6 +91,8 @@ def block_estimate_triton(
     k_means: [B, Hkv, nb, D], both float32/float64, any strides; sink: int64 [B] (key blocks before it are
     padding); query_rows: bool [B, nqb] (query blocks holding a query; the others get zeros) or None.
     block_n: key blocks per loop step (a power of two; default nb rounded up, at most 8192 / D rounded up).
+    query_aware: optional bool [B, Hq] (contiguous): heads where it is False are not computed (their rows
+    stay uninitialised; only query-aware heads read the estimate).
     """
     batch, q_heads, nqb, head_dim = q_means.shape
     kv_heads = k_means.shape[1]
@@ -98,10 +105,11 @@ def block_estimate_triton(
         query_rows = query_rows.contiguous()
     with launch_device(k_means):
         _estimate_kernel[(nqb, batch * chunk_heads)](
-            q_means, k_means, sink, sink if query_rows is None else query_rows, out,
-            *q_means.stride(), *k_means.stride(), chunk_heads, head_start, q_heads // kv_heads, nqb,
-            grid.first_query_block, pairs, float_bits(softmax_scale, k_means.dtype),
-            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_N=block_n, FP64=k_means.dtype == torch.float64,
-            HAS_QUERY_ROWS=query_rows is not None, num_warps=1 if interpreting() else 4,
+            q_means, k_means, sink, sink if query_rows is None else query_rows,
+            sink if query_aware is None else query_aware, out, *q_means.stride(), *k_means.stride(), q_heads,
+            chunk_heads, head_start, q_heads // kv_heads, nqb, grid.first_query_block, pairs,
+            float_bits(softmax_scale, k_means.dtype), HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_N=block_n,
+            FP64=k_means.dtype == torch.float64, HAS_QUERY_ROWS=query_rows is not None,
+            HAS_QUERY_AWARE=query_aware is not None, num_warps=1 if interpreting() else 4,
         )
     return out

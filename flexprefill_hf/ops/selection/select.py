@@ -22,6 +22,7 @@ float32 (float64 for float64 inputs, so that tests can compare with
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Callable, Optional
 
@@ -454,7 +455,10 @@ def _compose(
                 q_means[:, h0:h1], k_means[:, h0:h1], blocked, pair_index, softmax_scale, config.gamma, stages.mask
             )
         else:
-            pair_probs = stages.estimate(q_means, k_means, seqs.sink, seqs.query_rows, grid, softmax_scale, h0, h1 - h0)
-            estimate = _pair_coverage(pair_probs, config.gamma, stages.mask)
+            # Only query-aware heads read their estimate: the kernels skip the others' rows (left unwritten).
+            pair_probs = stages.estimate(q_means, k_means, seqs.sink, seqs.query_rows, grid, softmax_scale, h0, h1 - h0,
+                                         query_aware=parts.query_aware)
+            needed = parts.query_aware[:, h0:h1].contiguous()
+            estimate = _pair_coverage(pair_probs, config.gamma, functools.partial(stages.mask, rows_needed=needed))
         stages.compose(parts, estimate, grid, indices, counts, h0)
     return BlockStructure(indices=indices, counts=counts, grid=grid)
