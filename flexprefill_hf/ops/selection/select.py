@@ -6,10 +6,16 @@
     _representative_scores   §1: vertical and slash scores of the last r queries (scores.py / scores_triton.py)
     _block_scores            §2/§3: those scores pooled into key blocks and offset blocks
     _pattern                 §2: JS distance of the estimated and the true block distribution -> query-aware
+                             (pattern_triton.py: one launch)
     _vertical_slash_blocks   §3: budgets by γ-coverage, then the best vertical and slash blocks
-    _query_aware_coverage    §4: global γ-coverage of the block estimate (one chunk of heads)
+                             (coverage.py / coverage_triton.py: threshold searches, one launch)
+    _query_aware_coverage    §4: global γ-coverage of the block estimate (one chunk of heads;
+                             estimate_triton.py + coverage_triton.py: query-aware heads only)
     _compose                 §5: sink, diagonal and block-causal rules; the mask packed (compose.py,
                              compose_triton.py)
+
+``structure_backend="triton"`` (the CUDA default) runs the Triton version of §2-§5 (``_Stages``);
+"torch" the PyTorch one, which is the CPU path and the tests' oracle.
 
 Fixed shapes, no host synchronisation, no Python loop over batch or heads: the only loops are over
 chunks of heads, sized from the shapes so that the representative block's scores (``r x n`` per
