@@ -32,6 +32,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from flexprefill_hf import FlexPrefillConfig, flexprefill_attention
 from flexprefill_hf.ops import backends
+from flexprefill_hf.ops.runtime import compute_capability
 from flexprefill_hf.ops.selection import select_blocks
 from flexprefill_hf.testing import clustered_qkv, structured_qkv
 
@@ -140,7 +141,7 @@ def run_case(n, inputs, gamma, head_dim, dtype, q_heads, kv_heads, with_flex, lo
     with_dense = n < no_dense_from
     # FA4 where ops/backends would use it (Hopper+, fp16/bf16, head dim it takes, flash_attn.cute imports).
     fa4_dense_ok = ON_GPU and backends.dense_backend_for(
-        "cuda", torch.cuda.get_device_capability(), dtype, head_dim, n, n, False) == "fa4"
+        "cuda", compute_capability(q), dtype, head_dim, n, n, False) == "fa4"
     dense_ms = {}
     if with_dense:
         dense = sdpa(q, k, v, SDPBackend.CUDNN_ATTENTION)

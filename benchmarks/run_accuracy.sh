@@ -7,8 +7,8 @@
 #   all         every method below in one run, in priority order: dense, flexprefill (preset),
 #               flexprefill:gamma=0.9, streaming:fraction=match, vertical_slash:fraction=match (at each length
 #               the preset's share measured there in round 0), flexprefill_vs_only, flexprefill_qa_only,
-#               flexprefill:gamma=0.8|0.85|0.99. Rounds of ROUND (8) samples per (task, length, method) cell,
-#               round after round, batches of BATCH (88 = 11 tasks x 8: one batch per method and length per
+#               flexprefill:gamma=0.8|0.85|0.99. Rounds of ROUND (16) samples per (task, length, method) cell,
+#               round after round, batches of BATCH (176 = 11 tasks x 16: one batch per method and length per
 #               round), --time-budget BUDGET (280 s from the start, the model load included): the run stops
 #               starting batches when the next would not fit and writes what ran (results.md says how many
 #               samples each cell got). Writes 5 small files into DEST (default $OUT/acc, else ./accuracy_runs/all):
@@ -48,7 +48,7 @@ if [ "$GROUP" = all ]; then
     # shellcheck disable=SC2086  # LENGTHS and TASKS are word lists
     # The hard limit (LIMIT, 320 s) sends SIGTERM: the suite then writes the outputs of what ran.
     timeout -s TERM "${LIMIT:-320}" python3 -m flexprefill_hf.eval --device "${DEVICE:-cuda}" --dtype "${DTYPE:-bfloat16}" --lengths $LENGTHS \
-        --tasks ${TASKS:-all} --samples "${SAMPLES:-32}" --round-size "${ROUND:-8}" --batch-size "${BATCH:-88}" \
+        --tasks ${TASKS:-all} --samples "${SAMPLES:-32}" --round-size "${ROUND:-16}" --batch-size "${BATCH:-176}" \
         --time-budget "${BUDGET:-280}" --seed "${SEED:-0}" --out "$DEST" --no-plots --methods dense flexprefill \
         "flexprefill:gamma=0.9" "streaming:fraction=match" "vertical_slash:fraction=match" flexprefill_vs_only \
         flexprefill_qa_only "flexprefill:gamma=0.8|0.85|0.99" 2>"$DEST/log.txt" || rc=$?

@@ -223,3 +223,27 @@ def test_sparse_route_picks_triton_under_compile_and_fa4_eagerly():
     assert name == "triton" and "torch.compile" in reason
     assert backends.sparse_backend_for(KernelCase(**case), fa4=False)[0] == "triton"
 
+
+
+def test_the_cached_sparse_backend_decision_is_the_plain_value_one(monkeypatch):
+    """On CUDA, choose_sparse_backend caches its decision by (device, dtype, block size, head dim, padding): for
+    every such case it is what sparse_backend_for says of the KernelCase with that device's capability."""
+    from flexprefill_hf.ops.attention.block_sparse_fa4 import KernelCase
+
+    capabilities = {0: (9, 0), 1: (8, 0)}
+    monkeypatch.setattr(backends, "cuda_capability", capabilities.__getitem__)
+    backends._cuda_sparse_backend.cache_clear()
+    try:
+        seen = set()
+        for index, capability in capabilities.items():
+            for dtype in (torch.bfloat16, torch.float16):
+                for block_size, head_dim, padded in ((128, 64, False), (64, 64, False), (128, 256, False),
+                                                     (128, 128, True)):
+                    want = backends.sparse_backend_for(KernelCase("cuda", capability, dtype, block_size, head_dim,
+                                                                  padded))
+                    got = backends._cuda_sparse_backend(index, dtype, block_size, head_dim, padded)
+                    assert got == want
+                    seen.add(got[1])
+        assert any("compute capability (8, 0)" in reason for reason in seen)
+    finally:
+        backends._cuda_sparse_backend.cache_clear()

@@ -92,8 +92,8 @@ def test_rounds_priority_and_matched_share(model):
             assert all(matched - 1e-6 <= r["computed_fraction"] < 1 for r in mine)
 
 
-@pytest.mark.parametrize("spec", [FLEX, "streaming:sink=64,window=128,block_size=64"])
-def test_decode_steps_run_sdpa_then_the_method_again(model, spec):
+@pytest.mark.parametrize("spec", ["dense", FLEX, "streaming:sink=64,window=128,block_size=64"])
+def test_decode_steps_run_the_decode_attention_then_the_method_again(model, spec):
     seen = []
     hook = model.register_forward_pre_hook(
         lambda module, args, kwargs: seen.append((kwargs["input_ids"].shape[1], model.config._attn_implementation)),
@@ -105,12 +105,40 @@ def test_decode_steps_run_sdpa_then_the_method_again(model, spec):
             patched = model.config._attn_implementation
             batch = [dataclasses.replace(s, max_new_tokens=4) for s in SampleSource()("a", 640, 0, 2)]
             replies, _, _, _ = runner.prefill_and_generate(model, StubTokenizer(), batch, recorder)
-            assert model.config._attn_implementation == patched != "sdpa"
+            assert model.config._attn_implementation == patched
     finally:
         hook.remove()
-    # The prefill (630 tokens) with the method, then the decode steps (at most max_new_tokens - 1) with SDPA.
-    assert seen[0] == (630, patched) and 2 <= len(seen) <= 4 and all(step == (1, "sdpa") for step in seen[1:])
+    # The prefill (630 tokens) with the method, then the decode steps (at most max_new_tokens - 1) with the
+    # suite's one decode attention.
+    decode = runner.DECODE_ATTENTION
+    assert seen[0] == (630, patched) and 2 <= len(seen) <= 4 and all(step == (1, decode) for step in seen[1:])
     assert all(isinstance(r, str) for r in replies)
+
+
+def test_decode_attention_computes_what_sdpa_computes_on_a_padded_batch(model, monkeypatch):
+    """The suite's decode steps (GQA without repeated K/V, the padding mask as a row) against transformers'
+    sdpa: the same greedy tokens and, at fp32 rounding, the same logits at every step of a left-padded batch."""
+    g = torch.Generator().manual_seed(11)
+    lengths = (70, 45, 90)  # unequal: rows 0 and 1 are left-padded
+    batch = [
+        Sample("a", 128, i, 0, Draft("", "", ("7",), " 7"), tuple(torch.randint(3, VOCAB, (n,), generator=g).tolist()),
+               (7, 8), 6, 0)
+        for i, n in enumerate(lengths)
+    ]
+    logits = {}
+    for implementation in ("sdpa", runner.DECODE_ATTENTION):
+        monkeypatch.setattr(runner, "DECODE_ATTENTION", implementation)
+        steps = []
+        hook = model.register_forward_hook(lambda module, args, out: steps.append(out.logits[:, -1].clone()))
+        try:
+            replies, _, _, _ = runner.prefill_and_generate(model, StubTokenizer(), batch, None)
+        finally:
+            hook.remove()
+        assert model.config._attn_implementation == "sdpa"  # dense: the model's own implementation, restored
+        logits[implementation] = (replies, torch.stack(steps[1:]))  # the decode steps (steps[0] is the prefill)
+    (sdpa_replies, sdpa_logits), (ours_replies, ours_logits) = logits.values()
+    assert ours_replies == sdpa_replies and ours_logits.shape == sdpa_logits.shape and len(ours_logits) >= 5
+    torch.testing.assert_close(ours_logits, sdpa_logits, rtol=1e-5, atol=1e-5)
 
 
 def test_zero_budget_runs_one_batch_and_a_large_one_runs_all(model):

@@ -199,3 +199,14 @@ def test_dense_route_runs_fa4_and_decode_runs_plain_sdpa():
         one.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=scale, enable_gqa=True
     ).transpose(1, 2)
     torch.testing.assert_close(flexprefill_attention(one, k, v, config), want, rtol=0, atol=0)
+
+
+def test_operator_checks_the_kernels_head_dim_itself():
+    """The operator calls the kernels through their unchecked launchers, so on a sparse CUDA call it checks their
+    head dims itself (before the selection); the dense route (SDPA) takes any head dim."""
+    q, k, v = structured_qkv(1, 1024, 4, 2, 60, dtype=torch.bfloat16, device="cuda", generator=seeded(0))
+    with pytest.raises(ValueError, match=r"head_dim=60 is not supported; expected a multiple of 8 in \[16, 256\]"):
+        flexprefill_attention(q, k, v, CONFIG)
+    out, stats = flexprefill_attention_with_stats(q[:, :512], k[:, :512], v[:, :512], CONFIG)  # at the threshold
+    want, _ = reference.dense_attention_reference(q[:, :512], k[:, :512], v[:, :512], 1 / math.sqrt(60))
+    assert stats.dense and relative_error(out, want) < 1.6e-2

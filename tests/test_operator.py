@@ -350,3 +350,54 @@ def test_on_cuda_a_short_sequence_in_a_long_padded_batch_runs_dense_as_it_would_
     assert (full == routed.causal_blocks[1]).all()
     assert (sparse.structure.counts[1].sum(-1) < full).any()  # without the rule it would have been sparse
     assert torch.equal(routed.structure.indices[0], sparse.structure.indices[0])  # the long one is unchanged
+
+
+@pytest.mark.parametrize("starts", [None, [0, 70]])
+def test_operator_calls_the_kernel_unchecked_and_equals_its_public_launcher(starts, monkeypatch, poison_empty):
+    """The operator validates once, then calls the Triton kernel's unchecked launcher (every sparse call routed to
+    "triton" here, so the interpreter runs it on CPU): the launcher's checks do not run again, and the output is
+    the public launcher's (which checks) on the same blocks, exactly."""
+    pytest.importorskip("triton")
+    from flexprefill_hf.ops import flexprefill as operator
+    from flexprefill_hf.ops.attention import block_sparse_triton as bst
+
+    calls = []
+    real_check = bst.check_attention_inputs
+
+    def counted_check(*args, **kwargs):
+        calls.append(args)
+        return real_check(*args, **kwargs)
+
+    monkeypatch.setattr(bst, "check_attention_inputs", counted_check)
+    monkeypatch.setattr(operator, "choose_sparse_backend", lambda *args: ("triton", "forced by the test"))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    q, k, v = (t.to(device, torch.float16) for t in random_qkv(2, 300, 300, 4, 2, 32, seed=31))
+    key_start = None if starts is None else torch.tensor(starts, device=device)
+    config = FlexPrefillConfig(gamma=0.9, tau=0.1, **SMALL)
+    out = flexprefill_attention(q, k, v, config, softmax_scale=0.2, key_start=key_start)
+    assert calls == []
+    structure = select_blocks(q, k, config, 0.2, key_start).structure
+    assert (structure.counts.sum(-1) < structure.grid.num_blocks * (structure.grid.num_blocks + 1) // 2).any()
+    want = bst.block_sparse_attention_triton(q, k, v, structure, softmax_scale=0.2, key_start=key_start)
+    assert len(calls) == 1
+    torch.testing.assert_close(out, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("q_len,k_len", [(300, 300), (90, 400)])
+def test_dense_route_and_a_full_selection_give_the_same_stats(q_len, k_len):
+    """One stats builder for both routes: gamma = 1, tau = 0 selects every causal block, and the dense route counts
+    the same blocks per head, fraction 1 -- a padded sequence included; a sequence of padding only counts 0."""
+    q, k, v = random_qkv(3, q_len, k_len, 4, 2, 16, seed=q_len)
+    key_start = torch.tensor([0, 70, k_len])
+    _, sparse = flexprefill_attention_with_stats(q, k, v, FlexPrefillConfig(gamma=1.0, tau=0.0, **SMALL),
+                                                 key_start=key_start)
+    _, dense = flexprefill_attention_with_stats(q, k, v, FlexPrefillConfig(dense_threshold=k_len, **SMALL),
+                                                key_start=key_start)
+    assert dense.dense and not sparse.dense
+    assert dense.computed_blocks.dtype == sparse.computed_blocks.dtype == torch.int32
+    assert torch.equal(sparse.computed_blocks, dense.computed_blocks)
+    assert (dense.computed_blocks[:2] > 0).all() and (dense.computed_blocks[2] == 0).all()
+    assert torch.equal(sparse.computed_fraction, dense.computed_fraction)
+    assert torch.equal(dense.computed_fraction, torch.tensor([[1.0], [1.0], [0.0]]).expand(3, 4))
+    assert torch.isnan(dense.js_distance).all() and not dense.query_aware.any()
+    assert not torch.isnan(sparse.js_distance[:2]).any()

@@ -592,3 +592,24 @@ def test_block_means_in_row_chunks_equal_one_pass(monkeypatch):
         rows = q[cu_q[b] : cu_q[b + 1]]
         torch.testing.assert_close(whole[b, :, -1], rows[-64:].mean(0), rtol=1e-5, atol=1e-6)
     assert (whole[2, :, 0] == 0).all()  # 240 queries: 4 blocks of the 9 hold none
+
+
+def test_the_packing_maps_are_inverse():
+    """_left_padded lays the packed rows into the left-padded view (sequence b in its last lens[b] positions, the rest
+    0) and _packed_positions sends each packed row to its place there: gathering back gives every row exactly,
+    rows past cu_seqlens[B] are flagged, and a window of the view (``first``) is the same rows."""
+    from flexprefill_hf.ops import varlen
+
+    lens = torch.tensor([3, 0, 5, 1])
+    cu = torch.cat([torch.zeros(1, dtype=torch.int32), lens.cumsum(0).to(torch.int32)])
+    total = int(cu[-1]) + 2  # two rows of no sequence
+    x = torch.randn(total, 2, 4, generator=seeded(3))
+    view = varlen._left_padded(x, cu, lens, 6)  # [B, 6, 2, 4]
+    seq, position, real = varlen._packed_positions(cu, lens, total, 6)
+    assert real.tolist() == [True] * 9 + [False] * 2
+    assert seq[real].tolist() == [0, 0, 0, 2, 2, 2, 2, 2, 3]
+    assert position[real].tolist() == [3, 4, 5, 1, 2, 3, 4, 5, 5]
+    torch.testing.assert_close(view[seq[real], position[real]], x[real], rtol=0, atol=0)
+    real_positions = torch.arange(6)[None, :] >= (6 - lens)[:, None]  # [B, 6]
+    assert (view[~real_positions] == 0).all() and real_positions.sum() == 9
+    torch.testing.assert_close(varlen._left_padded(x, cu, lens, 6, first=4), view[:, 4:], rtol=0, atol=0)

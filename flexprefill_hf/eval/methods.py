@@ -32,8 +32,9 @@ builds a :class:`BlockStructure` and calls ``block_sparse_attention_triton`` on 
 ``block_sparse_attention_torch`` elsewhere -- the kernels FlexPrefill itself runs. Every method except
 ``dense`` sets ``cuda_dense_below = 0`` unless told otherwise: at the suite's lengths (2K-8K) the
 operator would otherwise route every prompt to dense attention on CUDA and the suite would measure
-dense attention twice. Decode steps (one query) always run dense: the runner switches the model to
-transformers' SDPA for them.
+dense attention twice. Decode steps (one query) always run dense, for every method through the one
+attention function ``runner.DECODE_ATTENTION`` (this module's, whose decode branch is
+``ops.backends.decode_attention``).
 """
 
 from __future__ import annotations
@@ -405,12 +406,19 @@ def eval_attention_forward(module, query, key, value, attention_mask, scaling=No
 
     query [B, Hq, N, D], key/value [B, Hkv, K, D]; attention_mask None or the bool [B, K] padding mask of
     ``flexprefill_mask``. A prefill computes the module's pattern's blocks (always the diagonal block and
-    never a block before the sequence's first real key); a decode step runs dense.
+    never a block before the sequence's first real key), or runs dense on a module without a pattern; a
+    decode step (one query row) runs dense, by ``ops.backends.decode_attention``.
     """
     from ..integration import dense_attention_forward
 
     pattern = module.__dict__.get(PATTERN_ATTRIBUTE)
-    if query.shape[2] == 1 or pattern is None:
+    if query.shape[2] == 1 and (attention_mask is None or attention_mask.dim() == 2):
+        # Every method's decode steps (runner.DECODE_ATTENTION): GQA without repeating K/V, the padding mask as
+        # one [B, K] row (transformers' sdpa repeats K/V whenever a mask is given).
+        from ..ops.backends import decode_attention
+
+        return decode_attention(query, key, value, scaling, key_mask=attention_mask).transpose(1, 2), None
+    if pattern is None:
         return dense_attention_forward(query, key, value, attention_mask, scaling=scaling)
     if attention_mask is not None and attention_mask.dim() != 2:
         raise ValueError(

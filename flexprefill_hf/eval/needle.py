@@ -5,6 +5,10 @@ Used by ``examples/needle.py`` and ``tests/test_embedded_model.py``. A prompt is
     user_text = build_haystack(tokenizer, 4096, depth=0.5, number=8051742) + "\\n\\n" + QUESTION
     input_ids = encode_chat(tokenizer, user_text)                    # [1, N] int64, on the CPU
 
+The encoding and the teacher-forced arithmetic are the evaluation suite's (``tasks.common.encode_prompt`` /
+``encode_target``, ``scoring.teacher_forced_logits_scores``), so this prompt is one of its prompts with an
+empty answer prefix.
+
 Free generation is a weak test of a sparse prefill: decoding is dense and can read the needle back from a
 damaged cache. :func:`strict_score` therefore places the correct answer in the prompt and reads, in one
 forward pass over prompt + answer (teacher forcing), the log-probability of its digits and how many of them
@@ -18,6 +22,9 @@ import random
 from typing import Iterator, Tuple
 
 import torch
+
+from .scoring import teacher_forced_logits_scores
+from .tasks.common import encode_prompt, encode_target
 
 FILLER = (
     "The morning train left the station a few minutes late because of the fog.",
@@ -78,26 +85,14 @@ def build_haystack(tokenizer, length: int, depth: float, number: int, seed: int 
     return " ".join(sentences)
 
 
-def encode_chat(tokenizer, user_text: str, answer: str = "") -> torch.Tensor:
-    """The input ids of a one-turn chat that ends in the assistant's turn, with ``answer`` already in it.
-
-    Uses the tokenizer's chat template (with the generation prompt); a tokenizer without one gets
-    ``"{user_text}\\nAnswer:"``.
+def encode_chat(tokenizer, user_text: str) -> torch.Tensor:
+    """The input ids of a one-turn chat that ends in the assistant's turn: ``encode_prompt`` with no answer prefix
+    (the tokenizer's chat template with the generation prompt; without a template ``"{user_text}\\n"``).
 
     Returns:
-        input_ids [1, N] int64 on the CPU; the last ``len(answer tokens)`` of them are the answer.
+        input_ids [1, N] int64 on the CPU.
     """
-    if tokenizer.chat_template:
-        prompt = tokenizer.apply_chat_template(
-            [{"role": "user", "content": user_text}], tokenize=False, add_generation_prompt=True
-        )
-    else:
-        prompt = f"{user_text}\nAnswer:"
-    ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt").input_ids
-    if answer:
-        answer_ids = tokenizer(answer, add_special_tokens=False, return_tensors="pt").input_ids
-        ids = torch.cat([ids, answer_ids], dim=1)
-    return ids
+    return torch.tensor([encode_prompt(tokenizer, user_text, "")])
 
 
 @contextlib.contextmanager
@@ -139,15 +134,12 @@ def strict_score(model, tokenizer, user_text: str, number: int, desc: str = "str
         (log_prob, accuracy): the sum of the log-probabilities of the answer's digit tokens (<= 0, in nats),
         and the fraction of those tokens that are the model's top prediction (in [0, 1]).
     """
-    prompt_ids = encode_chat(tokenizer, user_text)
-    full_ids = encode_chat(tokenizer, user_text, ANSWER.format(number=number)).to(model.device)
-    n_answer = full_ids.shape[1] - prompt_ids.shape[1]
+    prompt = encode_prompt(tokenizer, user_text, "")
+    answer = encode_target(tokenizer, ANSWER.format(number=number))
+    ids = torch.tensor([prompt + answer], device=model.device)  # [1, N + n_answer]
     with layer_progress(model, desc):
-        logits = model(full_ids, use_cache=False, logits_to_keep=n_answer + 1).logits[0, :-1]  # [n_answer, V]
-    targets = full_ids[0, -n_answer:]  # [n_answer]
-    answer_tokens = tokenizer.convert_ids_to_tokens(targets.tolist())
-    # Byte-level BPE marks a leading space with "Ġ", SentencePiece with "▁".
-    is_digit = torch.tensor([t.strip("Ġ▁ ").isdigit() for t in answer_tokens], device=targets.device)
-    log_probs = logits.float().log_softmax(-1).gather(-1, targets[:, None])[:, 0]  # [n_answer]
-    correct = logits.argmax(-1) == targets
-    return log_probs[is_digit].sum().item(), correct[is_digit].float().mean().item()
+        logits = model(ids, use_cache=False, logits_to_keep=len(answer) + 1).logits[:, :-1]  # [1, n_answer, V]
+    # Only the digits are scored (byte-level BPE marks a leading space with "Ġ", SentencePiece with "▁").
+    is_digit = [t.strip("Ġ▁ ").isdigit() for t in tokenizer.convert_ids_to_tokens(answer)]
+    score = teacher_forced_logits_scores(logits, ids[:, -len(answer) :], torch.tensor([is_digit], device=ids.device))[0]
+    return score.mean_log_prob * score.tokens, score.top1

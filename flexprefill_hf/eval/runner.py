@@ -16,7 +16,15 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from .methods import Method, set_attention_implementation, apply_method, resolved_config, summarize
+from .methods import (
+    EVAL_ATTENTION_NAME,
+    Method,
+    apply_method,
+    register_eval_attention,
+    resolved_config,
+    set_attention_implementation,
+    summarize,
+)
 from .scoring import ruler_score, teacher_forced_score
 from .tasks import Sample
 
@@ -32,7 +40,10 @@ class Heatmap:
     pattern: list[list[int]]
 
 
-DECODE_ATTENTION = "sdpa"
+# Every method decodes with this one attention function (the methods differ in the prefill only): its decode
+# branch is dense attention without repeating K/V for GQA and with the padding mask as a [B, K] row, where
+# transformers' "sdpa" repeats K/V on every step of a padded batch (3x the cache traffic for SmolLM2).
+DECODE_ATTENTION = EVAL_ATTENTION_NAME
 
 
 def left_pad(rows: Sequence[Sequence[int]], pad_token_id: int):
@@ -88,11 +99,12 @@ def prefill_and_generate(model, tokenizer, samples: Sequence[Sample], recorder):
     generated: list[list[int]] = [[] for _ in samples]
     done = [False] * len(samples)
     next_position = positions[:, -1:] + 1
-    # Decode steps run transformers' SDPA whatever the method (every method decodes densely; the methods
+    # Decode steps run DECODE_ATTENTION whatever the method (every method decodes densely; the methods
     # differ in the prefill only), which also spares the sparse methods' per-call decode overhead.
     implementation = model.config._attn_implementation
     switch = implementation != DECODE_ATTENTION
     if switch:
+        register_eval_attention()
         set_attention_implementation(model, DECODE_ATTENTION)
     try:
         for _ in range(max(budgets)):
@@ -322,10 +334,15 @@ def _run_batch(model, tokenizer, method, config, batch, recorder, pad, round_ind
 
 
 def _run_whole_batch(model, tokenizer, method, config, batch, recorder, pad, round_index, result, on_record) -> None:
+    begin = time.perf_counter()
     replies, seconds, stats, layers = prefill_and_generate(model, tokenizer, batch, recorder)
+    generated = time.perf_counter()
     if not any(h.method == method.label for h in result.heatmaps):
         result.heatmaps.append(_heatmap(model, method, batch[0], layers))
     strict = teacher_forced_score(model, [s.prompt_ids for s in batch], [s.target_ids for s in batch], pad)
+    # Where a batch's time goes (the log of a long run; the records keep the prefill time only).
+    print(f"batch: {method.label} {batch[0].length} x{len(batch)}: prefill {seconds:.2f} s, decode "
+          f"{generated - begin - seconds:.2f} s, strict pass {time.perf_counter() - generated:.2f} s", file=sys.stderr)
     for sample, reply, stat, tf in zip(batch, replies, stats, strict):
         record = {
             "task": sample.task,

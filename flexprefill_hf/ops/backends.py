@@ -36,6 +36,7 @@ from typing import Callable, Optional, Union
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .attention.block_sparse_fa4 import (
     COMPILE_REASON,
@@ -46,22 +47,12 @@ from .attention.block_sparse_fa4 import (
     unsupported_reason,
 )
 from .block_structure import BlockStructure
-from .runtime import KERNEL_DTYPES
+from .runtime import KERNEL_DTYPES, compute_capability, cuda_capability
 
 SPARSE_BACKENDS = ("fa4", "triton", "torch")
 DENSE_BACKENDS = ("masked", "sdpa", "fa4", "sdpa_cudnn", "sdpa_lower_right")
 
 Availability = Union[bool, Callable[[], bool]]
-
-
-def _capability(t: torch.Tensor) -> Optional[tuple[int, int]]:
-    return _cuda_capability(t.device.index) if t.is_cuda else None
-
-
-@functools.lru_cache(maxsize=64)
-def _cuda_capability(index: int) -> tuple[int, int]:
-    """(major, minor) of CUDA device ``index``: constant for the process, asked on every dense prefill."""
-    return torch.cuda.get_device_capability(index)
 
 
 def sparse_backend_for(case: KernelCase, fa4: Availability = fa4_available) -> tuple[str, str]:
@@ -83,10 +74,24 @@ def choose_sparse_backend(
     q: torch.Tensor, k: torch.Tensor, structure: BlockStructure, key_start: Optional[torch.Tensor]
 ) -> tuple[str, str]:
     """(backend, reason) for the block-sparse forward of q [B, q_len, Hq, D] over k [B, k_len, Hkv, D]."""
-    if q.is_cuda and q.dtype in KERNEL_DTYPES and torch.compiler.is_compiling():
-        # Decided before any device query, so nothing but this branch is traced.
-        return "triton", f"Triton kernel: {COMPILE_REASON}"
-    return sparse_backend_for(KernelCase.of(q, structure, key_start))
+    block_size, head_dim, padded = structure.grid.block_size, q.shape[-1], key_start is not None
+    if q.is_cuda and q.dtype in KERNEL_DTYPES:
+        if torch.compiler.is_compiling():
+            # Decided before any device query, so nothing but this branch is traced.
+            return "triton", f"Triton kernel: {COMPILE_REASON}"
+        return _cuda_sparse_backend(q.device.index, q.dtype, block_size, head_dim, padded)
+    # The PyTorch path, whatever the capability.
+    return sparse_backend_for(KernelCase(q.device.type, None, q.dtype, block_size, head_dim, padded))
+
+
+@functools.lru_cache(maxsize=256)
+def _cuda_sparse_backend(
+    index: int, dtype: torch.dtype, block_size: int, head_dim: int, padded: bool
+) -> tuple[str, str]:
+    """:func:`sparse_backend_for` of an eager fp16/bf16 call on CUDA device ``index``, cached by the values it
+    depends on: the capability and ``fa4_available()`` are constant for the process, so a prefill builds no
+    KernelCase and queries no device."""
+    return sparse_backend_for(KernelCase("cuda", cuda_capability(index), dtype, block_size, head_dim, padded))
 
 
 def dense_backend_for(
@@ -135,7 +140,7 @@ def choose_dense_backend(q: torch.Tensor, k: torch.Tensor, key_start: Optional[t
         # What dense_backend_for gives off the GPU, without its arguments: nothing else to decide there.
         return "sdpa" if q_len == k.shape[1] else "masked"
     compiling = torch.compiler.is_compiling()
-    capability = None if compiling else _capability(q)  # no device query inside a traced graph
+    capability = None if compiling else compute_capability(q)  # no device query inside a traced graph
     return dense_backend_for(
         q.device.type, capability, q.dtype, q.shape[-1], q_len, k.shape[1], False, compiling=compiling
     )
@@ -143,26 +148,23 @@ def choose_dense_backend(q: torch.Tensor, k: torch.Tensor, key_start: Optional[t
 
 def _sdpa_priority_supported() -> bool:
     """torch.nn.attention.sdpa_kernel takes ``set_priority`` (the list order as priority) in newer torch."""
-    from torch.nn.attention import sdpa_kernel
-
     return "set_priority" in inspect.signature(sdpa_kernel).parameters
 
 
 # Read once at import: dynamo cannot trace inspect.signature(sdpa_kernel), and the dense route runs inside
 # torch.compile (sdpa_kernel itself, with set_priority, traces under fullgraph=True; tests/test_decode_path.py).
 _SDPA_SET_PRIORITY = _sdpa_priority_supported()
+# The priority order of cudnn_first, built once (sdpa_kernel copies the list it is given).
+_CUDNN_FIRST = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 def cudnn_first():
     """A context in which SDPA tries cuDNN, then flash, then efficient, then math attention.
 
-    Without ``set_priority`` (older torch) the list only enables all four, i.e. torch's own order.
+    Without ``set_priority`` (older torch) a no-op: all four stay enabled, in torch's own order.
     """
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
     if _SDPA_SET_PRIORITY:
-        return sdpa_kernel(order, set_priority=True)
+        return sdpa_kernel(_CUDNN_FIRST, set_priority=True)
     return contextlib.nullcontext()
 
 

@@ -14,8 +14,8 @@ from .attention.block_sparse_torch import block_sparse_attention_torch
 from .backends import choose_sparse_backend, dense_attention
 from .grid import BlockGrid, causal_block_counts
 from .runtime import KERNEL_DTYPES
-from .selection import select_blocks
-from .validation import check_attention_inputs, check_softmax_scale
+from .selection import BlockSelection, select_blocks
+from .validation import check_attention_inputs, check_kernel_head_dim, check_softmax_scale
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,7 +113,8 @@ def _forward(q, k, v, config, softmax_scale, key_start, with_stats: bool):
     """(out, stats or None): the operator; stats are built only when ``with_stats``.
 
     Ordered so that decode, which runs on every layer for every token, does the least: one shape read, the
-    checks, then the decode branch before any routing decision.
+    checks, then the decode branch before any routing decision. The inputs are validated here, once: the
+    kernels below are called through their unchecked launchers, on a structure built here.
     """
     check_attention_inputs(q, k, v, key_start)
     if config is None:
@@ -133,18 +134,22 @@ def _forward(q, k, v, config, softmax_scale, key_start, with_stats: bool):
         out = dense_attention(q, k, v, scale, key_start)
         return out, (_dense_stats(q, k, config, key_start) if with_stats else None)
 
+    if q.is_cuda:
+        # A CUDA sparse call runs a kernel (the dense route took every other dtype): its head dims, checked
+        # before the selection, as the unchecked launcher below does not.
+        check_kernel_head_dim(head_dim)
     selection = select_blocks(q, k, selection_config(config, q.is_cuda), scale, key_start)
     structure = selection.structure
     backend, _ = choose_sparse_backend(q, k, structure, key_start)
     if backend == "fa4":
-        from .attention.block_sparse_fa4 import block_sparse_attention_fa4
+        from .attention.block_sparse_fa4 import _block_sparse_attention_fa4
 
-        out = block_sparse_attention_fa4(q, k, v, structure, softmax_scale=scale)
+        out = _block_sparse_attention_fa4(q, k, v, structure, scale)[0]
     elif backend == "triton":
         # Imported here: the kernel module is compiled for the device (or the interpreter) on first use.
-        from .attention.block_sparse_triton import block_sparse_attention_triton
+        from .attention.block_sparse_triton import _block_sparse_attention_triton
 
-        out = block_sparse_attention_triton(q, k, v, structure, softmax_scale=scale, key_start=key_start)
+        out = _block_sparse_attention_triton(q, k, v, structure, scale, key_start)[0]
     else:
         out = block_sparse_attention_torch(q, k, v, structure, scale, key_start)
     if not with_stats:
@@ -153,14 +158,32 @@ def _forward(q, k, v, config, softmax_scale, key_start, with_stats: bool):
     if key_start is not None:
         # A sequence of padding only runs dense from its clamped sink: one block of padding, nothing computed.
         computed = computed.masked_fill_((key_start >= k.shape[1])[:, None], 0)
-    stats = FlexPrefillStats(
-        query_aware=selection.query_aware,
-        js_distance=selection.js_distance.float(),
+    return out, build_stats(computed, selection.causal_blocks, selection, dense=False)
+
+
+def build_stats(
+    computed: torch.Tensor, causal: torch.Tensor, selection: Optional[BlockSelection], dense: bool
+) -> FlexPrefillStats:
+    """The one builder of :class:`FlexPrefillStats` (the operator's routes and ``varlen.py``).
+
+    computed: int32 [B, Hq], the (query block, key block) pairs each head computed; causal: int [B], the pairs
+    of each sequence's causal block triangle (0 for a sequence with no real key or no query: its fraction is 0);
+    selection: what chose the blocks (its query-aware flags and JS distances), or None where no selection ran
+    (every head dense: False and NaN).
+    """
+    if selection is None:
+        batch, heads = computed.shape
+        query_aware = torch.zeros(batch, heads, dtype=torch.bool, device=computed.device)
+        js_distance = torch.full((batch, heads), math.nan, device=computed.device)
+    else:
+        query_aware, js_distance = selection.query_aware, selection.js_distance.float()
+    return FlexPrefillStats(
+        query_aware=query_aware,
+        js_distance=js_distance,
         computed_blocks=computed,
-        computed_fraction=computed.float() / selection.causal_blocks.clamp_min(1)[:, None].float(),
-        dense=False,
+        computed_fraction=computed.float() / causal.clamp_min(1)[:, None].float(),
+        dense=dense,
     )
-    return out, stats
 
 
 _DEFAULT_CONFIG = FlexPrefillConfig()
@@ -185,32 +208,17 @@ def _routes_dense(q: torch.Tensor, k_len: int, config: FlexPrefillConfig) -> boo
 
 
 def _empty_stats(q: torch.Tensor, dense: bool) -> FlexPrefillStats:
-    heads, device = q.shape[2], q.device
-    return FlexPrefillStats(
-        query_aware=torch.zeros(0, heads, dtype=torch.bool, device=device),
-        js_distance=torch.zeros(0, heads, device=device),
-        computed_blocks=torch.zeros(0, heads, dtype=torch.int32, device=device),
-        computed_fraction=torch.zeros(0, heads, device=device),
-        dense=dense,
-    )
+    computed = torch.zeros(0, q.shape[2], dtype=torch.int32, device=q.device)  # [0, Hq]
+    return build_stats(computed, computed[:, 0], None, dense)
 
 
 def _dense_stats(q: torch.Tensor, k: torch.Tensor, config: FlexPrefillConfig, key_start) -> FlexPrefillStats:
+    """Every head of every sequence dense: all pairs of its causal block triangle computed."""
     batch, q_len, q_heads, _ = q.shape
     grid = BlockGrid(q_len, k.shape[1], config.block_size)
     starts = torch.zeros(batch, dtype=torch.long, device=q.device) if key_start is None else key_start
-    sink = grid.sink_block(starts)  # [B]
-    causal = causal_block_counts(grid, sink)  # [B]
-    fraction = torch.ones(batch, q_heads, device=q.device)
+    causal = causal_block_counts(grid, grid.sink_block(starts))  # [B]
     if key_start is not None:
         # A sequence of padding only (key_start == k_len) computes no block, as on the sparse route.
-        empty = key_start >= grid.k_len  # [B]
-        causal = causal.masked_fill(empty, 0)
-        fraction = fraction.masked_fill_(empty[:, None], 0.0)
-    return FlexPrefillStats(
-        query_aware=torch.zeros(batch, q_heads, dtype=torch.bool, device=q.device),
-        js_distance=torch.full((batch, q_heads), math.nan, device=q.device),
-        computed_blocks=causal[:, None].expand(batch, q_heads).contiguous(),
-        computed_fraction=fraction,
-        dense=True,
-    )
+        causal = causal.masked_fill(key_start >= grid.k_len, 0)
+    return build_stats(causal[:, None].expand(batch, q_heads).contiguous(), causal, None, dense=True)

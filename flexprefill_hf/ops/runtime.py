@@ -6,6 +6,7 @@ sizes exist?" or "which GPU is this?" imports the answer from here.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from typing import Optional
@@ -33,10 +34,21 @@ def interpreting() -> bool:
 
 
 def compute_capability(t: torch.Tensor) -> Optional[tuple[int, int]]:
-    """(major, minor) of the CUDA device holding ``t``, or None for a tensor not on a CUDA device."""
+    """(major, minor) of the CUDA device holding ``t``, or None for a tensor not on a CUDA device.
+
+    The one capability query of the package (backend choice, tuning tables). Not traceable: callers inside
+    ``torch.compile`` decide before asking.
+    """
     if t.device.type != "cuda":
         return None
-    return torch.cuda.get_device_capability(t.device)
+    return cuda_capability(t.device.index)  # a CUDA tensor's device always has an index
+
+
+@functools.lru_cache(maxsize=64)
+def cuda_capability(index: int) -> tuple[int, int]:
+    """(major, minor) of CUDA device ``index``: constant for the process and asked on every prefill, so one
+    driver query per device."""
+    return torch.cuda.get_device_capability(index)
 
 
 def is_hopper(t: torch.Tensor) -> bool:

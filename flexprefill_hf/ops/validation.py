@@ -1,5 +1,9 @@
 """The one validator of attention inputs, shared by the operator, the PyTorch paths and the kernel launchers.
 
+Each public entry validates once: the operator (and ``varlen``) check their inputs, then call the kernels'
+unchecked launchers (``_block_sparse_attention_triton``, ``_block_sparse_attention_fa4``, ...) with a
+structure they built; a kernel's public function, called directly, checks its own inputs.
+
 Every message names the argument, the value received and what is allowed. Errors of type are TypeError,
 errors of value or shape ValueError.
 """
@@ -101,13 +105,22 @@ def _raise_for_attention_inputs(q, k, v, kernel: bool) -> None:
     lowest = 0 if kernel else 1
     if not lowest <= q_len <= k_len:
         raise ValueError(f"q has {q_len} tokens and k has {k_len}; expected {lowest} <= q_len <= k_len")
-    if kernel and (head_dim % 8 != 0 or not 16 <= head_dim <= MAX_HEAD_DIM):
-        raise ValueError(f"head_dim={head_dim} is not supported; expected a multiple of 8 in [16, {MAX_HEAD_DIM}]")
+    if kernel:
+        check_kernel_head_dim(head_dim)
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         raise ValueError(
             "FlexPrefill does not support gradients: it is a prefill (inference) method; q, k or v requires grad. "
             "Call it under torch.no_grad() / torch.inference_mode(), or detach the inputs"
         )
+
+
+def check_kernel_head_dim(head_dim: int) -> None:
+    """The head dims the kernels take: a multiple of 8 in [16, MAX_HEAD_DIM] (the PyTorch paths take any).
+
+    The operator and ``varlen`` call it before a CUDA sparse call, whose kernel launchers they call unchecked.
+    """
+    if head_dim % 8 != 0 or not 16 <= head_dim <= MAX_HEAD_DIM:
+        raise ValueError(f"head_dim={head_dim} is not supported; expected a multiple of 8 in [16, {MAX_HEAD_DIM}]")
 
 
 def check_key_start(key_start, batch: int, k_len: int, device: torch.device) -> None:

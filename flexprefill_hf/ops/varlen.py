@@ -51,12 +51,12 @@ import torch
 
 from ..config import FlexPrefillConfig
 from .block_structure import BlockStructure
-from .flexprefill import FlexPrefillStats, selection_config
+from .flexprefill import FlexPrefillStats, build_stats, selection_config
 from .grid import BlockGrid, causal_block_counts
 from .runtime import KERNEL_DTYPES
 from .selection.scores import compute_dtype
 from .selection.select import BlockSelection, select_blocks_from_parts
-from .validation import check_attention_inputs, check_softmax_scale
+from .validation import check_attention_inputs, check_kernel_head_dim, check_softmax_scale
 
 # Bytes of packed rows upcast at once for the block-mean segment sums.
 _SEGMENT_CHUNK_BYTES = 1 << 28
@@ -117,12 +117,15 @@ def flexprefill_attention_varlen_with_stats(
     if config is not None and not isinstance(config, FlexPrefillConfig):
         raise TypeError(f"config has type {type(config).__name__}; expected FlexPrefillConfig or None")
     check_softmax_scale(softmax_scale)
+    kernel = q.is_cuda and q.dtype in KERNEL_DTYPES
+    if kernel:
+        # Validated once, here: the packed kernel below is called through its unchecked launcher.
+        check_kernel_head_dim(q.shape[-1])
     config = FlexPrefillConfig() if config is None else config
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
     batch, q_heads = cu_seqlens_q.shape[0] - 1, q.shape[1]
     max_k = max_seqlen_k
     max_q = min(max_seqlen_q, max_k)
-    kernel = q.is_cuda and q.dtype in KERNEL_DTYPES
     # A sequence runs dense where it would alone (flexprefill.py's routing): at or below the threshold,
     # and on CUDA below cuda_dense_below; decode rows are dense by select_blocks' query_start rule.
     config = selection_config(config, q.is_cuda)
@@ -131,7 +134,8 @@ def flexprefill_attention_varlen_with_stats(
     grid = BlockGrid(max_q, max_k, config.block_size)
     if batch == 0:
         out = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
-        return out, _stats(grid, torch.zeros(0, q_heads, dtype=torch.int32, device=q.device), None, q, all_dense)
+        computed = torch.zeros(0, q_heads, dtype=torch.int32, device=q.device)  # [0, Hq]
+        return out, build_stats(computed, computed[:, 0], None, all_dense)
 
     q_lens = cu_seqlens_q.diff().long()  # [B]
     k_lens = cu_seqlens_k.diff().long()
@@ -149,17 +153,15 @@ def flexprefill_attention_varlen_with_stats(
         structure = selection.structure
     if kernel:
         # Imported here: the kernel module is compiled for the device (or the interpreter) on first use.
-        from .attention.block_sparse_triton import block_sparse_attention_triton_packed
+        from .attention.block_sparse_triton import _block_sparse_attention_triton_packed
 
-        out = block_sparse_attention_triton_packed(
-            q, k, v, structure, cu_seqlens_q, cu_seqlens_k, softmax_scale=scale
-        )
+        out = _block_sparse_attention_triton_packed(q, k, v, structure, cu_seqlens_q, cu_seqlens_k, scale)
     else:
         out = _attention_torch(q, k, v, structure, cu_seqlens_q, cu_seqlens_k, q_lens, k_lens, key_start, scale,
                                selection is None)
     computed = structure.counts.sum(-1, dtype=torch.int32)  # [B, Hq]
     causal = causal_block_counts(grid, sink, grid.sink_block(query_start)) * (q_lens > 0)
-    return out, _stats(grid, computed, selection, q, selection is None, causal)
+    return out, build_stats(computed, causal, selection, dense=selection is None)
 
 
 def select_blocks_varlen(
@@ -191,10 +193,7 @@ def select_blocks_varlen(
     query_start = max_seqlen_k - q_lens
     r = grid.num_representative
     # The last r rows of each sequence's view: rows before its first query are 0 (no query there).
-    index, valid = _row_index(cu_seqlens_q, q_lens, max_q)
-    index, valid = index[:, max_q - r :], valid[:, max_q - r :]
-    q_rep = q.index_select(0, index.flatten().clamp_max(q.shape[0] - 1)).unflatten(0, index.shape)
-    q_rep = q_rep.masked_fill_(~valid[:, :, None, None], 0)  # [B, r, Hq, D]
+    q_rep = _left_padded(q, cu_seqlens_q, q_lens, max_q, first=max_q - r)  # [B, r, Hq, D]
     q_means = _block_means(q, cu_seqlens_q, q_lens, grid, grid.first_query_block)  # [B, Hq, nqb, D]
     scores_backend = backends.get("scores_backend")
     if scores_backend == "triton" or (scores_backend is None and q.is_cuda and q.dtype in KERNEL_DTYPES):
@@ -213,11 +212,7 @@ def _block_means(x: torch.Tensor, cu_seqlens: torch.Tensor, lens: torch.Tensor, 
     grid over the packed rows x [total, H, D] of its sequence that fall in it (0 where none do), by one segment
     sum over the packed rows; sequence b's rows are the last lens[b] positions of the view."""
     batch, blocks = lens.shape[0], grid.num_blocks - first_block
-    rows = torch.arange(x.shape[0], device=x.device)
-    seq = torch.searchsorted(cu_seqlens[1:].long(), rows, right=True)  # [total]; B past the last sequence
-    real = seq < batch
-    seq = seq.clamp_max(batch - 1)
-    position = grid.k_len - lens[seq] + rows - cu_seqlens[:-1].long()[seq]  # key position in the view
+    seq, position, real = _packed_positions(cu_seqlens, lens, x.shape[0], grid.k_len)  # key positions in the view
     block = ((position + grid.pad) // grid.block_size - first_block).clamp(0, blocks - 1)
     segment = torch.where(real, seq * blocks + block, batch * blocks)  # rows of no sequence: a dropped segment
     dtype = compute_dtype(x.dtype)
@@ -229,18 +224,6 @@ def _block_means(x: torch.Tensor, cu_seqlens: torch.Tensor, lens: torch.Tensor, 
     counts = x.new_zeros(batch * blocks + 1, dtype=dtype).index_add_(0, segment, x.new_ones(x.shape[0], dtype=dtype))
     means = sums[:-1] / counts[:-1].clamp_min(1)[:, None, None]
     return means.unflatten(0, (batch, blocks)).transpose(1, 2)  # [B, H, blocks, D]
-
-
-def _stats(grid, computed, selection, q, dense, causal=None) -> FlexPrefillStats:
-    batch, q_heads = computed.shape
-    if selection is None:
-        query_aware = torch.zeros(batch, q_heads, dtype=torch.bool, device=q.device)
-        distance = torch.full((batch, q_heads), math.nan, device=q.device)
-    else:
-        query_aware, distance = selection.query_aware, selection.js_distance.float()
-    fraction = computed.float() if causal is None else computed.float() / causal.clamp_min(1)[:, None].float()
-    return FlexPrefillStats(query_aware=query_aware, js_distance=distance, computed_blocks=computed,
-                            computed_fraction=fraction, dense=dense)
 
 
 def varlen_key_start(cu_seqlens_k: torch.Tensor, max_seqlen_k: int) -> torch.Tensor:
@@ -270,20 +253,31 @@ def full_causal_structure(
     return BlockStructure(indices=indices, counts=counts[:, None].expand(batch, q_heads, -1), grid=grid)
 
 
-def _row_index(cu_seqlens: torch.Tensor, lens: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(packed row of padded position t of each sequence, clamped to a valid row; bool: the position is real),
-    both [B, length]: sequence b occupies the last lens[b] positions of the view."""
+def _left_padded(
+    x: torch.Tensor, cu_seqlens: torch.Tensor, lens: torch.Tensor, length: int, first: int = 0
+) -> torch.Tensor:
+    """Packing's inverse: the packed rows x [total, H, D] laid into the left-padded view of ``length`` rows,
+    sequence b in its last lens[b] positions; positions ``first .. length - 1`` only: [B, length - first, H, D]
+    (padding rows 0). :func:`_packed_positions` is the map back."""
     start = length - lens  # [B]
-    t = torch.arange(length, device=lens.device)
-    valid = t[None, :] >= start[:, None]
-    return (cu_seqlens[:-1].long()[:, None] + t[None, :] - start[:, None]).clamp_min(0), valid
-
-
-def _left_padded(x: torch.Tensor, cu_seqlens: torch.Tensor, lens: torch.Tensor, length: int) -> torch.Tensor:
-    """The packed rows x [total, H, D] laid into a left-padded view [B, length, H, D] (padding rows 0)."""
-    index, valid = _row_index(cu_seqlens, lens, length)
-    out = x.index_select(0, index.flatten().clamp_max(x.shape[0] - 1)).unflatten(0, index.shape)
+    t = torch.arange(first, length, device=lens.device)
+    valid = t[None, :] >= start[:, None]  # [B, length - first]
+    index = (cu_seqlens[:-1].long()[:, None] + t[None, :] - start[:, None]).clamp(0, x.shape[0] - 1)
+    out = x.index_select(0, index.flatten()).unflatten(0, index.shape)
     return out.masked_fill_(~valid[:, :, None, None], 0)
+
+
+def _packed_positions(
+    cu_seqlens: torch.Tensor, lens: torch.Tensor, total: int, length: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Packing's map: for each of the ``total`` packed rows, (its sequence, clamped to B - 1; its position in the
+    sequence's left-padded view of ``length`` rows; bool: it belongs to a sequence, False past cu_seqlens[B]),
+    each [total] (int64, int64, bool). Sequence b fills the last lens[b] positions, as in :func:`_left_padded`."""
+    rows = torch.arange(total, device=cu_seqlens.device)
+    seq = torch.searchsorted(cu_seqlens[1:].long(), rows, right=True)  # B past the last sequence
+    real = seq < lens.shape[0]
+    seq = seq.clamp_max(lens.shape[0] - 1)
+    return seq, length - lens[seq] + rows - cu_seqlens[:-1].long()[seq], real
 
 
 def _attention_torch(q, k, v, structure, cu_q, cu_k, q_lens, k_lens, key_start, scale, dense) -> torch.Tensor:
@@ -296,12 +290,8 @@ def _attention_torch(q, k, v, structure, cu_q, cu_k, q_lens, k_lens, key_start, 
     # The dense path's structure is the full causal set: masked attention without one is the same function.
     out_pad = masked_attention_torch(q_pad, k_pad, v_pad, scale, key_start, None if dense else structure)
     # Packed row p of sequence b is padded row max_q - q_len_b + (p - cu_q[b]); rows past cu_q[B] stay 0.
-    rows = torch.arange(q.shape[0], device=q.device)
-    seq = torch.searchsorted(cu_q[1:].long(), rows, right=True)  # [total_q]; B past the last sequence
-    real = seq < q_lens.shape[0]
-    seq = seq.clamp_max(q_lens.shape[0] - 1)
-    pos = (rows - cu_q[:-1].long()[seq] + grid.q_len - q_lens[seq]).clamp(0, grid.q_len - 1)
-    return torch.where(real[:, None, None], out_pad[seq, pos], 0).to(q.dtype)
+    seq, pos, real = _packed_positions(cu_q, q_lens, q.shape[0], grid.q_len)  # [total_q]
+    return torch.where(real[:, None, None], out_pad[seq, pos.clamp(0, grid.q_len - 1)], 0).to(q.dtype)
 
 
 def check_varlen_inputs(

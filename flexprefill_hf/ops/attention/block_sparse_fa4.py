@@ -77,7 +77,7 @@ import torch
 
 from ..block_structure import BlockStructure
 from ..grid import BlockGrid
-from ..runtime import KERNEL_DTYPES
+from ..runtime import KERNEL_DTYPES, compute_capability
 from ..validation import check_attention_inputs, check_softmax_scale, check_structure
 
 # Our block sizes FA4 is used for: 128 maps onto its 128 x 128 SM90 tiles (64 would need 64 x 64 tiles: unmeasured).
@@ -123,10 +123,9 @@ class KernelCase:
 
     @classmethod
     def of(cls, q: torch.Tensor, structure: BlockStructure, key_start: Optional[torch.Tensor]) -> "KernelCase":
-        capability = torch.cuda.get_device_capability(q.device) if q.is_cuda else None
         return cls(
-            q.device.type, capability, q.dtype, structure.grid.block_size, q.shape[-1], key_start is not None,
-            torch.compiler.is_compiling(),
+            q.device.type, compute_capability(q), q.dtype, structure.grid.block_size, q.shape[-1],
+            key_start is not None, torch.compiler.is_compiling(),
         )
 
 
@@ -354,13 +353,19 @@ def _fa4_attend(softmax_scale: float, block_size: int) -> Attend:
     return attend
 
 
-def _block_sparse_attention_fa4(q, k, v, structure, softmax_scale, key_start, with_lse):
+def _check_inputs(q, k, v, structure, softmax_scale, key_start) -> None:
+    """What the public functions check; the operator, which chose this backend, calls the unchecked one."""
     check_attention_inputs(q, k, v, key_start, kernel=True)
     check_structure(structure, q, k)
     check_softmax_scale(softmax_scale)
     ok, reason = supports(q, k, structure, key_start)
     if not ok:
         raise ValueError(f"block_sparse_attention_fa4 does not take this case: {reason}; use the Triton kernel")
+
+
+def _block_sparse_attention_fa4(q, k, v, structure, softmax_scale, with_lse: bool = False):
+    """:func:`block_sparse_attention_fa4` without validation (the caller validated and chose this backend:
+    the operator, through ``backends.choose_sparse_backend``, with no left padding). Returns (out, lse or None)."""
     batch, q_len, q_heads, head_dim = q.shape
     if batch == 0 or q_len == 0:
         out = q.new_zeros(q.shape)
@@ -392,7 +397,8 @@ def block_sparse_attention_fa4(
     Raises:
         ValueError when :func:`supports` says no (with its reason), or for bad input.
     """
-    return _block_sparse_attention_fa4(q, k, v, structure, softmax_scale, key_start, with_lse=False)[0]
+    _check_inputs(q, k, v, structure, softmax_scale, key_start)
+    return _block_sparse_attention_fa4(q, k, v, structure, softmax_scale)[0]
 
 
 def block_sparse_attention_fa4_with_lse(
@@ -405,4 +411,5 @@ def block_sparse_attention_fa4_with_lse(
     key_start: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """As :func:`block_sparse_attention_fa4`; also returns the natural log-sum-exp, fp32 [B, Hq, q_len]."""
-    return _block_sparse_attention_fa4(q, k, v, structure, softmax_scale, key_start, with_lse=True)
+    _check_inputs(q, k, v, structure, softmax_scale, key_start)
+    return _block_sparse_attention_fa4(q, k, v, structure, softmax_scale, with_lse=True)

@@ -344,12 +344,19 @@ def _check_tile_config(tile_config, block_size: int) -> None:
         )
 
 
-def _forward(q, k, v, structure: BlockStructure, softmax_scale, key_start, tile_config, store_lse: bool):
-    """Validate, allocate and launch; returns (out, lse) (lse is ``out`` itself when not stored)."""
+def _check_inputs(q, k, v, structure: BlockStructure, softmax_scale, key_start, tile_config) -> None:
+    """What the public launchers check (the operator checks its own inputs and calls the unchecked one)."""
     check_attention_inputs(q, k, v, key_start, kernel=True)
     check_structure(structure, q, k)
     check_softmax_scale(softmax_scale)
     _check_tile_config(tile_config, structure.grid.block_size)
+
+
+def _block_sparse_attention_triton(
+    q, k, v, structure: BlockStructure, softmax_scale, key_start, tile_config=None, store_lse: bool = False
+):
+    """:func:`block_sparse_attention_triton` without validation (the caller validated: the operator, which
+    built ``structure`` itself); allocate and launch. Returns (out, lse), lse ``out`` itself when not stored."""
     batch, q_len, q_heads, _ = q.shape
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((batch, q_heads, q_len), dtype=torch.float32, device=q.device) if store_lse else out
@@ -460,7 +467,8 @@ def block_sparse_attention_triton(
         out [B, q_len, Hq, D] in the input dtype; rows with no visible key are 0. A NaN or Inf in q, k or v
         reaches every row whose computed blocks hold it (as in SDPA).
     """
-    return _forward(q, k, v, structure, softmax_scale, key_start, tile_config, store_lse=False)[0]
+    _check_inputs(q, k, v, structure, softmax_scale, key_start, tile_config)
+    return _block_sparse_attention_triton(q, k, v, structure, softmax_scale, key_start, tile_config)[0]
 
 
 def block_sparse_attention_triton_with_lse(
@@ -475,7 +483,8 @@ def block_sparse_attention_triton_with_lse(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """As :func:`block_sparse_attention_triton`; also returns the natural log-sum-exp, fp32 [B, Hq, q_len]
     (``-inf`` for rows with no visible key)."""
-    return _forward(q, k, v, structure, softmax_scale, key_start, tile_config, store_lse=True)
+    _check_inputs(q, k, v, structure, softmax_scale, key_start, tile_config)
+    return _block_sparse_attention_triton(q, k, v, structure, softmax_scale, key_start, tile_config, store_lse=True)
 
 
 def block_sparse_attention_triton_packed(
@@ -508,7 +517,7 @@ def block_sparse_attention_triton_packed(
     (device-side asserts on CUDA). The kernel is the padded one with per-sequence base offsets, so a
     sequence's output equals the one it gets alone from :func:`block_sparse_attention_triton`, bit for bit.
     """
-    from ..varlen import check_varlen_inputs, varlen_key_start
+    from ..varlen import check_varlen_inputs
 
     grid_geom = getattr(structure, "grid", None)
     if grid_geom is None or not hasattr(structure, "indices") or not hasattr(structure, "counts"):
@@ -522,10 +531,21 @@ def block_sparse_attention_triton_packed(
         if tuple(t.shape) != shape or t.dtype != torch.int32 or t.device != q.device:
             raise ValueError(f"structure.{name} is {t.dtype} of shape {tuple(t.shape)} on {t.device}; "
                              f"expected torch.int32 of shape {shape} on {q.device}")
+    return _block_sparse_attention_triton_packed(q, k, v, structure, cu_seqlens_q, cu_seqlens_k, softmax_scale,
+                                                 tile_config)
+
+
+def _block_sparse_attention_triton_packed(q, k, v, structure: BlockStructure, cu_seqlens_q, cu_seqlens_k,
+                                          softmax_scale, tile_config=None) -> torch.Tensor:
+    """:func:`block_sparse_attention_triton_packed` without validation (the caller validated:
+    ``varlen.flexprefill_attention_varlen``, which built ``structure`` itself); allocate and launch."""
+    from ..varlen import varlen_key_start
+
+    batch = cu_seqlens_q.shape[0] - 1
     out = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
     if batch == 0 or q.shape[0] == 0 or q.shape[1] == 0:
         return out
-    key_start = varlen_key_start(cu_seqlens_k, grid_geom.k_len)
+    key_start = varlen_key_start(cu_seqlens_k, structure.grid.k_len)
     _launch(q, k, v, out, out, structure, softmax_scale, key_start, (cu_seqlens_q, cu_seqlens_k), tile_config, False)
     return out
 
