@@ -5,6 +5,8 @@ After ``pip install -e .``:
 
     python benchmarks/profile_selection.py                  # 8K and 128K, default (Triton) path
     python benchmarks/profile_selection.py --seq 32768 --torch   # the all-PyTorch path
+    python benchmarks/profile_selection.py --time --seq 8192 32768 131072   # ms per call, no profiler
+    python benchmarks/profile_selection.py --time --scratch      # diagonals through the global scratch
     TRITON_INTERPRET=1 python benchmarks/profile_selection.py --count-ops   # CPU: aten ops per call
 
 At 8K the CUDA selection is launch-bound (tens of small torch ops around four Triton kernels), so the
@@ -101,6 +103,11 @@ def main(argv=None):
     parser.add_argument("--seq", type=int, nargs="+", default=[8192, 131072])
     parser.add_argument("--rows", type=int, default=25)
     parser.add_argument("--torch", action="store_true", help="profile the all-PyTorch path (no Triton kernels)")
+    parser.add_argument("--time", action="store_true",
+                        help="GPU: mean ms per eager call (CUDA events around --iters back-to-back calls), no profiler")
+    parser.add_argument("--iters", type=int, default=50)
+    parser.add_argument("--scratch", action="store_true",
+                        help="sum diagonals through the scores kernel's global scratch (scores_triton._DIAGONAL_BY_GATHER)")
     parser.add_argument("--count-ops", action="store_true",
                         help="CPU: count the aten ops of one call (needs TRITON_INTERPRET=1; --seq default 2048)")
     args = parser.parse_args(argv)
@@ -111,6 +118,10 @@ def main(argv=None):
             count_ops(n, key_start=torch.tensor([n // 3]))
         return
     backends = dict(scores_backend="torch", structure_backend="torch") if args.torch else {}
+    if args.scratch:
+        from flexprefill_hf.ops.selection import scores_triton
+
+        scores_triton._DIAGONAL_BY_GATHER = False
     config = FlexPrefillConfig(gamma=0.9, tau=0.1)
     for n in args.seq:
         q = torch.randn(1, n, 32, 128, device="cuda", dtype=torch.bfloat16)
@@ -118,6 +129,17 @@ def main(argv=None):
         for _ in range(3):
             select_blocks(q, k, config, 1 / math.sqrt(128), **backends)
         torch.cuda.synchronize()
+        if args.time:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(args.iters):
+                select_blocks(q, k, config, 1 / math.sqrt(128), **backends)
+            end.record()
+            torch.cuda.synchronize()
+            print(f"n={n}: select_blocks {start.elapsed_time(end) / args.iters:.3f} ms per call "
+                  f"(32/8 heads, d 128, bf16, eager, {args.iters} calls{', all torch' if args.torch else ''}"
+                  f"{', scratch diagonals' if args.scratch else ''})")
+            continue
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             for _ in range(5):
                 select_blocks(q, k, config, 1 / math.sqrt(128), **backends)

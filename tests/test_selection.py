@@ -194,3 +194,21 @@ def test_sink_block_is_the_block_of_the_first_real_key():
     assert [grid.sink_block(int(s)) for s in starts] == got.tolist()
     # A start past the last key (rejected by the operator) stays inside the grid.
     assert int(grid.sink_block(torch.tensor([5000]))) == grid.sink_block(5000) == grid.num_blocks - 1
+
+
+@pytest.mark.parametrize("case", [CASES[1], CASES[2], CASES[5], CASES[7]], ids=["padded", "cache", "nonmultiple", "turn"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_triton_structure_backend_equals_reference(case, dtype, poison_empty):
+    """The CUDA path's §3-§5 (threshold-search coverage and the Triton composition) on float32/float64 inputs:
+    still the reference's selection exactly."""
+    batch, q_len, k_len, hq, hkv, d, bs, starts, gamma, tau, min_budget, max_budget = case
+    config = FlexPrefillConfig(gamma=gamma, tau=tau, block_size=bs, min_budget=min_budget, max_budget=max_budget)
+    key_start = None if starts is None else torch.tensor(starts)
+    q, k, _ = random_qkv(batch, q_len, k_len, hq, hkv, d, dtype=dtype, scale=1.5, seed=CASES.index(case) + 40)
+    scale = 1.0 / math.sqrt(d)
+    want_mask, want_qa, want_js = reference.select_blocks_reference(q, k, config, scale, key_start, dtype=dtype)
+    got = select_blocks(q, k, config, scale, key_start, structure_backend="triton")
+    assert torch.equal(structure_to_block_mask(got.structure), want_mask)
+    assert torch.equal(got.query_aware, want_qa)
+    # The pattern kernel's distance: the same function, summed in another order (NaN for dense sequences).
+    torch.testing.assert_close(got.js_distance, want_js.to(got.js_distance.dtype), equal_nan=True)

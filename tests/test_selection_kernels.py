@@ -30,8 +30,9 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
     ],
 )
 @pytest.mark.parametrize("splits", [None, 5])
+@pytest.mark.parametrize("by_gather", [True, False], ids=["gather", "scratch"])  # the two ways to sum diagonals
 def test_representative_scores_match_torch(
-    batch, q_len, k_len, hq, hkv, d, block, starts, dtype, splits, monkeypatch, poison_empty
+    batch, q_len, k_len, hq, hkv, d, block, starts, dtype, splits, by_gather, monkeypatch, poison_empty
 ):
     q, k, _ = random_qkv(batch, q_len, k_len, hq, hkv, d, dtype=dtype, scale=1.5, seed=q_len + d)
     q, k = q.to(DEVICE), k.to(DEVICE)
@@ -43,6 +44,7 @@ def test_representative_scores_match_torch(
     want_v, want_s = representative_scores(q, k, grid, scale, key_valid)
     # Several programs per head: their partial log-sum-exps are combined two rows at a time.
     monkeypatch.setattr(scores_triton, "_SPLIT_CHUNK", 2)
+    monkeypatch.setattr(scores_triton, "_DIAGONAL_BY_GATHER", by_gather)
     # Fresh memory is poisoned (NaN): the kernels must write every output and read no scratch they did not write.
     before = len(poison_empty.shapes)
     got_v, got_s = representative_scores_triton(q, k, grid, scale, key_start, splits=splits)
@@ -62,3 +64,192 @@ def test_selection_with_triton_scores_equals_torch_scores():
     b = select_blocks(q, k, config, 0.125, key_start, scores_backend="triton")
     assert torch.equal(structure_to_block_mask(a.structure), structure_to_block_mask(b.structure))
     assert torch.equal(a.query_aware, b.query_aware)
+
+
+# The γ-coverage threshold searches (coverage_triton.py) against the sort + cumsum rule (coverage.py), exactly.
+
+def _coverage_both(x, gamma):
+    from flexprefill_hf.ops.selection.coverage import coverage_counts, coverage_mask
+    from flexprefill_hf.ops.selection.coverage_triton import coverage_counts_triton, coverage_mask_triton
+
+    want_counts, want_mask = coverage_counts(x, gamma), coverage_mask(x, gamma)
+    got_counts, got_mask = coverage_counts_triton(x.to(DEVICE), gamma), coverage_mask_triton(x.to(DEVICE), gamma)
+    assert got_counts.dtype == torch.long and got_mask.dtype == torch.bool
+    assert torch.equal(got_counts.cpu(), want_counts), (got_counts, want_counts)
+    assert torch.equal(got_mask.cpu(), want_mask)
+    assert torch.equal(want_mask.sum(-1), want_counts)  # the two rules agree with each other
+    return want_counts
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("length", [1, 2, 37, 1024, 2500])  # one entry .. several 1024-entry blocks
+@pytest.mark.usefixtures("poison_empty")
+def test_coverage_search_equals_sorted_cumsum_on_random_rows(dtype, length):
+    g = seeded(length + (dtype == torch.float64))
+    # Rows of probabilities, peaked to flat, plus an all-zero row (a padding row keeps everything).
+    logits = torch.randn(5, length, generator=g, dtype=torch.float64) * torch.tensor([0.1, 1.0, 3.0, 8.0, 1.0])[:, None]
+    x = torch.softmax(logits, -1).to(dtype)
+    x[4] = 0
+    for gamma in (0.05, 0.5, 0.9, 0.99):
+        counts = _coverage_both(x, gamma)
+        assert counts[4] == length
+    assert torch.equal(_coverage_both(x, 1.0), torch.full((5,), length))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.usefixtures("poison_empty")
+def test_coverage_search_ties_at_the_boundary_go_to_the_lower_index(dtype):
+    # Multiples of 1/16: every running sum is exact, so the boundary falls exactly on γ for some γ, often inside
+    # a run of ties; the stable sort keeps the first ties by index, and so must the search.
+    g = seeded(23)
+    x = (torch.randint(0, 6, (6, 41), generator=g).double() / 16).to(dtype)
+    x[0, :] = 0.25  # one run of ties: before = 0, 0.25, 0.5, ... hits γ = 0.5 exactly (not kept)
+    for gamma in (1 / 16, 0.25, 0.3, 0.5, 0.75, 0.76, 2.0 - 1 / 16):
+        gamma = min(gamma, 0.999)
+        _coverage_both(x, gamma)
+    from flexprefill_hf.ops.selection.coverage_triton import coverage_mask_triton
+
+    assert _coverage_both(x, 0.5)[0] == 2  # 0.25 + 0.25 reaches 0.5: two entries
+    assert coverage_mask_triton(x.to(DEVICE), 0.5)[0].nonzero().flatten().tolist() == [0, 1]  # the lower indices
+
+
+def test_coverage_search_rounds_gamma_like_the_tensor_comparison():
+    # γ just above 0.5 rounds to 0.5 in float32 (the comparison's dtype) but not in float64.
+    gamma = 0.5 + 2.0 ** -30
+    for dtype, want in ((torch.float32, 2), (torch.float64, 3)):
+        x = torch.full((1, 4), 0.25, dtype=dtype)
+        assert int(_coverage_both(x, gamma)[0]) == want
+
+
+def test_coverage_mask_computes_the_rows_needed(poison_empty):
+    from flexprefill_hf.ops.selection.coverage import coverage_mask
+    from flexprefill_hf.ops.selection.coverage_triton import coverage_mask_triton
+
+    x = torch.softmax(torch.randn(2, 3, 50, generator=seeded(4), dtype=torch.float64), -1).float()
+    needed = torch.tensor([[True, False, True], [False, False, True]])
+    got = coverage_mask_triton(x.to(DEVICE), 0.8, rows_needed=needed.to(DEVICE)).cpu()
+    assert torch.equal(got[needed], coverage_mask(x, 0.8)[needed])  # the skipped rows are nobody's to read
+
+
+def test_coverage_search_rejects_what_it_cannot_read():
+    from flexprefill_hf.ops.selection.coverage_triton import coverage_counts_triton
+
+    x = torch.rand(3, 8, device=DEVICE)
+    with pytest.raises(TypeError, match="scores.dtype=torch.float16 is not supported"):
+        coverage_counts_triton(x.half(), 0.9)
+    with pytest.raises(ValueError, match="scores must be contiguous"):
+        coverage_counts_triton(x.t(), 0.9)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("gamma,least,most", [(0.9, 1, 9), (0.5, 3, 2), (1.0, 1, 9), (0.99, 0, 4)])
+@pytest.mark.usefixtures("poison_empty")
+def test_fused_vertical_slash_blocks_equal_budget_then_top_blocks(dtype, gamma, least, most):
+    """§3 in one launch = coverage_counts -> budget -> (query-aware: least blocks) -> top_blocks, on block scores
+    with ties (multiples of 1/16) and padding blocks (< 0, never chosen), min above max included."""
+    from flexprefill_hf.ops.selection.coverage import coverage_counts, top_blocks
+    from flexprefill_hf.ops.selection.coverage_triton import vertical_slash_blocks_triton
+
+    g = seeded(int(gamma * 100) + least)
+    batch, heads, n, block = 2, 3, 300, 32
+    nb = -(-n // block)
+    scores = torch.softmax(torch.randn(2, batch, heads, n, generator=g, dtype=torch.float64) * 2, -1).to(dtype)
+    block_scores = (torch.randint(0, 5, (2, batch, heads, nb), generator=g).double() / 16).to(dtype)
+    block_scores[0, 1, :, :3] = -1.0  # padding blocks of sequence 1
+    query_aware = torch.rand(batch, heads, generator=g) < 0.4
+    qa_blocks = min(least, nb)
+    got = vertical_slash_blocks_triton(scores.to(DEVICE), block_scores.to(DEVICE), query_aware.to(DEVICE), gamma,
+                                       block, least, most, qa_blocks).cpu()
+    budget = (coverage_counts(scores, gamma) // block + 1).clamp(min=least, max=most)
+    budget = torch.where(query_aware, qa_blocks, budget)
+    want = top_blocks(block_scores, budget) & (block_scores >= 0)  # padding blocks: dropped by the composition
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("starts,short", [(None, None), ([0, 150], None), ([40, 290], [False, True])])
+@pytest.mark.parametrize("block_n", [None, 16])  # one chunk of key blocks, or several (a chunk of padding only)
+def test_pattern_kernel_matches_torch_pattern(dtype, starts, short, block_n):
+    from flexprefill_hf.ops.selection import pattern_triton
+    from flexprefill_hf.ops.selection.coverage import js_distance
+
+    g = seeded(7 + (starts is None))
+    batch, n, r, hq, hkv, d, block = 2, 300, 7, 4, 2, 24, 8
+    grid = BlockGrid(r, n, block)
+    nb = grid.num_blocks
+    q_rep = (torch.randn(batch, r, hq, d, generator=g, dtype=torch.float64) * 2).to(dtype)
+    k_means = torch.randn(batch, nb, hkv, d, generator=g, dtype=torch.float64).to(dtype).permute(0, 2, 1, 3)
+    true_dist = torch.softmax(torch.randn(batch, hq, nb, generator=g, dtype=torch.float64) * 3, -1).to(dtype)
+    query_start = torch.tensor(starts or [0, 0])
+    sink = None if starts is None else grid.sink_block(query_start)
+    short_t = None if short is None else torch.tensor(short)
+    got_js, got_qa = pattern_triton.pattern_triton(q_rep.to(DEVICE), k_means.to(DEVICE), true_dist.to(DEVICE),
+                                                   query_start.to(DEVICE), None if sink is None else sink.to(DEVICE),
+                                                   None if short_t is None else short_t.to(DEVICE), n, 0.3, 0.25,
+                                                   block_n=block_n)
+    got_js, got_qa = got_js.cpu(), got_qa.cpu()
+    # The PyTorch arithmetic of select._pattern, written out.
+    rows = (torch.arange(n - r, n)[None, :] >= query_start[:, None]).to(dtype)  # [B, r]
+    mean = (q_rep * rows[:, :, None, None]).sum(1) / rows.sum(1).clamp_min(1)[:, None, None]  # [B, Hq, D]
+    logits = (mean.unflatten(1, (hkv, hq // hkv)) @ k_means.transpose(-1, -2)).flatten(1, 2) * 0.3
+    if sink is not None:
+        logits = logits.masked_fill(torch.arange(nb)[None, None, :] < sink[:, None, None], -math.inf)
+    want_js = js_distance(torch.softmax(logits, -1), true_dist)
+    want_qa = want_js < 0.25
+    if short_t is not None:
+        want_js = want_js.masked_fill(short_t[:, None], math.nan)
+        want_qa = want_qa & ~short_t[:, None]
+    assert got_js.dtype == dtype
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-13)
+    torch.testing.assert_close(got_js, want_js, equal_nan=True, **tol)
+    assert torch.equal(got_qa, want_qa)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("block_n", [None, 16])
+def test_block_estimate_kernel_matches_torch(dtype, padded, block_n):
+    """§4's row-softmax over the block-causal pairs, for a chunk of heads (GQA by index), with padding blocks,
+    query blocks without a query (all zeros) and rows longer than one loop step."""
+    from flexprefill_hf.ops.block_structure import causal_pair_index
+    from flexprefill_hf.ops.selection.estimate_triton import block_estimate_triton
+
+    g = seeded(31 + padded)
+    batch, hq, hkv, d = 2, 6, 2, 24
+    grid = BlockGrid(500, 700, 16)  # nqb 32 of nb 44: a prefill on a cache, rows of 13 .. 44 key blocks
+    nb, nqb = grid.num_blocks, grid.num_query_blocks
+    q_means = torch.randn(batch, nqb, hq, d, generator=g, dtype=torch.float64).to(dtype).permute(0, 2, 1, 3)
+    k_means = torch.randn(batch, nb, hkv, d, generator=g, dtype=torch.float64).to(dtype).permute(0, 2, 1, 3)
+    sink = torch.tensor([0, 20 if padded else 0])
+    query_rows = None
+    if padded:
+        query_rows = torch.arange(grid.first_query_block, nb)[None, :] >= torch.tensor([0, 30])[:, None]
+    h0, hc = 1, 4
+    got = block_estimate_triton(q_means.to(DEVICE), k_means.to(DEVICE), sink.to(DEVICE),
+                                None if query_rows is None else query_rows.to(DEVICE), grid, 0.3, h0, hc,
+                                block_n=block_n).cpu()
+    # Heads that are not query-aware are skipped: the others' rows are the same numbers.
+    query_aware = torch.rand(batch, hq, generator=g) < 0.5
+    query_aware[0, h0] = True
+    query_aware[0, h0 + 1] = False
+    some = block_estimate_triton(q_means.to(DEVICE), k_means.to(DEVICE), sink.to(DEVICE),
+                                 None if query_rows is None else query_rows.to(DEVICE), grid, 0.3, h0, hc,
+                                 block_n=block_n, query_aware=query_aware.to(DEVICE)).cpu()
+    chunk_qa = query_aware[:, h0 : h0 + hc]
+    assert torch.equal(some[chunk_qa], got[chunk_qa])
+    # The PyTorch steps of select._query_aware_coverage, up to the normalisation.
+    i = torch.arange(grid.first_query_block, nb)
+    j = torch.arange(nb)
+    blocked = (j[None, :] > i[:, None])[None] | (j[None, None, :] < sink[:, None, None])  # [B, nqb, nb]
+    if query_rows is not None:
+        blocked = blocked | ~query_rows[:, :, None]
+    k_rep = k_means.repeat_interleave(hq // hkv, dim=1)[:, h0 : h0 + hc]
+    logits = (q_means[:, h0 : h0 + hc] @ k_rep.transpose(-1, -2)) * 0.3
+    probs = torch.softmax(logits.masked_fill(blocked[:, None], -math.inf), -1)
+    want = torch.nan_to_num(probs.flatten(2).index_select(-1, causal_pair_index(grid, "cpu")), nan=0.0)
+    tol = dict(rtol=1e-5, atol=1e-7) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(got, want, **tol)
+    if padded:  # query blocks without a query: all zeros (and the others are not)
+        row_of_pair = causal_pair_index(grid, "cpu") // nb
+        no_query = ~query_rows[1][row_of_pair]  # [P]
+        assert no_query.any() and got[1][:, no_query].eq(0).all() and got[1][:, ~no_query].sum(-1).gt(0).all()

@@ -3,7 +3,9 @@
 ``select.py`` runs the steps for all sequences and heads at once; each step's PyTorch and Triton
 versions sit side by side: ``scores.py`` / ``scores_triton.py`` (the representative block's scores,
 §1 and §3), ``compose.py`` / ``compose_triton.py`` (the final block mask, packed, §5). The small
-coverage and budget rules shared by §3 and §4 are in ``coverage.py``.
+coverage and budget rules shared by §3 and §4 are in ``coverage.py``; ``coverage_triton.py`` finds
+the same boundaries by threshold searches (no sort), ``pattern_triton.py`` is §2 and
+``estimate_triton.py`` §4's block estimate, each in one launch (PyTorch versions in ``select.py``).
 """
 
 from .select import BlockSelection, select_blocks

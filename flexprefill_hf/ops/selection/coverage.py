@@ -40,11 +40,18 @@ def top_blocks(scores: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(scores, dtype=torch.bool).scatter_(-1, order, rank < counts[..., None])
 
 
-def budget_blocks(tokens: torch.Tensor, grid: BlockGrid, config: FlexPrefillConfig) -> torch.Tensor:
-    """Token budget -> blocks: floor(tokens / B) + 1 clamped to [min blocks, nb], then to max blocks."""
+def budget_limits(grid: BlockGrid, config: FlexPrefillConfig) -> tuple[int, int]:
+    """(least, most) blocks of a budget: the min budget's blocks, and nb or the max budget's blocks if fewer."""
     most = grid.num_blocks if config.max_budget_blocks is None else min(grid.num_blocks, config.max_budget_blocks)
+    return config.min_budget_blocks, most
+
+
+def budget_blocks(tokens: torch.Tensor, grid: BlockGrid, config: FlexPrefillConfig) -> torch.Tensor:
+    """Token budget -> blocks: floor(tokens / B) + 1 clamped to [min blocks, nb], then to max blocks
+    (``coverage_triton.vertical_slash_blocks_triton`` does the same arithmetic in its kernel)."""
+    least, most = budget_limits(grid, config)
     # One clamp: when min > max, torch.clamp gives max, as clamping to min and then to max does.
-    return (tokens // grid.block_size + 1).clamp(min=config.min_budget_blocks, max=most)
+    return (tokens // grid.block_size + 1).clamp(min=least, max=most)
 
 
 def js_distance(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:

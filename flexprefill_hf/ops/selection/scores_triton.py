@@ -8,9 +8,10 @@ probabilities, so two passes over the keys reduce them on the fly and no r x n t
    and writes a partial (max, sum) per row.
 2. ``_representative_scores_kernel``: combines its head's partials into each row's log-sum-exp,
    recomputes the probabilities tile by tile, writes the column sums of each tile, and the tile's
-   diagonal sums as 2*BLOCK partial sums (deterministic, no atomics). The diagonals are gathered by
-   a scatter of the tile into a small per-program scratch, skewed so that each diagonal becomes a
-   column.
+   diagonal sums as 2*BLOCK partial sums (deterministic, no atomics). The diagonals become columns
+   by rotating row i of the tile left by i (``tl.gather``, on chip); a column then holds one diagonal
+   above the wrap and another below it, summed apart. (``_DIAGONAL_BY_GATHER = False``: the older way,
+   a scatter of the tile into a skewed per-program scratch in global memory and a reload.)
 3. ``_slash_scores_kernel``: adds each tile's partial diagonal sums to its neighbour's and writes
    them by offset.
 
@@ -34,6 +35,9 @@ from ..runtime import LOG2E, interpreting
 
 # Partial (max, sum) rows one program of the scores kernel loads at once.
 _SPLIT_CHUNK = 32
+# How the scores kernel sums a tile's diagonals: True, by rotating each row with ``tl.gather`` (on-chip);
+# False, through a skewed per-program scratch in global memory (a 128 x 256 fp32 store and reload per tile).
+_DIAGONAL_BY_GATHER = True
 
 
 @triton.jit
@@ -159,7 +163,7 @@ def _representative_scores_kernel(
     num_heads, num_kv_groups, q_len, n, r, num_tiles, tiles_per_program, num_splits, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr, HAS_KEY_START: tl.constexpr,
     HAS_QUERY_START: tl.constexpr, UPCAST: tl.constexpr, PACKED_K: tl.constexpr, ROW_CHUNK: tl.constexpr,
-    SPLIT_CHUNK: tl.constexpr,
+    SPLIT_CHUNK: tl.constexpr, DIAGONAL_BY_GATHER: tl.constexpr,
 ):
     WIDTH: tl.constexpr = 2 * BLOCK
     # torch.compile may hand float scalars over as fp64; keep the softmax state in fp32.
@@ -179,42 +183,67 @@ def _representative_scores_kernel(
     # 1 / (number of real representative rows, at least 1), correctly rounded (IEEE division, like torch on CPU).
     real_rows = tl.maximum(n - tl.maximum(query_lo, n - r), 1)
     row_scale = tl.math.div_rn(tl.full([], 1.0, tl.float32), real_rows.to(tl.float32))
-    scratch = Scratch + (pid_bh * tl.num_programs(1) + pid_s) * (BLOCK * WIDTH)
-    # Element (i, j) of a tile lies on diagonal column j - i + BLOCK - 1 of the skewed scratch.
-    skew = offs_r[:, None] * WIDTH + offs_n[None, :] - offs_r[:, None] + BLOCK - 1
     offs_w = tl.arange(0, WIDTH)
+    if DIAGONAL_BY_GATHER:
+        # Row i rotated left by i: column c then holds key c + i (diagonal c) where c + i < BLOCK, else key
+        # c + i - BLOCK (diagonal c - BLOCK). The rotation runs in on-chip memory, never through global scratch.
+        rotate = (offs_n[None, :] + offs_r[:, None]) % BLOCK  # [BR, BN]
+        wraps = offs_n[None, :] + offs_r[:, None] >= BLOCK
+    else:
+        scratch = Scratch + (pid_bh * tl.num_programs(1) + pid_s) * (BLOCK * WIDTH)
+        # Element (i, j) of a tile lies on diagonal column j - i + BLOCK - 1 of the skewed scratch.
+        skew = offs_r[:, None] * WIDTH + offs_n[None, :] - offs_r[:, None] + BLOCK - 1
     for t in range(pid_s * tiles_per_program, tl.minimum((pid_s + 1) * tiles_per_program, num_tiles)):
         qk = _tile_scores(q, K, off_b, off_kvh, stride_kb, stride_kn, stride_kh, stride_kd, t * BLOCK, n, key_lo,
                           pos, qk_scale, k_base, BLOCK, BLOCK_D, HEAD_DIM, UPCAST, PACKED_K)
         p = tl.math.exp2(qk - lse2[:, None]) * row_scale  # [BR, BN]
         tl.store(Vertical + pid_bh * n + t * BLOCK + offs_n, tl.sum(p, 0), mask=t * BLOCK + offs_n < n)
-        tl.store(scratch + skew, p)
-        tl.debug_barrier()
-        diag = tl.zeros([WIDTH], dtype=tl.float32)
-        for c in tl.static_range(0, BLOCK, ROW_CHUNK):
-            rows = c + tl.arange(0, ROW_CHUNK)
-            # Row i holds columns BLOCK-1-i .. 2*BLOCK-2-i; the rest is never written (uninitialised).
-            shift = offs_w[None, :] + rows[:, None]
-            written = (shift >= BLOCK - 1) & (shift < WIDTH - 1)
-            diag += tl.sum(tl.load(scratch + rows[:, None] * WIDTH + offs_w[None, :], mask=written, other=0.0), 0)
-        tl.debug_barrier()
-        tl.store(Diagonal + (pid_bh * num_tiles + t) * WIDTH + offs_w, diag)
+        out = Diagonal + (pid_bh * num_tiles + t) * WIDTH
+        if DIAGONAL_BY_GATHER:
+            rotated = tl.gather(p, rotate, 1)  # [BR, BN]
+            # Layout: [0, BLOCK) the diagonals c - BLOCK (column 0 holds none: 0), [BLOCK, 2 BLOCK) the diagonals c.
+            tl.store(out + offs_n, tl.sum(tl.where(wraps, rotated, 0.0), 0))
+            tl.store(out + BLOCK + offs_n, tl.sum(tl.where(wraps, 0.0, rotated), 0))
+        else:
+            tl.store(scratch + skew, p)
+            tl.debug_barrier()
+            diag = tl.zeros([WIDTH], dtype=tl.float32)
+            for c in tl.static_range(0, BLOCK, ROW_CHUNK):
+                rows = c + tl.arange(0, ROW_CHUNK)
+                # Row i holds columns BLOCK-1-i .. 2*BLOCK-2-i; the rest is never written (uninitialised).
+                shift = offs_w[None, :] + rows[:, None]
+                written = (shift >= BLOCK - 1) & (shift < WIDTH - 1)
+                diag += tl.sum(tl.load(scratch + rows[:, None] * WIDTH + offs_w[None, :], mask=written, other=0.0), 0)
+            tl.debug_barrier()
+            # Layout: column c holds the diagonal c - (BLOCK - 1).
+            tl.store(out + offs_w, diag)
 
 
 @triton.jit
-def _slash_scores_kernel(Diagonal, Slash, n, r, num_tiles, BLOCK: tl.constexpr, BLOCK_O: tl.constexpr):
-    """Slash score of offsets o: the first half of tile t's partial sums plus the second of tile t - 1."""
+def _slash_scores_kernel(Diagonal, Slash, n, r, num_tiles, BLOCK: tl.constexpr, BLOCK_O: tl.constexpr,
+                         DIAGONAL_BY_GATHER: tl.constexpr):
+    """Slash score of offsets o: each offset meets two tiles' partial diagonal sums (tile t's diagonals
+    d >= 0 and tile t + 1's d < 0, as laid out by the scores kernel)."""
     WIDTH: tl.constexpr = 2 * BLOCK
     pid_bh = tl.program_id(0).to(tl.int64)
     offs_o = tl.program_id(1).to(tl.int64) * BLOCK_O + tl.arange(0, BLOCK_O)
-    # Column u = t*BLOCK + c of the partial sums holds offset o = (n - r) + BLOCK - 1 - u.
-    u = n - r + BLOCK - 1 - offs_o
-    t = u // BLOCK
-    c = u % BLOCK
     in_range = offs_o < n
     diagonal = Diagonal + pid_bh * num_tiles * WIDTH
-    first = tl.load(diagonal + t * WIDTH + c, mask=in_range & (t < num_tiles), other=0.0)
-    second = tl.load(diagonal + (t - 1) * WIDTH + BLOCK + c, mask=in_range & (t >= 1), other=0.0)
+    if DIAGONAL_BY_GATHER:
+        # Query row i, key t*BLOCK + c: offset o = n - r - t*BLOCK - (c - i), so v = n - r - o + BLOCK >= 0 gives
+        # tile v // BLOCK - 1 at diagonal v % BLOCK and tile v // BLOCK at diagonal v % BLOCK - BLOCK (column 0: none).
+        v = n - r + BLOCK - offs_o
+        t = v // BLOCK
+        c = v % BLOCK
+        first = tl.load(diagonal + (t - 1) * WIDTH + BLOCK + c, mask=in_range & (t >= 1) & (t - 1 < num_tiles), other=0.0)
+        second = tl.load(diagonal + t * WIDTH + c, mask=in_range & (t < num_tiles) & (c >= 1), other=0.0)
+    else:
+        # Column u = t*BLOCK + c of the partial sums holds offset o = (n - r) + BLOCK - 1 - u.
+        u = n - r + BLOCK - 1 - offs_o
+        t = u // BLOCK
+        c = u % BLOCK
+        first = tl.load(diagonal + t * WIDTH + c, mask=in_range & (t < num_tiles), other=0.0)
+        second = tl.load(diagonal + (t - 1) * WIDTH + BLOCK + c, mask=in_range & (t >= 1), other=0.0)
     tl.store(Slash + pid_bh * n + offs_o, first + second, mask=in_range)
 
 
@@ -275,15 +304,19 @@ def representative_scores_triton(
 
         scores = torch.empty(2, batch, q_heads, n, dtype=torch.float32, device=device)
         diagonal = torch.empty(batch * q_heads, num_tiles, 2 * block, dtype=torch.float32, device=device)
-        # The kernel reads back only the scratch entries it wrote.
-        scratch = torch.empty(batch * q_heads * splits * block * 2 * block, dtype=torch.float32, device=device)
+        by_gather = _DIAGONAL_BY_GATHER
+        # The kernel reads back only the scratch entries it wrote (none by gather: any pointer will do).
+        scratch = diagonal if by_gather else torch.empty(batch * q_heads * splits * block * 2 * block,
+                                                         dtype=torch.float32, device=device)
         _representative_scores_kernel[(batch * q_heads, splits)](
             q, k, starts, query_starts, k_base, part_max, part_sum, scores[0], diagonal, scratch, *common, num_tiles,
             per_program, splits, qk_scale, ROW_CHUNK=min(block, 32),
-            SPLIT_CHUNK=min(_SPLIT_CHUNK, max(2, triton.next_power_of_2(splits))), **meta,
+            SPLIT_CHUNK=min(_SPLIT_CHUNK, max(2, triton.next_power_of_2(splits))), DIAGONAL_BY_GATHER=by_gather,
+            **meta,
         )
         block_o = 1024
         _slash_scores_kernel[(batch * q_heads, triton.cdiv(n, block_o))](
-            diagonal, scores[1], n, r, num_tiles, BLOCK=block, BLOCK_O=block_o, num_warps=4,
+            diagonal, scores[1], n, r, num_tiles, BLOCK=block, BLOCK_O=block_o, DIAGONAL_BY_GATHER=by_gather,
+            num_warps=4,
         )
     return scores

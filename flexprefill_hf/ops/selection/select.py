@@ -6,10 +6,16 @@
     _representative_scores   §1: vertical and slash scores of the last r queries (scores.py / scores_triton.py)
     _block_scores            §2/§3: those scores pooled into key blocks and offset blocks
     _pattern                 §2: JS distance of the estimated and the true block distribution -> query-aware
+                             (pattern_triton.py: one launch)
     _vertical_slash_blocks   §3: budgets by γ-coverage, then the best vertical and slash blocks
-    _query_aware_coverage    §4: global γ-coverage of the block estimate (one chunk of heads)
+                             (coverage.py / coverage_triton.py: threshold searches, one launch)
+    _query_aware_coverage    §4: global γ-coverage of the block estimate (one chunk of heads;
+                             estimate_triton.py + coverage_triton.py: query-aware heads only)
     _compose                 §5: sink, diagonal and block-causal rules; the mask packed (compose.py,
                              compose_triton.py)
+
+``structure_backend="triton"`` (the CUDA default) runs the Triton version of §2-§5 (``_Stages``);
+"torch" the PyTorch one, which is the CPU path and the tests' oracle.
 
 Fixed shapes, no host synchronisation, no Python loop over batch or heads: the only loops are over
 chunks of heads, sized from the shapes so that the representative block's scores (``r x n`` per
@@ -22,6 +28,7 @@ float32 (float64 for float64 inputs, so that tests can compare with
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Callable, Optional
 
@@ -32,7 +39,7 @@ from ..block_structure import BlockStructure, causal_pair_count, causal_pair_ind
 from ..grid import BlockGrid, causal_block_counts
 from ..runtime import KERNEL_DTYPES
 from .compose import MaskParts, compose_structure_torch
-from .coverage import budget_blocks, coverage_counts, coverage_mask, js_distance, top_blocks
+from .coverage import budget_blocks, budget_limits, coverage_counts, coverage_mask, js_distance, top_blocks
 from .scores import block_counts, block_means, compute_dtype, pool_key_blocks, pool_offset_blocks, representative_scores
 
 # Upper bound on the temporaries of one chunk of block masks, and their bytes per (query block, key
@@ -64,8 +71,7 @@ class _Sequences:
 
     starts: int64 [B], first real key; sink: int64 [B], its block (``BlockGrid.sink_block``);
     key_valid: bool [B, n], or None without left padding; padding_block: bool [B, 1, nb], blocks of
-    padding only, or None; blocked: bool [1 or B, nqb, nb], pairs outside the block-causal triangle
-    or in padding (and, with ``query_start``, rows before the sequence's first query block);
+    padding only, or None (``_blocked`` builds §4's mask from them when the PyTorch path needs it);
     short: bool [B], real length at or below the dense threshold, or at most one query (§5).
     query_start: int64 [B], key position of the first real query (``starts`` without ``query_start``:
     a padding row is no query); query_rows: bool [B, nqb], query blocks holding a real query, or None
@@ -79,7 +85,6 @@ class _Sequences:
     sink: torch.Tensor
     key_valid: Optional[torch.Tensor]
     padding_block: Optional[torch.Tensor]
-    blocked: torch.Tensor
     short: torch.Tensor
     query_start: torch.Tensor
     query_rows: Optional[torch.Tensor]
@@ -114,9 +119,10 @@ def select_blocks(
             after ``key_start`` (or all rows) are queries, as before.
         scores_backend: "triton" (fused kernels of ``scores_triton.py``) or "torch" (``scores.py``)
             for the representative scores; default: triton for fp16/bf16 CUDA tensors, torch otherwise.
-        structure_backend: "triton" (``compose_triton.py``: mask composed and packed in one kernel)
-            or "torch" (``compose.compose_structure_torch``); default: triton for CUDA tensors.
-            Both give the same structure exactly.
+        structure_backend: "triton" (``compose_triton.py``: mask composed and packed in one kernel; the
+            γ-coverage rules of §3/§4 by the threshold searches of ``coverage_triton.py``, no sort) or
+            "torch" (``compose.compose_structure_torch``, ``coverage.py``); default: triton for CUDA
+            tensors. Both give the same structure exactly (``coverage_triton.py`` says when its sums are).
     Returns:
         BlockSelection with the structure int32 [B, Hq, nqb, nb] / counts [B, Hq, nqb].
     """
@@ -171,19 +177,28 @@ def _select(q_rep, q_means, k_means, k, cu_seqlens_k, grid, seqs, config, softma
             structure_backend):
     """§1-§5 from the representative rows q_rep [B, r, Hq, D], the query-block means q_means [B, Hq, nqb, D] and
     the keys k [B, n, Hkv, D] (or packed, with cu_seqlens_k and the key-block means k_means)."""
-    scores_backend, compose = _backends(q_rep, scores_backend, structure_backend)
-    if cu_seqlens_k is not None and scores_backend != "triton":
-        raise ValueError(f"scores_backend={scores_backend!r} cannot read packed keys; expected 'triton'")
+    stages = _backends(q_rep, scores_backend, structure_backend)
+    if cu_seqlens_k is not None and stages.scores != "triton":
+        raise ValueError(f"scores_backend={stages.scores!r} cannot read packed keys; expected 'triton'")
     dtype = compute_dtype(q_rep.dtype)
-    rep_scores = _representative_scores(q_rep, k, grid, softmax_scale, key_start, seqs, scores_backend,
+    rep_scores = _representative_scores(q_rep, k, grid, softmax_scale, key_start, seqs, stages.scores,
                                         cu_seqlens_k)  # [2, B, Hq, n]
     block_scores = _block_scores(rep_scores, grid)  # [2, B, Hq, nb]
     if k_means is None:
         k_means = block_means(k, seqs.key_valid, grid, dtype).permute(0, 2, 1, 3)  # [B, Hkv, nb, D]
-    distance, query_aware = _pattern(q_rep, block_scores[0], k_means, grid, seqs, config, softmax_scale)
-    vertical, slash = _vertical_slash_blocks(rep_scores, block_scores, query_aware, grid, seqs, config)
+    # Dense sequences have no pattern to report (nothing to clear when the host knows there are none).
+    clear_short = seqs.short_all is not False
+    if stages.pattern is not None:
+        distance, query_aware = stages.pattern(
+            q_rep, k_means, block_scores[0], seqs.query_start, None if seqs.padding_block is None else seqs.sink,
+            seqs.short if clear_short else None, grid.k_len, softmax_scale, config.tau,
+        )
+        clear_short = False  # done by the kernel
+    else:
+        distance, query_aware = _pattern(q_rep, block_scores[0], k_means, grid, seqs, config, softmax_scale)
+    vertical, slash = _vertical_slash_blocks(rep_scores, block_scores, query_aware, grid, seqs, config, stages)
     parts = MaskParts(vertical=vertical, slash=slash, query_aware=query_aware, short=seqs.short, sink=seqs.sink)
-    structure = _compose(q_means, k_means, parts, grid, seqs, config, softmax_scale, compose)
+    structure = _compose(q_means, k_means, parts, grid, seqs, config, softmax_scale, stages)
     if seqs.short_all is not None:
         # Every sink is block 0: each sequence's causal triangle is the grid's, P pairs (known on the host).
         causal = torch.full((q_rep.shape[0],), causal_pair_count(grid), dtype=torch.int32, device=q_rep.device)
@@ -196,15 +211,36 @@ def _select(q_rep, q_means, k_means, k, cu_seqlens_k, grid, seqs, config, softma
         structure.indices.masked_fill_(no_query[..., None], -1)
         causal = causal_block_counts(grid, seqs.sink, grid.sink_block(seqs.query_start))
 
-    # Dense sequences have no pattern to report (nothing to clear when the host knows there are none).
-    if seqs.short_all is not False:
+    if clear_short:
         query_aware = torch.where(seqs.short[:, None], False, query_aware)
         distance = distance.masked_fill(seqs.short[:, None], math.nan)
     return BlockSelection(structure, query_aware, distance, causal)
 
 
-def _backends(q: torch.Tensor, scores_backend: Optional[str], structure_backend: Optional[str]) -> tuple[str, Callable]:
-    """Resolve the two backend arguments (defaults from q's device and dtype); the composition function."""
+@dataclasses.dataclass(frozen=True)
+class _Stages:
+    """The functions one call runs for the stages that have a Triton and a PyTorch version.
+
+    scores: "triton" or "torch" (``_representative_scores``); compose: the §5 composition; counts, mask:
+    the γ-coverage rule (``coverage.coverage_counts`` / ``coverage_mask`` or their threshold searches in
+    ``coverage_triton.py``, which follow the structure backend); vertical_slash: all of §3 in one launch
+    (``coverage_triton.vertical_slash_blocks_triton``), or None (§3 from counts, budget_blocks, top_blocks);
+    pattern: §2 in one launch (``pattern_triton.pattern_triton``), or None (``_pattern`` in PyTorch);
+    estimate: §4's row-softmax over the pairs in one launch (``estimate_triton.block_estimate_triton``), or
+    None (``_query_aware_coverage`` in PyTorch).
+    """
+
+    scores: str
+    compose: Callable
+    counts: Callable
+    mask: Callable
+    vertical_slash: Optional[Callable] = None
+    pattern: Optional[Callable] = None
+    estimate: Optional[Callable] = None
+
+
+def _backends(q: torch.Tensor, scores_backend: Optional[str], structure_backend: Optional[str]) -> _Stages:
+    """Resolve the two backend arguments (defaults from q's device and dtype) into the stages' functions."""
     if scores_backend is None:
         scores_backend = "triton" if q.is_cuda and q.dtype in KERNEL_DTYPES else "torch"
     if scores_backend not in ("triton", "torch"):
@@ -213,10 +249,15 @@ def _backends(q: torch.Tensor, scores_backend: Optional[str], structure_backend:
         structure_backend = "triton" if q.is_cuda else "torch"
     if structure_backend == "triton":
         from .compose_triton import compose_structure_triton
+        from .coverage_triton import coverage_counts_triton, coverage_mask_triton, vertical_slash_blocks_triton
 
-        return scores_backend, compose_structure_triton
+        from .estimate_triton import block_estimate_triton
+        from .pattern_triton import pattern_triton
+
+        return _Stages(scores_backend, compose_structure_triton, coverage_counts_triton, coverage_mask_triton,
+                       vertical_slash_blocks_triton, pattern_triton, block_estimate_triton)
     if structure_backend == "torch":
-        return scores_backend, compose_structure_torch
+        return _Stages(scores_backend, compose_structure_torch, coverage_counts, coverage_mask)
     raise ValueError(f"structure_backend={structure_backend!r} is not supported; expected 'triton', 'torch' or None")
 
 
@@ -226,14 +267,6 @@ def _sequences(
 ) -> _Sequences:
     """Small per-sequence values, once; the left-padding masks only when there is padding."""
     nb = grid.num_blocks
-    if key_start is None and query_start is None:
-        # Only the triangle: pairs with j > i = first_query_block + t, by one fill and one triu (no aranges).
-        blocked = torch.ones(grid.num_query_blocks, nb, dtype=torch.bool, device=device)
-        blocked = blocked.triu_(grid.first_query_block + 1)[None]  # [1, nqb, nb]
-    else:
-        j = torch.arange(nb, device=device)
-        i = torch.arange(grid.first_query_block, nb, device=device)
-        blocked = (j[None, :] > i[:, None])[None]  # [1, nqb, nb]: outside the block-causal triangle
     dense_from = grid.k_len - config.effective_dense_threshold  # sequences starting here or later run dense
     short_all = None
     if key_start is None:
@@ -247,8 +280,7 @@ def _sequences(
         starts = key_start.to(device, torch.long)
         sink = grid.sink_block(starts)  # [B]
         key_valid = torch.arange(grid.k_len, device=device)[None, :] >= starts[:, None]  # [B, n]
-        padding_block = (j < sink[:, None])[:, None, :]  # [B, 1, nb]
-        blocked = blocked | padding_block  # [B, nqb, nb]
+        padding_block = (torch.arange(nb, device=device) < sink[:, None])[:, None, :]  # [B, 1, nb]
         short = starts >= dense_from  # [B]
     query_rows = None
     if query_start is None:
@@ -257,10 +289,28 @@ def _sequences(
         short_all = None
         query_start = query_start.to(device, torch.long)
         # Blocks from the one holding the first query (sink_block: the block of a position); none when q_len is 0.
+        i = torch.arange(grid.first_query_block, nb, device=device)
         query_rows = (i[None, :] >= grid.sink_block(query_start)[:, None]) & (query_start < grid.k_len)[:, None]
-        blocked = blocked | ~query_rows[:, :, None]  # [B, nqb, nb]
         short = short | (query_start >= grid.k_len - 1)  # decode (or nothing) runs dense, as alone
-    return _Sequences(starts, sink, key_valid, padding_block, blocked, short, query_start, query_rows, short_all)
+    return _Sequences(starts, sink, key_valid, padding_block, short, query_start, query_rows, short_all)
+
+
+def _blocked(grid: BlockGrid, seqs: _Sequences) -> torch.Tensor:
+    """bool [1 or B, nqb, nb]: the pairs §4 never keeps (PyTorch path) -- outside the block-causal triangle,
+    in padding, or (with ``query_start``) in query blocks before the sequence's first query."""
+    nb = grid.num_blocks
+    if seqs.padding_block is None and seqs.query_rows is None:
+        # Only the triangle: pairs with j > i = first_query_block + t, by one fill and one triu (no aranges).
+        blocked = torch.ones(grid.num_query_blocks, nb, dtype=torch.bool, device=seqs.sink.device)
+        return blocked.triu_(grid.first_query_block + 1)[None]  # [1, nqb, nb]
+    j = torch.arange(nb, device=seqs.sink.device)
+    i = torch.arange(grid.first_query_block, nb, device=seqs.sink.device)
+    blocked = (j[None, :] > i[:, None])[None]  # [1, nqb, nb]: outside the block-causal triangle
+    if seqs.padding_block is not None:
+        blocked = blocked | seqs.padding_block  # [B, nqb, nb]
+    if seqs.query_rows is not None:
+        blocked = blocked | ~seqs.query_rows[:, :, None]  # [B, nqb, nb]
+    return blocked
 
 
 def _representative_scores(
@@ -319,19 +369,27 @@ def _pattern(
 
 def _vertical_slash_blocks(
     rep_scores: torch.Tensor, block_scores: torch.Tensor, query_aware: torch.Tensor, grid: BlockGrid,
-    seqs: _Sequences, config: FlexPrefillConfig,
+    seqs: _Sequences, config: FlexPrefillConfig, stages: Optional[_Stages] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """§3: (vertical, slash) bool [B, Hq, nb] -- the kb_v best key blocks and kb_s best offset blocks.
 
     Budgets by γ-coverage of the token scores rep_scores [2, B, Hq, n], turned into blocks and
     clamped; query-aware heads keep the minimum budget. Overwrites block_scores[0] (â, not needed
     after §2): padding blocks are set below every real block, so they are never candidates.
+    With ``stages.fused`` (the Triton stages), all of it in one launch (``coverage_triton``).
     """
     min_blocks = min(config.min_budget_blocks, grid.num_blocks)
-    token_budget = budget_blocks(coverage_counts(rep_scores, config.gamma), grid, config)  # [2, B, Hq]
-    block_budget = torch.where(query_aware, min_blocks, token_budget)  # [2, B, Hq]
     if seqs.padding_block is not None:
         block_scores[0].masked_fill_(seqs.padding_block, -1.0)
+    if stages is not None and stages.vertical_slash is not None:
+        least, most = budget_limits(grid, config)
+        chosen = stages.vertical_slash(rep_scores, block_scores, query_aware, config.gamma, grid.block_size,
+                                       least, most, min_blocks)
+        vertical, slash = chosen.unbind(0)
+        return vertical, slash
+    counts = coverage_counts if stages is None else stages.counts
+    token_budget = budget_blocks(counts(rep_scores, config.gamma), grid, config)  # [2, B, Hq]
+    block_budget = torch.where(query_aware, min_blocks, token_budget)  # [2, B, Hq]
     # Vertical and slash blocks by one sort: rows are independent.
     vertical, slash = top_blocks(block_scores, block_budget).unbind(0)
     return vertical, slash
@@ -339,7 +397,7 @@ def _vertical_slash_blocks(
 
 def _query_aware_coverage(
     q_means: torch.Tensor, k_means: torch.Tensor, blocked: torch.Tensor, pair_index: torch.Tensor,
-    softmax_scale: float, gamma: float,
+    softmax_scale: float, gamma: float, mask: Callable = coverage_mask,
 ) -> torch.Tensor:
     """§4 for a chunk of hc heads: bool [B, hc, P], the global γ-coverage of P = row-softmax(s · Q̄K̄ᵀ).
 
@@ -350,8 +408,14 @@ def _query_aware_coverage(
     block_logits = q_means @ k_means.transpose(-1, -2)  # [B, hc, nqb, nb]
     block_probs = torch.softmax(block_logits.mul_(softmax_scale).masked_fill_(blocked[:, None], -math.inf), dim=-1)
     pair_probs = torch.nan_to_num_(block_probs.flatten(2).index_select(-1, pair_index), nan=0.0)  # [B, hc, P]
+    return _pair_coverage(pair_probs, gamma, mask)
+
+
+def _pair_coverage(pair_probs: torch.Tensor, gamma: float, mask: Callable) -> torch.Tensor:
+    """bool [B, hc, P]: the γ-coverage of the row-softmax probabilities pair_probs [B, hc, P] (each
+    query block's row sums to 1 or 0), normalised over all pairs of a head (overwritten)."""
     pair_probs = pair_probs.div_(pair_probs.sum(-1, keepdim=True).clamp_min(torch.finfo(pair_probs.dtype).tiny))
-    return coverage_mask(pair_probs, gamma)
+    return mask(pair_probs, gamma)
 
 
 def _query_block_means(
@@ -370,7 +434,7 @@ def _query_block_means(
 
 def _compose(
     q_means: torch.Tensor, k_means: torch.Tensor, parts: MaskParts, grid: BlockGrid, seqs: _Sequences,
-    config: FlexPrefillConfig, softmax_scale: float, compose: Callable,
+    config: FlexPrefillConfig, softmax_scale: float, stages: _Stages,
 ) -> BlockStructure:
     """§5: the packed structure from ``parts`` and the §4 estimate, a chunk of query heads at a time.
 
@@ -382,16 +446,25 @@ def _compose(
     nb, nqb = grid.num_blocks, grid.num_query_blocks
     groups = q_heads // k_means.shape[1]
     device = q_means.device
-    # Each query head's KV-head means, by one copy.
-    k_means = k_means[:, :, None].expand(-1, -1, groups, -1, -1).flatten(1, 2)  # [B, Hq, nb, D]
-    pair_index = causal_pair_index(grid, device)  # [P]: the block-causal pairs, row-major
+    if stages.estimate is None:
+        # Each query head's KV-head means, by one copy (the Triton estimate reads them by index).
+        k_means = k_means[:, :, None].expand(-1, -1, groups, -1, -1).flatten(1, 2)  # [B, Hq, nb, D]
+        pair_index = causal_pair_index(grid, device)  # [P]: the block-causal pairs, row-major
+        blocked = _blocked(grid, seqs)
     indices = torch.empty(batch, q_heads, nqb, nb, dtype=torch.int32, device=device)
     counts = torch.empty(batch, q_heads, nqb, dtype=torch.int32, device=device)
     chunk = max(1, min(q_heads, _MASK_CHUNK_BYTES // (_MASK_BYTES_PER_PAIR * batch * nqb * nb)))
     for h0 in range(0, q_heads, chunk):
         h1 = min(h0 + chunk, q_heads)
-        estimate = _query_aware_coverage(
-            q_means[:, h0:h1], k_means[:, h0:h1], seqs.blocked, pair_index, softmax_scale, config.gamma
-        )
-        compose(parts, estimate, grid, indices, counts, h0)
+        if stages.estimate is None:
+            estimate = _query_aware_coverage(
+                q_means[:, h0:h1], k_means[:, h0:h1], blocked, pair_index, softmax_scale, config.gamma, stages.mask
+            )
+        else:
+            # Only query-aware heads read their estimate: the kernels skip the others' rows (left unwritten).
+            pair_probs = stages.estimate(q_means, k_means, seqs.sink, seqs.query_rows, grid, softmax_scale, h0, h1 - h0,
+                                         query_aware=parts.query_aware)
+            needed = parts.query_aware[:, h0:h1].contiguous()
+            estimate = _pair_coverage(pair_probs, config.gamma, functools.partial(stages.mask, rows_needed=needed))
+        stages.compose(parts, estimate, grid, indices, counts, h0)
     return BlockStructure(indices=indices, counts=counts, grid=grid)
