@@ -198,17 +198,52 @@ def test_sink_block_is_the_block_of_the_first_real_key():
 
 @pytest.mark.parametrize("case", [CASES[1], CASES[2], CASES[5], CASES[7]], ids=["padded", "cache", "nonmultiple", "turn"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_triton_structure_backend_equals_reference(case, dtype, poison_empty):
-    """The CUDA path's §3-§5 (threshold-search coverage and the Triton composition) on float32/float64 inputs:
-    still the reference's selection exactly."""
+@pytest.mark.parametrize("backend", ["triton", "compose"])
+def test_triton_structure_backend_equals_reference(case, dtype, backend, poison_empty):
+    """The CUDA paths' §2-§5 (the one-launch stages with threshold-search coverage, or the sorts with the Triton
+    composition) on float32/float64 inputs: still the reference's selection exactly."""
     batch, q_len, k_len, hq, hkv, d, bs, starts, gamma, tau, min_budget, max_budget = case
     config = FlexPrefillConfig(gamma=gamma, tau=tau, block_size=bs, min_budget=min_budget, max_budget=max_budget)
     key_start = None if starts is None else torch.tensor(starts)
     q, k, _ = random_qkv(batch, q_len, k_len, hq, hkv, d, dtype=dtype, scale=1.5, seed=CASES.index(case) + 40)
     scale = 1.0 / math.sqrt(d)
     want_mask, want_qa, want_js = reference.select_blocks_reference(q, k, config, scale, key_start, dtype=dtype)
-    got = select_blocks(q, k, config, scale, key_start, structure_backend="triton")
+    got = select_blocks(q, k, config, scale, key_start, structure_backend=backend)
     assert torch.equal(structure_to_block_mask(got.structure), want_mask)
     assert torch.equal(got.query_aware, want_qa)
     # The pattern kernel's distance: the same function, summed in another order (NaN for dense sequences).
     torch.testing.assert_close(got.js_distance, want_js.to(got.js_distance.dtype), equal_nan=True)
+
+
+def test_default_structure_backend_follows_the_measured_rule():
+    from flexprefill_hf.ops.selection.select import COMPOSE_STAGES_FROM, default_structure_backend
+
+    assert default_structure_backend("cpu", torch.bfloat16, 1 << 20) == "torch"
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        assert default_structure_backend("cuda", dtype, 8192) == "triton"
+        assert default_structure_backend("cuda", dtype, COMPOSE_STAGES_FROM - 1) == "triton"
+        assert default_structure_backend("cuda", dtype, COMPOSE_STAGES_FROM) == "compose"
+    assert default_structure_backend("cuda", torch.float64, 1024) == "compose"  # refused by the one-launch kernels
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA only: the default stages depend on the device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cuda_default_stages_on_both_sides_of_the_threshold_equal_the_reference(dtype, monkeypatch):
+    from flexprefill_hf.ops.selection import coverage_triton, select
+
+    case = CASES[1]  # left padding, both patterns
+    batch, q_len, k_len, hq, hkv, d, bs, starts, gamma, tau, min_budget, max_budget = case
+    config = FlexPrefillConfig(gamma=gamma, tau=tau, block_size=bs, min_budget=min_budget, max_budget=max_budget)
+    q, k, _ = random_qkv(batch, q_len, k_len, hq, hkv, d, dtype=dtype, scale=1.5, seed=41)
+    scale = 1.0 / math.sqrt(d)
+    want_mask, want_qa, _ = reference.select_blocks_reference(q, k, config, scale, torch.tensor(starts), dtype=dtype)
+    searched = []
+    real = coverage_triton.vertical_slash_blocks_triton
+    monkeypatch.setattr(coverage_triton, "vertical_slash_blocks_triton", lambda *a, **kw: searched.append(1) or real(*a, **kw))
+    for threshold in (k_len + 1, k_len):  # one-launch stages below it, compose stages from it on
+        monkeypatch.setattr(select, "COMPOSE_STAGES_FROM", threshold)
+        searched.clear()
+        got = select_blocks(q.cuda(), k.cuda(), config, scale, torch.tensor(starts, device="cuda"))
+        assert torch.equal(structure_to_block_mask(got.structure).cpu(), want_mask)
+        assert torch.equal(got.query_aware.cpu(), want_qa)
+        assert bool(searched) == (threshold > k_len and dtype != torch.float64)

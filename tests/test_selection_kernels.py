@@ -18,6 +18,13 @@ from helpers import random_qkv, seeded
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def needs_float64_kernels(dtype):
+    """The one-launch selection kernels take float64 only when interpreted (CUDA refuses it: see
+    test_one_launch_kernels_refuse_float64_on_cuda); their float64 cases run on CPU."""
+    if DEVICE == "cuda" and dtype == torch.float64:
+        pytest.skip("float64 on CUDA is refused by the one-launch selection kernels (select routes it to 'compose')")
+
+
 @pytest.mark.parametrize(
     "batch,q_len,k_len,hq,hkv,d,block,starts,dtype",
     [
@@ -85,6 +92,7 @@ def _coverage_both(x, gamma):
 @pytest.mark.parametrize("length", [1, 2, 37, 1024, 2500])  # one entry .. several 1024-entry blocks
 @pytest.mark.usefixtures("poison_empty")
 def test_coverage_search_equals_sorted_cumsum_on_random_rows(dtype, length):
+    needs_float64_kernels(dtype)
     g = seeded(length + (dtype == torch.float64))
     # Rows of probabilities, peaked to flat, plus an all-zero row (a padding row keeps everything).
     logits = torch.randn(5, length, generator=g, dtype=torch.float64) * torch.tensor([0.1, 1.0, 3.0, 8.0, 1.0])[:, None]
@@ -99,6 +107,7 @@ def test_coverage_search_equals_sorted_cumsum_on_random_rows(dtype, length):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.usefixtures("poison_empty")
 def test_coverage_search_ties_at_the_boundary_go_to_the_lower_index(dtype):
+    needs_float64_kernels(dtype)
     # Multiples of 1/16: every running sum is exact, so the boundary falls exactly on γ for some γ, often inside
     # a run of ties; the stable sort keeps the first ties by index, and so must the search.
     g = seeded(23)
@@ -116,7 +125,7 @@ def test_coverage_search_ties_at_the_boundary_go_to_the_lower_index(dtype):
 def test_coverage_search_rounds_gamma_like_the_tensor_comparison():
     # γ just above 0.5 rounds to 0.5 in float32 (the comparison's dtype) but not in float64.
     gamma = 0.5 + 2.0 ** -30
-    for dtype, want in ((torch.float32, 2), (torch.float64, 3)):
+    for dtype, want in ((torch.float32, 2), (torch.float64, 3))[: 1 if DEVICE == "cuda" else 2]:
         x = torch.full((1, 4), 0.25, dtype=dtype)
         assert int(_coverage_both(x, gamma)[0]) == want
 
@@ -141,12 +150,36 @@ def test_coverage_search_rejects_what_it_cannot_read():
         coverage_counts_triton(x.t(), 0.9)
 
 
+@pytest.mark.skipif(DEVICE != "cuda", reason="CUDA only: the interpreter runs float64")
+def test_one_launch_kernels_refuse_float64_on_cuda():
+    from flexprefill_hf.ops.selection.coverage_triton import (coverage_counts_triton, coverage_mask_triton,
+                                                              vertical_slash_blocks_triton)
+    from flexprefill_hf.ops.selection.estimate_triton import block_estimate_triton
+    from flexprefill_hf.ops.selection.pattern_triton import pattern_triton
+
+    x = torch.rand(2, 3, 40, device=DEVICE, dtype=torch.float64)
+    for call in (lambda: coverage_counts_triton(x, 0.9), lambda: coverage_mask_triton(x, 0.9),
+                 lambda: vertical_slash_blocks_triton(x, x, torch.zeros(3, 40, dtype=torch.bool, device=DEVICE), 0.9,
+                                                      8, 1, 4, 1)):
+        with pytest.raises(TypeError, match="scores.dtype=torch.float64 on CUDA is not supported"):
+            call()
+    grid = BlockGrid(16, 64, 16)
+    k_means = torch.rand(1, 1, 4, 8, device=DEVICE, dtype=torch.float64)
+    starts = torch.zeros(1, dtype=torch.long, device=DEVICE)
+    with pytest.raises(TypeError, match="k_means.dtype=torch.float64 on CUDA is not supported"):
+        pattern_triton(torch.rand(1, 4, 1, 8, device=DEVICE), k_means, torch.rand(1, 1, 4, device=DEVICE,
+                       dtype=torch.float64), starts, None, None, 64, 0.3, 0.1)
+    with pytest.raises(TypeError, match="k_means.dtype=torch.float64 on CUDA is not supported"):
+        block_estimate_triton(k_means, k_means, starts, None, grid, 0.3, 0, 1)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("gamma,least,most", [(0.9, 1, 9), (0.5, 3, 2), (1.0, 1, 9), (0.99, 0, 4)])
 @pytest.mark.usefixtures("poison_empty")
 def test_fused_vertical_slash_blocks_equal_budget_then_top_blocks(dtype, gamma, least, most):
     """§3 in one launch = coverage_counts -> budget -> (query-aware: least blocks) -> top_blocks, on block scores
     with ties (multiples of 1/16) and padding blocks (< 0, never chosen), min above max included."""
+    needs_float64_kernels(dtype)
     from flexprefill_hf.ops.selection.coverage import coverage_counts, top_blocks
     from flexprefill_hf.ops.selection.coverage_triton import vertical_slash_blocks_triton
 
@@ -170,6 +203,7 @@ def test_fused_vertical_slash_blocks_equal_budget_then_top_blocks(dtype, gamma, 
 @pytest.mark.parametrize("starts,short", [(None, None), ([0, 150], None), ([40, 290], [False, True])])
 @pytest.mark.parametrize("block_n", [None, 16])  # one chunk of key blocks, or several (a chunk of padding only)
 def test_pattern_kernel_matches_torch_pattern(dtype, starts, short, block_n):
+    needs_float64_kernels(dtype)
     from flexprefill_hf.ops.selection import pattern_triton
     from flexprefill_hf.ops.selection.coverage import js_distance
 
@@ -211,6 +245,7 @@ def test_pattern_kernel_matches_torch_pattern(dtype, starts, short, block_n):
 def test_block_estimate_kernel_matches_torch(dtype, padded, block_n):
     """§4's row-softmax over the block-causal pairs, for a chunk of heads (GQA by index), with padding blocks,
     query blocks without a query (all zeros) and rows longer than one loop step."""
+    needs_float64_kernels(dtype)
     from flexprefill_hf.ops.block_structure import causal_pair_index
     from flexprefill_hf.ops.selection.estimate_triton import block_estimate_triton
 

@@ -84,8 +84,9 @@ def test_causal_pair_index_is_the_row_major_triangle():
     ],
 )
 @pytest.mark.parametrize("one_head_per_chunk", [False, True])
+@pytest.mark.parametrize("backend", ["triton", "compose"])
 def test_select_blocks_structure_backends_agree(
-    batch, q_len, k_len, hq, hkv, block, starts, one_head_per_chunk, monkeypatch, poison_empty
+    batch, q_len, k_len, hq, hkv, block, starts, one_head_per_chunk, backend, monkeypatch, poison_empty
 ):
     q, k, _ = structured_qkv(batch, k_len, hq, hkv, 16, q_len=q_len, generator=seeded(k_len), dtype=torch.float32)
     q, k = q.to(DEVICE), k.to(DEVICE)
@@ -95,7 +96,7 @@ def test_select_blocks_structure_backends_agree(
     if one_head_per_chunk:
         monkeypatch.setattr(select, "_MASK_CHUNK_BYTES", 1)
     a = select_blocks(q, k, config, scale, key_start, scores_backend="torch", structure_backend="torch")
-    b = select_blocks(q, k, config, scale, key_start, scores_backend="torch", structure_backend="triton")
+    b = select_blocks(q, k, config, scale, key_start, scores_backend="torch", structure_backend=backend)
     assert torch.equal(a.structure.indices, b.structure.indices)
     assert torch.equal(a.structure.counts, b.structure.counts)
     assert torch.equal(a.query_aware, b.query_aware)
@@ -106,5 +107,6 @@ def test_select_blocks_structure_backends_agree(
 @pytest.mark.parametrize("argument", ["scores_backend", "structure_backend"])
 def test_unknown_backend_is_rejected(argument):
     q = torch.randn(1, 300, 2, 16)
-    with pytest.raises(ValueError, match=f"{argument}='cuda' is not supported; expected 'triton', 'torch' or None"):
+    allowed = "'triton', 'compose', 'torch' or None" if argument == "structure_backend" else "'triton', 'torch' or None"
+    with pytest.raises(ValueError, match=f"{argument}='cuda' is not supported; expected {allowed}"):
         select_blocks(q, q, FlexPrefillConfig(block_size=64, min_budget=64), 0.25, **{argument: "cuda"})

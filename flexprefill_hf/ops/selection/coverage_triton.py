@@ -228,9 +228,24 @@ def _passes(width: int) -> int:
     return passes
 
 
+def refuse_cuda_float64(name: str, tensor: torch.Tensor) -> None:
+    """The one-launch selection kernels (this module, ``pattern_triton.py``, ``estimate_triton.py``) take
+    float64 only under the interpreter: on the H200 (2026-12-02) six of their float64 tests failed while
+    every float32 one passed (the logs were lost; the cause is not known), so a float64 CUDA tensor is
+    refused rather than risk a wrong selection. ``select_blocks`` never sends one: it routes float64 on
+    CUDA to the "compose" stages (sorts in PyTorch, §5 in Triton), as it did before these kernels."""
+    if tensor.dtype == torch.float64 and tensor.is_cuda:
+        raise TypeError(
+            f"{name}.dtype=torch.float64 on CUDA is not supported by the one-launch selection kernels (their float64 "
+            "tests failed on the H200); expected torch.float32 on CUDA (float64 runs under TRITON_INTERPRET=1), or "
+            "select_blocks(..., structure_backend='compose')"
+        )
+
+
 def _check_rows(name: str, scores: torch.Tensor) -> None:
     if scores.dtype not in (torch.float32, torch.float64):
         raise TypeError(f"{name}.dtype={scores.dtype} is not supported; expected torch.float32 or torch.float64")
+    refuse_cuda_float64(name, scores)
     if not scores.is_contiguous():
         raise ValueError(f"{name} must be contiguous (rows along the last dim)")
 

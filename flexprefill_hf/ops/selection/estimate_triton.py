@@ -21,7 +21,7 @@ from ..attention.block_sparse_triton import launch_device
 from ..block_structure import causal_pair_count
 from ..grid import BlockGrid
 from ..runtime import interpreting
-from .coverage_triton import _from_bits, float_bits
+from .coverage_triton import _from_bits, float_bits, refuse_cuda_float64
 from .pattern_triton import _div
 
 
@@ -96,6 +96,7 @@ def block_estimate_triton(
     """
     batch, q_heads, nqb, head_dim = q_means.shape
     kv_heads = k_means.shape[1]
+    refuse_cuda_float64("k_means", k_means)
     pairs = causal_pair_count(grid)
     out = torch.empty(batch, chunk_heads, pairs, dtype=k_means.dtype, device=k_means.device)
     block_d = triton.next_power_of_2(head_dim)

@@ -23,7 +23,7 @@ import triton.language as tl
 
 from ..attention.block_sparse_triton import launch_device
 from ..runtime import interpreting
-from .coverage_triton import _from_bits, float_bits
+from .coverage_triton import _from_bits, float_bits, refuse_cuda_float64
 
 
 @triton.jit
@@ -119,6 +119,7 @@ def pattern_triton(
     batch, r, q_heads, head_dim = q_rep.shape
     kv_heads, num_blocks = k_means.shape[1], k_means.shape[2]
     assert true_dist.shape == (batch, q_heads, num_blocks) and true_dist.stride(-1) == 1
+    refuse_cuda_float64("k_means", k_means)
     dtype = k_means.dtype
     distance = torch.empty(batch, q_heads, dtype=dtype, device=q_rep.device)
     query_aware = torch.empty(batch, q_heads, dtype=torch.bool, device=q_rep.device)

@@ -250,6 +250,7 @@ def _slash_scores_kernel(Diagonal, Slash, n, r, num_tiles, BLOCK: tl.constexpr, 
 def representative_scores_triton(
     q: torch.Tensor, k: torch.Tensor, grid: BlockGrid, softmax_scale: float, key_start, splits: Optional[int] = None,
     *, query_start: Optional[torch.Tensor] = None, cu_seqlens_k: Optional[torch.Tensor] = None,
+    diagonal_by_gather: Optional[bool] = None,
 ) -> torch.Tensor:
     """Vertical and slash scores of the representative queries, fp32 [2, B, Hq, n] (a_v, a_s).
 
@@ -261,6 +262,7 @@ def representative_scores_triton(
     Same function as ``scores.representative_scores`` (up to fp32 rounding).
     splits: programs per head (each takes a range of key tiles); default: enough to fill the GPU, 1
     when interpreting.
+    diagonal_by_gather: how the tiles' diagonals are summed (module docstring); default ``_DIAGONAL_BY_GATHER``.
     """
     batch, q_len, q_heads, head_dim = q.shape
     n, kv_heads = grid.k_len, k.shape[-2]
@@ -304,7 +306,7 @@ def representative_scores_triton(
 
         scores = torch.empty(2, batch, q_heads, n, dtype=torch.float32, device=device)
         diagonal = torch.empty(batch * q_heads, num_tiles, 2 * block, dtype=torch.float32, device=device)
-        by_gather = _DIAGONAL_BY_GATHER
+        by_gather = _DIAGONAL_BY_GATHER if diagonal_by_gather is None else diagonal_by_gather
         # The kernel reads back only the scratch entries it wrote (none by gather: any pointer will do).
         scratch = diagonal if by_gather else torch.empty(batch * q_heads * splits * block * 2 * block,
                                                          dtype=torch.float32, device=device)

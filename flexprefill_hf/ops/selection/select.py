@@ -14,8 +14,10 @@
     _compose                 §5: sink, diagonal and block-causal rules; the mask packed (compose.py,
                              compose_triton.py)
 
-``structure_backend="triton"`` (the CUDA default) runs the Triton version of §2-§5 (``_Stages``);
-"torch" the PyTorch one, which is the CPU path and the tests' oracle.
+``structure_backend`` picks the stages (``_Stages``): "triton" runs the Triton version of §2-§5 (one launch
+each, threshold searches instead of sorts); "compose" only §5 in Triton (§2-§4 in PyTorch with sorts: the CUDA
+path before the one-launch kernels); "torch" everything in PyTorch, the CPU path and the tests' oracle. The
+CUDA default is :func:`default_structure_backend`'s measured rule.
 
 Fixed shapes, no host synchronisation, no Python loop over batch or heads: the only loops are over
 chunks of heads, sized from the shapes so that the representative block's scores (``r x n`` per
@@ -47,6 +49,13 @@ from .scores import block_counts, block_means, compute_dtype, pool_key_blocks, p
 # torch composition's masks and slots (the Triton composition needs none of the latter).
 _MASK_CHUNK_BYTES = 1 << 32
 _MASK_BYTES_PER_PAIR = 48
+
+# From this many keys on, CUDA runs the "compose" stages. Measured on the H200 (benchmarks/RESULTS.md,
+# 2026-12-02, 32 q / 8 kv heads, d 128): the one-launch stages took 1.0-1.1 ms at 8K and 2.0 ms at 32K where
+# the compose stages had taken 3.1-3.3 ms, but 12.6-15.9 ms at 128K where those had taken 9.4-9.5 ms (the
+# threshold searches run one program per row: 64 rows of 128K token scores, 32 of 524K block pairs, on 132
+# SMs). 64K was not measured: the threshold sits between the two measured lengths.
+COMPOSE_STAGES_FROM = 65536
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,10 +128,13 @@ def select_blocks(
             after ``key_start`` (or all rows) are queries, as before.
         scores_backend: "triton" (fused kernels of ``scores_triton.py``) or "torch" (``scores.py``)
             for the representative scores; default: triton for fp16/bf16 CUDA tensors, torch otherwise.
-        structure_backend: "triton" (``compose_triton.py``: mask composed and packed in one kernel; the
-            γ-coverage rules of §3/§4 by the threshold searches of ``coverage_triton.py``, no sort) or
-            "torch" (``compose.compose_structure_torch``, ``coverage.py``); default: triton for CUDA
-            tensors. Both give the same structure exactly (``coverage_triton.py`` says when its sums are).
+        structure_backend: "triton" (§2-§5 in one Triton launch each: ``pattern_triton.py``, the γ-coverage
+            rules of §3/§4 by the threshold searches of ``coverage_triton.py`` (no sort),
+            ``estimate_triton.py``, ``compose_triton.py``; float32 on CUDA, float64 only interpreted),
+            "compose" (only §5 in Triton, §2-§4 in PyTorch with sorts) or "torch" (all in PyTorch:
+            ``compose.compose_structure_torch``, ``coverage.py``); default: "torch" on CPU, on CUDA
+            :func:`default_structure_backend` (by length and dtype). All give the same structure exactly
+            (``coverage_triton.py`` says when its sums are).
     Returns:
         BlockSelection with the structure int32 [B, Hq, nqb, nb] / counts [B, Hq, nqb].
     """
@@ -177,11 +189,11 @@ def _select(q_rep, q_means, k_means, k, cu_seqlens_k, grid, seqs, config, softma
             structure_backend):
     """§1-§5 from the representative rows q_rep [B, r, Hq, D], the query-block means q_means [B, Hq, nqb, D] and
     the keys k [B, n, Hkv, D] (or packed, with cu_seqlens_k and the key-block means k_means)."""
-    stages = _backends(q_rep, scores_backend, structure_backend)
+    stages = _backends(q_rep, grid.k_len, scores_backend, structure_backend)
     if cu_seqlens_k is not None and stages.scores != "triton":
         raise ValueError(f"scores_backend={stages.scores!r} cannot read packed keys; expected 'triton'")
     dtype = compute_dtype(q_rep.dtype)
-    rep_scores = _representative_scores(q_rep, k, grid, softmax_scale, key_start, seqs, stages.scores,
+    rep_scores = _representative_scores(q_rep, k, grid, softmax_scale, key_start, seqs, stages,
                                         cu_seqlens_k)  # [2, B, Hq, n]
     block_scores = _block_scores(rep_scores, grid)  # [2, B, Hq, nb]
     if k_means is None:
@@ -221,13 +233,14 @@ def _select(q_rep, q_means, k_means, k, cu_seqlens_k, grid, seqs, config, softma
 class _Stages:
     """The functions one call runs for the stages that have a Triton and a PyTorch version.
 
-    scores: "triton" or "torch" (``_representative_scores``); compose: the §5 composition; counts, mask:
-    the γ-coverage rule (``coverage.coverage_counts`` / ``coverage_mask`` or their threshold searches in
-    ``coverage_triton.py``, which follow the structure backend); vertical_slash: all of §3 in one launch
-    (``coverage_triton.vertical_slash_blocks_triton``), or None (§3 from counts, budget_blocks, top_blocks);
-    pattern: §2 in one launch (``pattern_triton.pattern_triton``), or None (``_pattern`` in PyTorch);
-    estimate: §4's row-softmax over the pairs in one launch (``estimate_triton.block_estimate_triton``), or
-    None (``_query_aware_coverage`` in PyTorch).
+    scores: "triton" or "torch" (``_representative_scores``); diagonal_by_gather: how the Triton scores kernel
+    sums a tile's diagonals (``scores_triton.py``: by ``tl.gather`` on chip, or through a global scratch);
+    compose: the §5 composition; counts, mask: the γ-coverage rule (``coverage.coverage_counts`` /
+    ``coverage_mask`` or their threshold searches in ``coverage_triton.py``); vertical_slash: all of §3 in
+    one launch (``coverage_triton.vertical_slash_blocks_triton``), or None (§3 from counts, budget_blocks,
+    top_blocks); pattern: §2 in one launch (``pattern_triton.pattern_triton``), or None (``_pattern`` in
+    PyTorch); estimate: §4's row-softmax over the pairs in one launch (``estimate_triton.block_estimate_triton``),
+    or None (``_query_aware_coverage`` in PyTorch).
     """
 
     scores: str
@@ -237,16 +250,30 @@ class _Stages:
     vertical_slash: Optional[Callable] = None
     pattern: Optional[Callable] = None
     estimate: Optional[Callable] = None
+    diagonal_by_gather: bool = False
 
 
-def _backends(q: torch.Tensor, scores_backend: Optional[str], structure_backend: Optional[str]) -> _Stages:
-    """Resolve the two backend arguments (defaults from q's device and dtype) into the stages' functions."""
+def default_structure_backend(device_type: str, dtype: torch.dtype, k_len: int) -> str:
+    """The stages ``select_blocks`` runs when ``structure_backend`` is None: "torch" off CUDA; on CUDA
+    "triton" (the one-launch stages) for float32/float16/bfloat16 inputs under ``COMPOSE_STAGES_FROM`` keys,
+    else "compose" -- at long lengths the sort-based stages measured faster, and the one-launch kernels
+    refuse float64 on CUDA (``coverage_triton.refuse_cuda_float64``)."""
+    if device_type != "cuda":
+        return "torch"
+    if dtype == torch.float64 or k_len >= COMPOSE_STAGES_FROM:
+        return "compose"
+    return "triton"
+
+
+def _backends(q: torch.Tensor, k_len: int, scores_backend: Optional[str], structure_backend: Optional[str]
+              ) -> _Stages:
+    """Resolve the two backend arguments (defaults from q's device, dtype and the key length) into the stages."""
     if scores_backend is None:
         scores_backend = "triton" if q.is_cuda and q.dtype in KERNEL_DTYPES else "torch"
     if scores_backend not in ("triton", "torch"):
         raise ValueError(f"scores_backend={scores_backend!r} is not supported; expected 'triton', 'torch' or None")
     if structure_backend is None:
-        structure_backend = "triton" if q.is_cuda else "torch"
+        structure_backend = default_structure_backend(q.device.type, q.dtype, k_len)
     if structure_backend == "triton":
         from .compose_triton import compose_structure_triton
         from .coverage_triton import coverage_counts_triton, coverage_mask_triton, vertical_slash_blocks_triton
@@ -254,11 +281,18 @@ def _backends(q: torch.Tensor, scores_backend: Optional[str], structure_backend:
         from .estimate_triton import block_estimate_triton
         from .pattern_triton import pattern_triton
 
+        # The gather way of the diagonal sums was measured only inside these stages (8K-32K).
         return _Stages(scores_backend, compose_structure_triton, coverage_counts_triton, coverage_mask_triton,
-                       vertical_slash_blocks_triton, pattern_triton, block_estimate_triton)
+                       vertical_slash_blocks_triton, pattern_triton, block_estimate_triton, diagonal_by_gather=True)
+    if structure_backend == "compose":
+        from .compose_triton import compose_structure_triton
+
+        return _Stages(scores_backend, compose_structure_triton, coverage_counts, coverage_mask)
     if structure_backend == "torch":
         return _Stages(scores_backend, compose_structure_torch, coverage_counts, coverage_mask)
-    raise ValueError(f"structure_backend={structure_backend!r} is not supported; expected 'triton', 'torch' or None")
+    raise ValueError(
+        f"structure_backend={structure_backend!r} is not supported; expected 'triton', 'compose', 'torch' or None"
+    )
 
 
 def _sequences(
@@ -315,18 +349,18 @@ def _blocked(grid: BlockGrid, seqs: _Sequences) -> torch.Tensor:
 
 def _representative_scores(
     q_rep: torch.Tensor, k: torch.Tensor, grid: BlockGrid, softmax_scale: float, key_start: Optional[torch.Tensor],
-    seqs: _Sequences, backend: str, cu_seqlens_k: Optional[torch.Tensor] = None,
+    seqs: _Sequences, stages: _Stages, cu_seqlens_k: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """§1 (and the scores of §3): a_v, a_s [2, B, Hq, n] of the representative rows q_rep [B, r, Hq, D], in the
     compute dtype (torch) or fp32 (triton, fp16/bf16 inputs)."""
     # The scores functions take the last r rows of their q: q_rep is all of it, on the grid of r queries.
     q, grid = q_rep, BlockGrid(q_rep.shape[1], grid.k_len, grid.block_size)
-    if backend == "triton":
+    if stages.scores == "triton":
         from .scores_triton import representative_scores_triton
 
         query_start = None if seqs.query_rows is None else seqs.query_start
         return representative_scores_triton(q, k, grid, softmax_scale, key_start, query_start=query_start,
-                                            cu_seqlens_k=cu_seqlens_k)
+                                            cu_seqlens_k=cu_seqlens_k, diagonal_by_gather=stages.diagonal_by_gather)
     key_valid = seqs.key_valid
     if key_valid is None:
         key_valid = torch.ones(q.shape[0], grid.k_len, dtype=torch.bool, device=q.device)
