@@ -33,7 +33,7 @@
 #        command: bash benchmarks/gpu_session.sh run CMD...
 # CMD runs in the repository root with PYTHONPATH set. The last call's command for issue 9 (one line, ~330 characters;
 # the FA4 tests first, then decode/prefill/operator timings and FA4-vs-Triton at an aligned and an unaligned length):
-#   bash benchmarks/gpu_session.sh stage2 sh -c 'python3 -m pytest -q -rs tests/test_fa4_adapter.py
+#   bash benchmarks/gpu_session.sh stage2 sh -c 'python3 -m pytest -q -rfEs --tb=short tests/test_fa4_adapter.py
 #   > $OUT/test_fa4.log 2>&1; tail -5 $OUT/test_fa4.log; python3 benchmarks/bench_decode.py --sparse 32768 32731
 #   --out $OUT/decode.json > $OUT/decode.log 2>&1; tail -40 $OUT/decode.log'
 # (expected: FA4 JIT ~4 s per new kernel variant, Triton autotuning on its first call; well under 10 minutes).
@@ -144,8 +144,11 @@ step() {  # step NAME LIMIT CMD...: run CMD under a hard limit, output into $out
     local name=$1 limit=$2 rc=0
     shift 2
     echo "step: $name (limit $limit s)"
-    timeout "$limit" "$@" >"$out/$name.log" 2>&1 || rc=$?
+    # SIGINT first: pytest then still prints its summary (the failures so far); KILL 10 s later.
+    timeout -s INT -k 10 "$limit" "$@" >"$out/$name.log" 2>&1 || rc=$?
     [ $rc -eq 0 ] || { echo "step: $name exit $rc (124 = cut by the limit)"; tail -4 "$out/$name.log"; }
+    # Failed tests by name in the call's own output, whatever comes back as files.
+    grep -E "^(FAILED|ERROR) " "$out/$name.log" | cut -c1-300 | head -20 || true
     # At most 8 files come back from $OUT: every log and JSON travels in one archive, refreshed after each step
     # (a call cut by its limit still returns what the finished steps wrote).
     if [ -n "${OUT:-}" ] && [ "$out" != "$OUT" ]; then tar czf "$OUT/perf_logs.tgz" -C "$out" . ; fi
@@ -154,7 +157,7 @@ step() {  # step NAME LIMIT CMD...: run CMD under a hard limit, output into $out
 
 # The issue-9/11 GPU run in two halves; limits are base seconds x SLACK / 100.
 perf_selection() {  # the selection's tests and checks, its timing, attention 8K-128K
-    step tests_selection $((80 * SLACK / 100)) python3 -m pytest -q -rs --durations=5 -p no:cacheprovider \
+    step tests_selection $((80 * SLACK / 100)) python3 -m pytest -q -rfEs --tb=short --durations=5 -p no:cacheprovider \
         tests/test_selection_kernels.py tests/test_selection.py
     tail -2 "$out/tests_selection.log"
     step check_selection $((35 * SLACK / 100)) python3 benchmarks/check_selection_gpu.py --seq 8192 32768 131072
@@ -168,12 +171,12 @@ perf_selection() {  # the selection's tests and checks, its timing, attention 8K
 }
 
 perf_rest() {  # varlen, the other GPU tests, d 64 and fp16 attention, decode, the summary
-    step tests_gpu_marked $((45 * SLACK / 100)) python3 -m pytest -q -rs -m gpu -p no:cacheprovider tests/test_varlen.py \
+    step tests_gpu_marked $((45 * SLACK / 100)) python3 -m pytest -q -rfEs --tb=short -m gpu -p no:cacheprovider tests/test_varlen.py \
         tests/test_multi_gpu.py
     tail -2 "$out/tests_gpu_marked.log"
     step varlen $((30 * SLACK / 100)) python3 benchmarks/bench_varlen.py --repeats 5 --out "$out/varlen.json"
     tail -8 "$out/varlen.log"
-    step tests $((120 * SLACK / 100)) python3 -m pytest -q -rs --durations=8 -p no:cacheprovider tests/test_gpu.py \
+    step tests $((120 * SLACK / 100)) python3 -m pytest -q -rfEs --tb=short --durations=8 -p no:cacheprovider tests/test_gpu.py \
         tests/test_decode_path.py tests/test_fa4_adapter.py
     tail -3 "$out/tests.log"
     step attention_d64 $((30 * SLACK / 100)) python3 benchmarks/bench_attention.py --seq 32768 131072 --inputs structured \
