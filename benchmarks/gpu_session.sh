@@ -162,8 +162,10 @@ perf_selection() {  # the selection's tests and checks, its timing, attention 8K
     tail -2 "$out/tests_selection.log"
     step check_selection $((35 * SLACK / 100)) python3 benchmarks/check_selection_gpu.py --seq 8192 32768 131072
     tail -6 "$out/check_selection.log"
-    step profile_selection $((30 * SLACK / 100)) sh -c 'python3 benchmarks/profile_selection.py --time --seq 8192 32768 \
-        131072 && python3 benchmarks/profile_selection.py --time --scratch --seq 8192 131072'
+    # Both stage sets on both sides of COMPOSE_STAGES_FROM (64K), and the diagonal A/B: what the rule rests on.
+    step profile_selection $((45 * SLACK / 100)) sh -c 'p=benchmarks/profile_selection.py; python3 $p --time --seq 8192 \
+        32768 65536 131072 && python3 $p --time --stages triton --seq 65536 131072 && python3 $p --time --stages \
+        compose --seq 8192 32768 && python3 $p --time --scratch --stages triton --seq 8192 131072'
     tail -6 "$out/profile_selection.log"
     step attention $((120 * SLACK / 100)) python3 benchmarks/bench_attention.py --seq 8192 16384 24576 32768 131072 \
         --inputs structured clustered random --gamma 0.9 --head-dim 128 --dtype bfloat16 --no-flash \
@@ -192,7 +194,7 @@ perf_rest() {  # varlen, the other GPU tests, d 64 and fp16 attention, decode, t
 
 # perf3: both halves in one call with the base limits (what ran on 2026-12-02: ~540 s; the selection tests, the
 # 32K/128K selection checks, the --scratch timing, the varlen tests and bench, the other GPU tests, fp16 and the
-# d 64 128K row were cut by their limits). perf4 a / perf4 b: one half per call with twice the limits (~530 s and
+# d 64 128K row were cut by their limits). perf4 a / perf4 b: one half per call with twice the limits (~560 s and
 # ~580 s), `stage2 perf4 a` then `run`'s `perf4 b` on the still-warm machine: what the next session should run.
 perf3() { out=/tmp/perf_work; rm -rf "$out" && mkdir -p "$out"; SLACK=100; perf_selection; perf_rest; }
 perf4() {

@@ -239,7 +239,8 @@ def test_cuda_default_stages_on_both_sides_of_the_threshold_equal_the_reference(
     want_mask, want_qa, _ = reference.select_blocks_reference(q, k, config, scale, torch.tensor(starts), dtype=dtype)
     searched = []
     real = coverage_triton.vertical_slash_blocks_triton
-    monkeypatch.setattr(coverage_triton, "vertical_slash_blocks_triton", lambda *a, **kw: searched.append(1) or real(*a, **kw))
+    spy = lambda *a, **kw: searched.append(1) or real(*a, **kw)  # noqa: E731
+    monkeypatch.setattr(coverage_triton, "vertical_slash_blocks_triton", spy)
     for threshold in (k_len + 1, k_len):  # one-launch stages below it, compose stages from it on
         monkeypatch.setattr(select, "COMPOSE_STAGES_FROM", threshold)
         searched.clear()
@@ -247,3 +248,22 @@ def test_cuda_default_stages_on_both_sides_of_the_threshold_equal_the_reference(
         assert torch.equal(structure_to_block_mask(got.structure).cpu(), want_mask)
         assert torch.equal(got.query_aware.cpu(), want_qa)
         assert bool(searched) == (threshold > k_len and dtype != torch.float64)
+
+
+def test_one_launch_stages_with_the_split_search_equal_the_reference(monkeypatch, poison_empty):
+    """The "triton" stages when every coverage row is long (thresholds lowered): §3's token rows and §4's pair rows
+    both go through the split search, and the selection is still the reference's."""
+    from flexprefill_hf.ops.selection import coverage_triton
+
+    monkeypatch.setattr(coverage_triton, "SPLIT_FROM", 8)
+    monkeypatch.setattr(coverage_triton, "_SEGMENT", 48)
+    batch, q_len, k_len, hq, hkv, d, bs, starts, gamma, tau, min_budget, max_budget = CASES[1]
+    config = FlexPrefillConfig(gamma=gamma, tau=0.9, block_size=bs, min_budget=min_budget, max_budget=max_budget)
+    key_start = torch.tensor(starts)
+    q, k, _ = random_qkv(batch, q_len, k_len, hq, hkv, d, dtype=torch.float32, scale=1.5, seed=43)
+    scale = 1.0 / math.sqrt(d)
+    want_mask, want_qa, _ = reference.select_blocks_reference(q, k, config, scale, key_start, dtype=torch.float32)
+    assert want_qa.any()  # τ 0.9: query-aware heads, so §4's coverage runs
+    got = select_blocks(q, k, config, scale, key_start, structure_backend="triton")
+    assert torch.equal(structure_to_block_mask(got.structure), want_mask)
+    assert torch.equal(got.query_aware, want_qa)

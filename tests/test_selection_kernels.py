@@ -140,6 +140,77 @@ def test_coverage_mask_computes_the_rows_needed(poison_empty):
     assert torch.equal(got[needed], coverage_mask(x, 0.8)[needed])  # the skipped rows are nobody's to read
 
 
+# The split search (long rows: many programs per row, a launch per pass), forced on short rows by ``segment``.
+
+def _split_both(x, gamma, segment):
+    from flexprefill_hf.ops.selection.coverage import coverage_counts, coverage_mask
+    from flexprefill_hf.ops.selection.coverage_triton import coverage_counts_triton, coverage_mask_triton
+
+    got_counts = coverage_counts_triton(x.to(DEVICE), gamma, segment=segment).cpu()
+    got_mask = coverage_mask_triton(x.to(DEVICE), gamma, segment=segment).cpu()
+    assert torch.equal(got_counts, coverage_counts(x, gamma)), (got_counts, coverage_counts(x, gamma))
+    assert torch.equal(got_mask, coverage_mask(x, gamma))
+    return got_mask
+
+
+@pytest.mark.parametrize("dtype,length,segment", [(torch.float32, 300, 64), (torch.float64, 37, 16)])
+@pytest.mark.usefixtures("poison_empty")
+def test_split_search_equals_sorted_cumsum_on_random_rows(dtype, length, segment):
+    """Several segments per row and a partial last one; peaked to flat rows and an all-zero (padding) row."""
+    needs_float64_kernels(dtype)
+    logits = torch.randn(5, length, generator=seeded(length), dtype=torch.float64) * torch.tensor(
+        [0.1, 1.0, 3.0, 8.0, 1.0])[:, None]
+    x = torch.softmax(logits, -1).to(dtype)
+    x[4] = 0
+    for gamma in (0.5, 0.9):
+        assert _split_both(x, gamma, segment)[4].all()
+
+
+@pytest.mark.usefixtures("poison_empty")
+def test_split_search_keeps_ties_by_index_across_segments():
+    """Multiples of 1/16 (exact sums, boundaries exactly on γ, runs of ties): the ties kept are the first by
+    index across the segment borders (each segment counts the ties before it)."""
+    x = torch.randint(0, 6, (6, 41), generator=seeded(23)).float() / 16
+    x[0, :] = 0.25
+    for gamma in (0.25, 0.5, 0.76):
+        _split_both(x, gamma, 16)
+    from flexprefill_hf.ops.selection.coverage_triton import coverage_mask_triton
+
+    assert coverage_mask_triton(x.to(DEVICE), 0.5, segment=16)[0].nonzero().flatten().tolist() == [0, 1]
+    # One run of ties spanning all three segments: the boundary tie run is cut in the middle one.
+    x[1, :] = 1 / 64
+    mask = _split_both(x, 0.5, 16)
+    assert mask[1].nonzero().flatten().tolist() == list(range(32))
+
+
+def test_split_search_rows_needed_and_the_vertical_slash_budget(poison_empty):
+    from flexprefill_hf.ops.selection.coverage import coverage_counts, coverage_mask, top_blocks
+    from flexprefill_hf.ops.selection.coverage_triton import coverage_mask_triton, vertical_slash_blocks_triton
+
+    x = torch.softmax(torch.randn(2, 3, 50, generator=seeded(4), dtype=torch.float64), -1).float()
+    needed = torch.tensor([[True, False, True], [False, False, True]])
+    got = coverage_mask_triton(x.to(DEVICE), 0.8, rows_needed=needed.to(DEVICE), segment=16).cpu()
+    assert torch.equal(got[needed], coverage_mask(x, 0.8)[needed])
+    # §3 with its token rows counted by the split search first.
+    g = seeded(90)
+    batch, heads, n, block = 2, 3, 300, 32
+    nb = -(-n // block)
+    scores = torch.softmax(torch.randn(2, batch, heads, n, generator=g, dtype=torch.float64) * 2, -1).float()
+    block_scores = (torch.randint(0, 5, (2, batch, heads, nb), generator=g).double() / 16).float()
+    query_aware = torch.rand(batch, heads, generator=g) < 0.4
+    got = vertical_slash_blocks_triton(scores.to(DEVICE), block_scores.to(DEVICE), query_aware.to(DEVICE), 0.9,
+                                       block, 1, 9, 1, segment=64).cpu()
+    budget = torch.where(query_aware, 1, (coverage_counts(scores, 0.9) // block + 1).clamp(min=1, max=9))
+    assert torch.equal(got, top_blocks(block_scores, budget))
+
+
+def test_split_search_refuses_a_segment_below_one():
+    from flexprefill_hf.ops.selection.coverage_triton import coverage_counts_triton
+
+    with pytest.raises(ValueError, match="segment=0 is not supported; expected a positive number of entries"):
+        coverage_counts_triton(torch.rand(2, 8, device=DEVICE), 0.9, segment=0)
+
+
 def test_coverage_search_rejects_what_it_cannot_read():
     from flexprefill_hf.ops.selection.coverage_triton import coverage_counts_triton
 

@@ -35,6 +35,10 @@ are ``>= t``; integer counts, exact) picks §3's blocks: :func:`vertical_slash_b
 row, the coverage search on the token scores, the budget, and this top-k search on the block scores, in
 one launch (``coverage.budget_blocks`` and ``top_blocks`` are its PyTorch version).
 
+Long rows (``SPLIT_FROM`` entries or more: §3's token rows from 128K keys, §4's pair rows from ~64K) are
+searched by many programs per row, one launch per pass (``_launch_split``): the same probes, the same
+arithmetic, the sums reduced over segments in a fixed order.
+
 Rows: the last dim of a contiguous tensor, entries >= 0 (probabilities; no NaN); entries < 0 are never
 kept (padding blocks of §3).
 """
@@ -108,24 +112,47 @@ def _boundary(x_row, length, limit, key_hi, BLOCK: tl.constexpr, PROBES: tl.cons
                 at_least += tl.sum((x[:, None] >= t[None, :]).to(tl.int64), 0)
             pred = at_least <= limit  # the last entry >= t sits at position at_least - 1
         else:
-            total = tl.zeros([PROBES], dtype=tl.float64)
-            least = tl.full([PROBES], float("inf"), dtype=t.dtype)
-            for start in range(0, length, BLOCK):
-                x = tl.load(x_row + start + offs, mask=start + offs < length, other=-1.0)
-                ge = x[:, None] >= t[None, :]  # [BLOCK, K]
-                total += tl.sum(tl.where(ge, x[:, None].to(tl.float64), 0.0), 0)
-                least = tl.minimum(least, tl.min(tl.where(ge, x[:, None], float("inf")), 0))
+            total, least = _probe_sums(x_row, 0, length, t, BLOCK, PROBES)
             pred = (least == float("inf")) | (_before(total, least, FP64) < limit)
         lo, hi = _search_step(lo, hi, probe, pred)
     t_star = _key_value(hi, FP64)
 
-    # The kept larger entries' sum and count, and the boundary value w = max{0 <= x < t*} with its ties.
+    larger, kept, w, ties = _boundary_values(x_row, 0, length, t_star, BLOCK)
+    w = tl.where(ties > 0, w, 0.0)  # no boundary value: any finite stand-in (no tie is kept)
+
+    if TOP_K:
+        tie_kept = tl.minimum(tl.maximum(limit - kept, 0), ties)
+    else:
+        tie_kept = _ties_kept(larger, w, ties, limit, PROBES, RANK_PASSES, FP64)
+    return t_star, w, tie_kept, kept
+
+
+@triton.jit
+def _probe_sums(x_row, begin, end, t, BLOCK: tl.constexpr, PROBES: tl.constexpr):
+    """Over entries [begin, end) of a row, for each probe t[k]: the float64 sum of the entries >= t[k] and the
+    least of them (+inf if none)."""
+    offs = tl.arange(0, BLOCK)
+    total = tl.zeros([PROBES], dtype=tl.float64)
+    least = tl.full([PROBES], float("inf"), dtype=t.dtype)
+    for start in range(begin, end, BLOCK):
+        x = tl.load(x_row + start + offs, mask=start + offs < end, other=-1.0)  # -1: below every probe
+        ge = x[:, None] >= t[None, :]  # [BLOCK, K]
+        total += tl.sum(tl.where(ge, x[:, None].to(tl.float64), 0.0), 0)
+        least = tl.minimum(least, tl.min(tl.where(ge, x[:, None], float("inf")), 0))
+    return total, least
+
+
+@triton.jit
+def _boundary_values(x_row, begin, end, t_star, BLOCK: tl.constexpr):
+    """Over entries [begin, end) of a row: the sum (float64) and count of the entries >= t*, the boundary value
+    w = max{0 <= x < t*} (-inf if none) and how many entries equal it."""
+    offs = tl.arange(0, BLOCK)
     larger = tl.zeros([], dtype=tl.float64)
     kept = tl.zeros([], dtype=tl.int64)
     w = tl.full([], float("-inf"), dtype=t_star.dtype)
     ties = tl.zeros([], dtype=tl.int64)
-    for start in range(0, length, BLOCK):
-        valid = start + offs < length
+    for start in range(begin, end, BLOCK):
+        valid = start + offs < end
         x = tl.load(x_row + start + offs, mask=valid, other=-1.0)
         ge = valid & (x >= t_star)
         larger += tl.sum(tl.where(ge, x.to(tl.float64), 0.0), 0)
@@ -135,30 +162,32 @@ def _boundary(x_row, length, limit, key_hi, BLOCK: tl.constexpr, PROBES: tl.cons
         block_ties = tl.sum((below & (x == block_max)).to(tl.int64), 0)
         ties = tl.where(block_max > w, block_ties, tl.where(block_max == w, ties + block_ties, ties))
         w = tl.maximum(w, block_max)
-    w = tl.where(ties > 0, w, 0.0)  # no boundary value: any finite stand-in (no tie is kept)
-
-    if TOP_K:
-        tie_kept = tl.minimum(tl.maximum(limit - kept, 0), ties)
-    else:
-        # Tie r (0-based) has running sum larger + (r + 1) w; search the first dropped r in [0, ties].
-        r_lo = tl.full([], -1, tl.int64)
-        r_hi = ties
-        w64 = w.to(tl.float64)
-        for _ in tl.static_range(RANK_PASSES):
-            step = tl.maximum((r_hi - r_lo + PROBES - 1) // PROBES, 1)
-            probe = tl.minimum(r_lo + (offs_k + 1) * step, r_hi)  # [K]
-            dropped = (probe < ties) & ~(_before(larger + (probe + 1).to(tl.float64) * w64, w, FP64) < limit)
-            r_lo, r_hi = _search_step(r_lo, r_hi, probe, dropped | (probe >= ties))
-        tie_kept = r_hi
-    return t_star, w, tie_kept, kept
+    return larger, kept, w, ties
 
 
 @triton.jit
-def _store_kept(x_row, out_row, length, t_star, w, tie_kept, BLOCK: tl.constexpr):
-    """Write the kept mask of a row (int8) from its :func:`_boundary`: ties of w kept by index."""
+def _ties_kept(larger, w, ties, limit, PROBES: tl.constexpr, RANK_PASSES: tl.constexpr, FP64: tl.constexpr):
+    """How many of the ``ties`` entries equal to the boundary value w are kept, when the larger kept entries sum
+    to ``larger`` (float64): tie r (0-based) has running sum larger + (r + 1) w; search the first dropped r."""
+    offs_k = tl.arange(0, PROBES).to(tl.int64)
+    r_lo = tl.full([], -1, tl.int64)
+    r_hi = ties
+    w64 = w.to(tl.float64)
+    for _ in tl.static_range(RANK_PASSES):
+        step = tl.maximum((r_hi - r_lo + PROBES - 1) // PROBES, 1)
+        probe = tl.minimum(r_lo + (offs_k + 1) * step, r_hi)  # [K]
+        dropped = (probe < ties) & ~(_before(larger + (probe + 1).to(tl.float64) * w64, w, FP64) < limit)
+        r_lo, r_hi = _search_step(r_lo, r_hi, probe, dropped | (probe >= ties))
+    return r_hi
+
+
+@triton.jit
+def _store_kept(x_row, out_row, begin, length, seen, t_star, w, tie_kept, BLOCK: tl.constexpr):
+    """Write the kept mask of entries [begin, length) of a row (int8) from its :func:`_boundary`: ties of w kept
+    by index, ``seen`` of them before ``begin``."""
     offs = tl.arange(0, BLOCK)
-    seen = tl.zeros([], dtype=tl.int64)
-    for start in range(0, length, BLOCK):
+    seen = seen.to(tl.int64)
+    for start in range(begin, length, BLOCK):
         valid = start + offs < length
         x = tl.load(x_row + start + offs, mask=valid, other=-1.0)
         tie = (valid & (x == w)).to(tl.int64)
@@ -189,23 +218,25 @@ def _coverage_kernel(
     t_star, w, tie_kept, kept = _boundary(x_row, length, _from_bits(gamma_bits, FP64), key_hi, BLOCK, PROBES,
                                           KEY_PASSES, RANK_PASSES, FP64, False)
     if MASK:
-        _store_kept(x_row, Out + row * length, length, t_star, w, tie_kept, BLOCK)
+        _store_kept(x_row, Out + row * length, 0, length, tl.zeros([], dtype=tl.int64), t_star, w, tie_kept, BLOCK)
     else:
         tl.store(Out + row, kept + tie_kept)
 
 
 @triton.jit
 def _vertical_slash_kernel(
-    Scores, BlockScores, QueryAware, Out, num_rows, n, num_blocks, gamma_bits, key_hi, block_size,
+    Scores, BlockScores, QueryAware, Tokens, Out, num_rows, n, num_blocks, gamma_bits, key_hi, block_size,
     min_blocks, most_blocks, query_aware_blocks,
     BLOCK: tl.constexpr, BLOCK_NB: tl.constexpr, PROBES: tl.constexpr, KEY_PASSES: tl.constexpr,
-    RANK_PASSES: tl.constexpr, FP64: tl.constexpr, ALL_TOKENS: tl.constexpr,
+    RANK_PASSES: tl.constexpr, FP64: tl.constexpr, ALL_TOKENS: tl.constexpr, TOKENS_GIVEN: tl.constexpr,
 ):
     # Row (kind, b, h): kind 0 vertical (key blocks), 1 slash (offset blocks).
     row = tl.program_id(0).to(tl.int64)
     bh = row % num_rows
     if ALL_TOKENS:  # γ >= 1: every token, whatever the rounding of the running sum (coverage_counts)
         tokens = tl.full([], n, tl.int64)
+    elif TOKENS_GIVEN:  # long rows: counted beforehand by the split search
+        tokens = tl.load(Tokens + row)
     else:
         t_star, w, tie_kept, kept = _boundary(Scores + row * n, n, _from_bits(gamma_bits, FP64), key_hi, BLOCK, PROBES,
                                               KEY_PASSES, RANK_PASSES, FP64, False)
@@ -216,7 +247,196 @@ def _vertical_slash_kernel(
     x_row = BlockScores + row * num_blocks
     t_star, w, tie_kept, kept = _boundary(x_row, num_blocks, budget, key_hi, BLOCK_NB, PROBES, KEY_PASSES,
                                           RANK_PASSES, FP64, True)
-    _store_kept(x_row, Out + row * num_blocks, num_blocks, t_star, w, tie_kept, BLOCK_NB)
+    _store_kept(x_row, Out + row * num_blocks, 0, num_blocks, tl.zeros([], dtype=tl.int64), t_star, w, tie_kept,
+                BLOCK_NB)
+
+
+# Long rows: the same search by many programs per row. One program per row makes KEY_PASSES dependent passes over
+# its row; at 128K tokens (§3) and 524K causal block pairs (§4) that serial depth was the selection's cost on the
+# H200 (benchmarks/RESULTS.md, 2026-12-02). Split, a row's segments each sum their part for every probe, and
+# the next launch's programs each reduce those partials (in a fixed order) to the next probes: one launch per
+# pass, then one for the boundary values and one for the output. Rows of SPLIT_FROM entries or more take this
+# path (``segment`` forces it); shorter ones stay in one launch, where launches, not depth, are the cost.
+SPLIT_FROM = 131072
+_SEGMENT = 4096
+
+
+@triton.jit
+def _probes(lo, hi, PROBES: tl.constexpr):
+    offs_k = tl.arange(0, PROBES).to(tl.int64)
+    step = tl.maximum((hi - lo + PROBES - 1) // PROBES, 1)
+    return tl.minimum(lo + (offs_k + 1) * step, hi)  # [K]
+
+
+@triton.jit
+def _split_state(LoHi, PartTotal, PartLeast, row, num_rows, num_segments, index, limit, PROBES: tl.constexpr,
+                 S_BLOCK: tl.constexpr, FP64: tl.constexpr):
+    """(lo, hi) after pass ``index``: its probes came from LoHi[index]; its partials are in the buffers of its
+    parity, [rows, segments, K]."""
+    lo = tl.load(LoHi + (index * num_rows + row) * 2)
+    hi = tl.load(LoHi + (index * num_rows + row) * 2 + 1)
+    probe = _probes(lo, hi, PROBES)
+    offs_k = tl.arange(0, PROBES)
+    offs_s = tl.arange(0, S_BLOCK)
+    parity = (index % 2).to(tl.int64) * num_rows * num_segments * PROBES
+    total = tl.zeros([PROBES], dtype=tl.float64)
+    least = tl.full([PROBES], float("inf"), dtype=tl.float64 if FP64 else tl.float32)
+    for s0 in range(0, num_segments, S_BLOCK):
+        seg = s0 + offs_s
+        at = parity + (row * num_segments + seg)[:, None] * PROBES + offs_k[None, :]
+        m = (seg < num_segments)[:, None]
+        total += tl.sum(tl.load(PartTotal + at, mask=m, other=0.0), 0)
+        least = tl.minimum(least, tl.min(tl.load(PartLeast + at, mask=m, other=float("inf")), 0))
+    pred = (least == float("inf")) | (_before(total, least, FP64) < limit)
+    return _search_step(lo, hi, probe, pred)
+
+
+@triton.jit
+def _segment_range(Needed, row, seg, length, SEGMENT: tl.constexpr, HAS_NEEDED: tl.constexpr):
+    """[begin, end) of a program's segment; empty for a row nobody reads."""
+    begin = seg.to(tl.int64) * SEGMENT
+    end = tl.minimum(begin + SEGMENT, length)
+    if HAS_NEEDED:
+        end = tl.where(tl.load(Needed + row) != 0, end, begin)
+    return begin, end
+
+
+@triton.jit(do_not_specialize=["length", "num_segments", "index"])
+def _split_pass_kernel(
+    X, PartTotal, PartLeast, LoHi, Needed, length, num_segments, gamma_bits, key_hi, index,
+    SEGMENT: tl.constexpr, BLOCK: tl.constexpr, PROBES: tl.constexpr, S_BLOCK: tl.constexpr, FP64: tl.constexpr,
+    HAS_NEEDED: tl.constexpr, FIRST: tl.constexpr,
+):
+    """Pass ``index`` of the key search: the state after the previous pass, then this segment's partial sum and
+    least entry >= each probe."""
+    row = tl.program_id(0).to(tl.int64)
+    seg = tl.program_id(1)
+    num_rows = tl.num_programs(0)
+    if FIRST:
+        lo = tl.full([], -1, tl.int64)
+        hi = tl.full([], key_hi, tl.int64)
+    else:
+        lo, hi = _split_state(LoHi, PartTotal, PartLeast, row, num_rows, num_segments, index - 1,
+                              _from_bits(gamma_bits, FP64), PROBES, S_BLOCK, FP64)
+    state = LoHi + (index * num_rows + row) * 2
+    tl.store(state, lo, mask=seg == 0)
+    tl.store(state + 1, hi, mask=seg == 0)
+    t = _key_value(_probes(lo, hi, PROBES), FP64)  # [K]
+    begin, end = _segment_range(Needed, row, seg, length, SEGMENT, HAS_NEEDED)
+    total, least = _probe_sums(X + row * length, begin, end, t, BLOCK, PROBES)
+    offs_k = tl.arange(0, PROBES)
+    at = (index % 2).to(tl.int64) * num_rows * num_segments * PROBES + (row * num_segments + seg) * PROBES + offs_k
+    tl.store(PartTotal + at, total)
+    tl.store(PartLeast + at, least)
+
+
+@triton.jit(do_not_specialize=["length", "num_segments", "last"])
+def _split_boundary_kernel(
+    X, PartTotal, PartLeast, LoHi, Needed, Larger, Kept, Below, Ties, length, num_segments, gamma_bits, last,
+    SEGMENT: tl.constexpr, BLOCK: tl.constexpr, PROBES: tl.constexpr, S_BLOCK: tl.constexpr, FP64: tl.constexpr,
+    HAS_NEEDED: tl.constexpr,
+):
+    """t* from the last pass (stored as LoHi[last + 1]), then this segment's sum and count of the entries >= t*,
+    its largest entry below t* (>= 0) and how many equal that."""
+    row = tl.program_id(0).to(tl.int64)
+    seg = tl.program_id(1)
+    num_rows = tl.num_programs(0)
+    lo, hi = _split_state(LoHi, PartTotal, PartLeast, row, num_rows, num_segments, last, _from_bits(gamma_bits, FP64),
+                          PROBES, S_BLOCK, FP64)
+    state = LoHi + ((last + 1) * num_rows + row) * 2
+    tl.store(state, lo, mask=seg == 0)
+    tl.store(state + 1, hi, mask=seg == 0)
+    t_star = _key_value(hi, FP64)
+    begin, end = _segment_range(Needed, row, seg, length, SEGMENT, HAS_NEEDED)
+    larger, kept, w, ties = _boundary_values(X + row * length, begin, end, t_star, BLOCK)
+    at = row * num_segments + seg
+    tl.store(Larger + at, larger)
+    tl.store(Kept + at, kept)
+    tl.store(Below + at, w)
+    tl.store(Ties + at, ties)
+
+
+@triton.jit(do_not_specialize=["length", "num_segments", "last"])
+def _split_output_kernel(
+    X, Out, LoHi, Needed, Larger, Kept, Below, Ties, length, num_segments, gamma_bits, last,
+    SEGMENT: tl.constexpr, BLOCK: tl.constexpr, PROBES: tl.constexpr, S_BLOCK: tl.constexpr,
+    RANK_PASSES: tl.constexpr, FP64: tl.constexpr, HAS_NEEDED: tl.constexpr, MASK: tl.constexpr,
+):
+    """The row's boundary from the segments' values (w = the largest of their values below t*, its ties in
+    index order), then the count (MASK False: segment 0 writes it) or this segment's part of the mask."""
+    row = tl.program_id(0).to(tl.int64)
+    seg = tl.program_id(1)
+    num_rows = tl.num_programs(0)
+    t_star = _key_value(tl.load(LoHi + ((last + 1) * num_rows + row) * 2 + 1), FP64)
+    offs_s = tl.arange(0, S_BLOCK)
+    larger = tl.zeros([], dtype=tl.float64)
+    kept = tl.zeros([], dtype=tl.int64)
+    w = tl.full([], float("-inf"), dtype=t_star.dtype)
+    for s0 in range(0, num_segments, S_BLOCK):
+        m = s0 + offs_s < num_segments
+        at = row * num_segments + s0 + offs_s
+        larger += tl.sum(tl.load(Larger + at, mask=m, other=0.0), 0)
+        kept += tl.sum(tl.load(Kept + at, mask=m, other=0), 0)
+        w = tl.maximum(w, tl.max(tl.load(Below + at, mask=m, other=float("-inf")), 0))
+    ties = tl.zeros([], dtype=tl.int64)
+    before = tl.zeros([], dtype=tl.int64)  # ties of w in the segments before this one
+    for s0 in range(0, num_segments, S_BLOCK):
+        m = s0 + offs_s < num_segments
+        at = row * num_segments + s0 + offs_s
+        has_w = tl.load(Below + at, mask=m, other=float("-inf")) == w  # a segment's largest below t* is w
+        seg_ties = tl.where(m & has_w, tl.load(Ties + at, mask=m, other=0), 0)
+        ties += tl.sum(seg_ties, 0)
+        before += tl.sum(tl.where(s0 + offs_s < seg, seg_ties, 0), 0)
+    w = tl.where(ties > 0, w, 0.0)
+    tie_kept = _ties_kept(larger, w, ties, _from_bits(gamma_bits, FP64), PROBES, RANK_PASSES, FP64)
+    if MASK:
+        begin, end = _segment_range(Needed, row, seg, length, SEGMENT, HAS_NEEDED)
+        _store_kept(X + row * length, Out + row * length, begin, end, before, t_star, w, tie_kept, BLOCK)
+    else:
+        tl.store(Out + row, kept + tie_kept, mask=seg == 0)
+
+
+def _launch_split(scores: torch.Tensor, out: torch.Tensor, gamma: float, mask: bool, segment: int,
+                  rows_needed: Optional[torch.Tensor]) -> None:
+    """The split search of rows [rows, L] into out (int64 [rows] counts, or the int8 view of a bool [rows, L]
+    mask): KEY_PASSES launches, then the boundary and the output."""
+    length = scores.shape[-1]
+    rows = scores.numel() // length
+    num_segments = triton.cdiv(length, segment)
+    keys = _keys(scores.dtype, gamma)
+    passes = keys.pop("KEY_PASSES")
+    device = scores.device
+    part_total = torch.empty(2 * rows * num_segments * _PROBES, dtype=torch.float64, device=device)
+    part_least = torch.empty(2 * rows * num_segments * _PROBES, dtype=scores.dtype, device=device)
+    lo_hi = torch.empty((passes + 1) * rows * 2, dtype=torch.int64, device=device)
+    larger = torch.empty(rows * num_segments, dtype=torch.float64, device=device)
+    kept = torch.empty(rows * num_segments, dtype=torch.int64, device=device)
+    below = torch.empty(rows * num_segments, dtype=scores.dtype, device=device)
+    ties = torch.empty(rows * num_segments, dtype=torch.int64, device=device)
+    needed = scores if rows_needed is None else rows_needed
+    meta = dict(SEGMENT=segment, BLOCK=min(1024, max(16, triton.next_power_of_2(segment))), PROBES=_PROBES,
+                S_BLOCK=min(1024, max(16, triton.next_power_of_2(num_segments))), FP64=keys["FP64"],
+                HAS_NEEDED=rows_needed is not None)
+    grid = (rows, num_segments)
+    with launch_device(scores):
+        for index in range(passes):
+            _split_pass_kernel[grid](scores, part_total, part_least, lo_hi, needed, length, num_segments,
+                                     keys["gamma_bits"], keys["key_hi"], index, FIRST=index == 0, **meta)
+        _split_boundary_kernel[grid](scores, part_total, part_least, lo_hi, needed, larger, kept, below, ties, length,
+                                     num_segments, keys["gamma_bits"], passes - 1, **meta)
+        _split_output_kernel[grid if mask else (rows, 1)](
+            scores, out, lo_hi, needed, larger, kept, below, ties, length, num_segments, keys["gamma_bits"],
+            passes - 1, RANK_PASSES=_passes(length + 2), MASK=mask, **meta,
+        )
+
+
+def _split_segment(length: int, segment: Optional[int]) -> Optional[int]:
+    """Entries per program of the split search, or None for one program per row."""
+    if segment is not None:
+        if segment < 1:
+            raise ValueError(f"segment={segment} is not supported; expected a positive number of entries or None")
+        return segment
+    return _SEGMENT if length >= SPLIT_FROM else None
 
 
 def _passes(width: int) -> int:
@@ -265,8 +485,8 @@ def _keys(dtype: torch.dtype, gamma: float) -> dict:
                 FP64=dtype == torch.float64)
 
 
-def _launch(scores: torch.Tensor, gamma: float, mask: bool, rows_needed: Optional[torch.Tensor] = None
-            ) -> torch.Tensor:
+def _launch(scores: torch.Tensor, gamma: float, mask: bool, rows_needed: Optional[torch.Tensor] = None,
+            segment: Optional[int] = None) -> torch.Tensor:
     _check_rows("scores", scores)
     length = scores.shape[-1]
     rows = scores.numel() // max(length, 1)
@@ -277,6 +497,10 @@ def _launch(scores: torch.Tensor, gamma: float, mask: bool, rows_needed: Optiona
     if rows == 0 or length == 0:
         if not mask:
             out.fill_(length)
+        return out
+    segment = _split_segment(length, segment)
+    if segment is not None:
+        _launch_split(scores, out.view(torch.int8) if mask else out, gamma, mask, segment, rows_needed)
         return out
     block = _block(length)
     with launch_device(scores):
@@ -293,20 +517,22 @@ def _block(length: int) -> int:
     return min(1024, max(16, triton.next_power_of_2(length)))
 
 
-def coverage_counts_triton(scores: torch.Tensor, gamma: float) -> torch.Tensor:
+def coverage_counts_triton(scores: torch.Tensor, gamma: float, *, segment: Optional[int] = None) -> torch.Tensor:
     """``coverage.coverage_counts`` by a threshold search (module docstring): int64 [...], the fewest
     largest entries of each row of scores [..., L] (float32/float64, contiguous, >= 0) whose sum
-    reaches gamma, L if they never do. One launch."""
+    reaches gamma, L if they never do. One launch; rows of ``SPLIT_FROM`` entries or more (or any rows,
+    given ``segment``, entries per program) by the split search, a launch per pass."""
     if gamma >= 1.0:  # all the attention: every entry (as coverage.coverage_counts)
         return torch.full(scores.shape[:-1], scores.shape[-1], dtype=torch.long, device=scores.device)
-    return _launch(scores, gamma, mask=False)
+    return _launch(scores, gamma, mask=False, segment=segment)
 
 
 def coverage_mask_triton(
-    scores: torch.Tensor, gamma: float, rows_needed: Optional[torch.Tensor] = None
+    scores: torch.Tensor, gamma: float, rows_needed: Optional[torch.Tensor] = None, *, segment: Optional[int] = None
 ) -> torch.Tensor:
     """``coverage.coverage_mask`` by a threshold search: bool [..., L], the entries that rule keeps
-    (ties at the boundary to the lower index, as the stable sort). One launch.
+    (ties at the boundary to the lower index, as the stable sort). One launch (long rows, or ``segment``:
+    the split search, as :func:`coverage_counts_triton`).
 
     rows_needed: optional bool [...] (contiguous): rows where it is False are neither read nor written
     (their output stays uninitialised; §4 needs only the query-aware heads' rows)."""
@@ -314,12 +540,12 @@ def coverage_mask_triton(
         return torch.ones_like(scores, dtype=torch.bool)
     if rows_needed is not None:
         assert rows_needed.shape == scores.shape[:-1] and rows_needed.is_contiguous(), "rows_needed: bool [...]"
-    return _launch(scores, gamma, mask=True, rows_needed=rows_needed)
+    return _launch(scores, gamma, mask=True, rows_needed=rows_needed, segment=segment)
 
 
 def vertical_slash_blocks_triton(
     scores: torch.Tensor, block_scores: torch.Tensor, query_aware: torch.Tensor, gamma: float, block_size: int,
-    min_blocks: int, most_blocks: int, query_aware_blocks: int,
+    min_blocks: int, most_blocks: int, query_aware_blocks: int, *, segment: Optional[int] = None,
 ) -> torch.Tensor:
     """§3 in one launch: bool [2, B, Hq, nb], the vertical (row 0) and slash (row 1) blocks.
 
@@ -329,7 +555,8 @@ def vertical_slash_blocks_triton(
     min_blocks), most_blocks)`` from the γ-coverage count c of its token scores (``query_aware_blocks`` for
     query-aware heads), then that many highest block scores, ties to the lower index: what
     ``coverage.budget_blocks`` and ``top_blocks`` give, except that padding blocks are never chosen (the
-    composition drops them: ``compose.MaskParts``).
+    composition drops them: ``compose.MaskParts``). One launch; token rows of ``SPLIT_FROM`` entries or more
+    (or any, given ``segment``) are counted first by the split search.
     """
     _check_rows("scores", scores)
     _check_rows("block_scores", block_scores)
@@ -338,12 +565,17 @@ def vertical_slash_blocks_triton(
     n, num_blocks = scores.shape[-1], block_scores.shape[-1]
     rows = scores.numel() // n
     out = torch.empty(block_scores.shape, dtype=torch.bool, device=scores.device)
+    tokens = None
+    segment = None if gamma >= 1.0 else _split_segment(n, segment)
+    if segment is not None:
+        tokens = torch.empty(rows, dtype=torch.long, device=scores.device)
+        _launch_split(scores, tokens, gamma, False, segment, None)
     with launch_device(scores):
         _vertical_slash_kernel[(rows,)](
-            scores, block_scores, query_aware, out.view(torch.int8), rows // 2, n, num_blocks,
-            **_keys(scores.dtype, min(gamma, 1.0)), block_size=block_size, min_blocks=min_blocks,
+            scores, block_scores, query_aware, scores if tokens is None else tokens, out.view(torch.int8), rows // 2, n,
+            num_blocks, **_keys(scores.dtype, min(gamma, 1.0)), block_size=block_size, min_blocks=min_blocks,
             most_blocks=most_blocks, query_aware_blocks=query_aware_blocks, BLOCK=_block(n),
             BLOCK_NB=_block(num_blocks), PROBES=_PROBES, RANK_PASSES=_passes(n + 2), ALL_TOKENS=gamma >= 1.0,
-            num_warps=8,
+            TOKENS_GIVEN=tokens is not None, num_warps=8,
         )
     return out

@@ -234,7 +234,8 @@ class _Stages:
     """The functions one call runs for the stages that have a Triton and a PyTorch version.
 
     scores: "triton" or "torch" (``_representative_scores``); diagonal_by_gather: how the Triton scores kernel
-    sums a tile's diagonals (``scores_triton.py``: by ``tl.gather`` on chip, or through a global scratch);
+    sums a tile's diagonals (``scores_triton.py``: True by ``tl.gather`` on chip, False through a global
+    scratch, None its module default ``_DIAGONAL_BY_GATHER``);
     compose: the §5 composition; counts, mask: the γ-coverage rule (``coverage.coverage_counts`` /
     ``coverage_mask`` or their threshold searches in ``coverage_triton.py``); vertical_slash: all of §3 in
     one launch (``coverage_triton.vertical_slash_blocks_triton``), or None (§3 from counts, budget_blocks,
@@ -250,7 +251,7 @@ class _Stages:
     vertical_slash: Optional[Callable] = None
     pattern: Optional[Callable] = None
     estimate: Optional[Callable] = None
-    diagonal_by_gather: bool = False
+    diagonal_by_gather: Optional[bool] = None
 
 
 def default_structure_backend(device_type: str, dtype: torch.dtype, k_len: int) -> str:
@@ -281,13 +282,15 @@ def _backends(q: torch.Tensor, k_len: int, scores_backend: Optional[str], struct
         from .estimate_triton import block_estimate_triton
         from .pattern_triton import pattern_triton
 
-        # The gather way of the diagonal sums was measured only inside these stages (8K-32K).
+        # Diagonals by the module default (the gather way), as measured with these stages at 8K-32K.
         return _Stages(scores_backend, compose_structure_triton, coverage_counts_triton, coverage_mask_triton,
-                       vertical_slash_blocks_triton, pattern_triton, block_estimate_triton, diagonal_by_gather=True)
+                       vertical_slash_blocks_triton, pattern_triton, block_estimate_triton)
     if structure_backend == "compose":
         from .compose_triton import compose_structure_triton
 
-        return _Stages(scores_backend, compose_structure_triton, coverage_counts, coverage_mask)
+        # The configuration measured at 128K on 2026-12-01: diagonals through the scratch.
+        return _Stages(scores_backend, compose_structure_triton, coverage_counts, coverage_mask,
+                       diagonal_by_gather=False)
     if structure_backend == "torch":
         return _Stages(scores_backend, compose_structure_torch, coverage_counts, coverage_mask)
     raise ValueError(
