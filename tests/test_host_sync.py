@@ -122,7 +122,7 @@ def test_the_trap_sees_what_a_host_sync_is():
         (500, 500, None, False, "triton"),  # a partial first block
         (300, 700, None, False, "triton"),  # a prefill on a cache
         (450, 450, [0, 130], False, "triton"),  # left padding
-        (450, 450, [0, 130], True, "triton"),  # the split coverage search (long rows) forced
+        (260, 260, [0, 70], True, "triton"),  # the split coverage search (long rows) forced
         (500, 500, None, False, "compose"),  # the sort-based stages (CUDA from 64K keys)
         (450, 450, [0, 130], False, "compose"),
     ],
