@@ -359,3 +359,15 @@ def test_block_estimate_kernel_matches_torch(dtype, padded, block_n):
         row_of_pair = causal_pair_index(grid, "cpu") // nb
         no_query = ~query_rows[1][row_of_pair]  # [P]
         assert no_query.any() and got[1][:, no_query].eq(0).all() and got[1][:, ~no_query].sum(-1).gt(0).all()
+
+
+def test_host_integer_helpers_equal_tritons():
+    """runtime.cdiv / next_power_of_2 replace Triton's on the host (cheaper per call): the same values."""
+    import triton
+
+    from flexprefill_hf.ops.runtime import cdiv, next_power_of_2
+
+    assert [next_power_of_2(n) for n in range(0, 5000)] == [triton.next_power_of_2(n) for n in range(0, 5000)]
+    for n in (1 << 20, (1 << 20) + 1, (1 << 31) - 1):
+        assert next_power_of_2(n) == triton.next_power_of_2(n)
+    assert all(cdiv(a, b) == triton.cdiv(a, b) for a in range(0, 600) for b in (1, 2, 7, 64, 128, 1000))

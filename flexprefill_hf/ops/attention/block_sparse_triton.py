@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from ..block_structure import BlockStructure
-from ..runtime import LN2, LOG2E, interpreting, is_hopper
+from ..runtime import LN2, LOG2E, interpreting, is_hopper, next_power_of_2
 from ..validation import check_attention_inputs, check_softmax_scale, check_structure
 
 _LN2 = tl.constexpr(LN2)
@@ -380,7 +380,7 @@ def _launch(q, k, v, out, lse, structure: BlockStructure, softmax_scale, key_sta
     meta = dict(
         HEAD_DIM=head_dim,
         BLOCK_SIZE=grid_geom.block_size,
-        BLOCK_D=triton.next_power_of_2(head_dim),
+        BLOCK_D=next_power_of_2(head_dim),
         HAS_KEY_START=key_start is not None,
         STORE_LSE=store_lse,
         # The interpreter computes bf16 arithmetic wrongly: upcast right after each load there.
@@ -420,7 +420,7 @@ def _launch(q, k, v, out, lse, structure: BlockStructure, softmax_scale, key_sta
             grid_geom.first_query_block, grid_geom.num_query_blocks,
             scale * LOG2E,  # the kernel's softmax uses exp2
             # Beyond 128 query blocks (16K tokens at block 128) one tuning for all: the same tiles won at 32K and 128K.
-            min(triton.next_power_of_2(grid_geom.num_query_blocks), _LONG_BUCKET),
+            min(next_power_of_2(grid_geom.num_query_blocks), _LONG_BUCKET),
             **meta,
         )
 

@@ -27,6 +27,7 @@ from ..attention.block_sparse_triton import launch_device
 from ..block_structure import causal_pair_count
 from ..grid import BlockGrid
 from .compose import MaskParts
+from ..runtime import next_power_of_2
 
 
 @triton.jit
@@ -98,7 +99,7 @@ def compose_structure_triton(
     for t in (vertical, slash, estimate, query_aware, short, sink, indices, counts):
         assert t.is_contiguous(), "compose_structure_triton takes contiguous tensors"
     if block_n is None:
-        block_n = min(1024, max(16, triton.next_power_of_2(num_blocks)))
+        block_n = min(1024, max(16, next_power_of_2(num_blocks)))
     with launch_device(indices):  # the tensors' device, not the current one
         _compose_pack_kernel[(nqb, batch * chunk_heads)](
             vertical, slash, estimate, query_aware, short, sink, indices, counts,

@@ -53,6 +53,7 @@ import triton
 import triton.language as tl
 
 from ..attention.block_sparse_triton import launch_device
+from ..runtime import cdiv, next_power_of_2
 
 # Thresholds evaluated per pass over a row (3 bits of the key per pass): more probes cost fp64 work per entry,
 # fewer cost passes over the row.
@@ -402,7 +403,7 @@ def _launch_split(scores: torch.Tensor, out: torch.Tensor, gamma: float, mask: b
     mask): KEY_PASSES launches, then the boundary and the output."""
     length = scores.shape[-1]
     rows = scores.numel() // length
-    num_segments = triton.cdiv(length, segment)
+    num_segments = cdiv(length, segment)
     keys = _keys(scores.dtype, gamma)
     passes = keys.pop("KEY_PASSES")
     device = scores.device
@@ -414,8 +415,8 @@ def _launch_split(scores: torch.Tensor, out: torch.Tensor, gamma: float, mask: b
     below = torch.empty(rows * num_segments, dtype=scores.dtype, device=device)
     ties = torch.empty(rows * num_segments, dtype=torch.int64, device=device)
     needed = scores if rows_needed is None else rows_needed
-    meta = dict(SEGMENT=segment, BLOCK=min(1024, max(16, triton.next_power_of_2(segment))), PROBES=_PROBES,
-                S_BLOCK=min(1024, max(16, triton.next_power_of_2(num_segments))), FP64=keys["FP64"],
+    meta = dict(SEGMENT=segment, BLOCK=min(1024, max(16, next_power_of_2(segment))), PROBES=_PROBES,
+                S_BLOCK=min(1024, max(16, next_power_of_2(num_segments))), FP64=keys["FP64"],
                 HAS_NEEDED=rows_needed is not None)
     grid = (rows, num_segments)
     with launch_device(scores):
@@ -514,7 +515,7 @@ def _launch(scores: torch.Tensor, gamma: float, mask: bool, rows_needed: Optiona
 
 def _block(length: int) -> int:
     """Entries a program reads per step."""
-    return min(1024, max(16, triton.next_power_of_2(length)))
+    return min(1024, max(16, next_power_of_2(length)))
 
 
 def coverage_counts_triton(scores: torch.Tensor, gamma: float, *, segment: Optional[int] = None) -> torch.Tensor:

@@ -20,7 +20,7 @@ import triton.language as tl
 from ..attention.block_sparse_triton import launch_device
 from ..block_structure import causal_pair_count
 from ..grid import BlockGrid
-from ..runtime import interpreting
+from ..runtime import interpreting, next_power_of_2
 from .coverage_triton import _from_bits, float_bits, refuse_cuda_float64
 from .pattern_triton import _div
 
@@ -99,9 +99,9 @@ def block_estimate_triton(
     refuse_cuda_float64("k_means", k_means)
     pairs = causal_pair_count(grid)
     out = torch.empty(batch, chunk_heads, pairs, dtype=k_means.dtype, device=k_means.device)
-    block_d = triton.next_power_of_2(head_dim)
+    block_d = next_power_of_2(head_dim)
     if block_n is None:
-        block_n = min(max(16, triton.next_power_of_2(grid.num_blocks)), max(16, 8192 // block_d))
+        block_n = min(max(16, next_power_of_2(grid.num_blocks)), max(16, 8192 // block_d))
     if query_rows is not None:
         query_rows = query_rows.contiguous()
     with launch_device(k_means):

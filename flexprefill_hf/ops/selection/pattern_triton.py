@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from ..attention.block_sparse_triton import launch_device
-from ..runtime import interpreting
+from ..runtime import interpreting, next_power_of_2
 from .coverage_triton import _from_bits, float_bits, refuse_cuda_float64
 
 
@@ -123,16 +123,16 @@ def pattern_triton(
     dtype = k_means.dtype
     distance = torch.empty(batch, q_heads, dtype=dtype, device=q_rep.device)
     query_aware = torch.empty(batch, q_heads, dtype=torch.bool, device=q_rep.device)
-    block_d = triton.next_power_of_2(head_dim)
+    block_d = next_power_of_2(head_dim)
     if block_n is None:
-        block_n = min(triton.next_power_of_2(num_blocks), max(16, 8192 // block_d))
+        block_n = min(next_power_of_2(num_blocks), max(16, 8192 // block_d))
     with launch_device(q_rep):
         _pattern_kernel[(batch * q_heads,)](
             q_rep, k_means, true_dist, query_start, query_start if sink is None else sink,
             query_start if short is None else short, distance, query_aware.view(torch.int8),
             *q_rep.stride(), *k_means.stride(), true_dist.stride(0), true_dist.stride(1),
             q_heads, q_heads // kv_heads, k_len, r, num_blocks, float_bits(softmax_scale, dtype), float_bits(tau, dtype),
-            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_R=max(16, triton.next_power_of_2(r)), BLOCK_N=block_n,
+            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_R=max(16, next_power_of_2(r)), BLOCK_N=block_n,
             FP64=dtype == torch.float64, HAS_SINK=sink is not None, HAS_SHORT=short is not None,
             num_warps=1 if interpreting() else 4,
         )

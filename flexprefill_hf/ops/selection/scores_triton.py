@@ -31,7 +31,7 @@ import triton.language as tl
 
 from ..attention.block_sparse_triton import launch_device
 from ..grid import BlockGrid
-from ..runtime import LOG2E, interpreting
+from ..runtime import LOG2E, cdiv, interpreting, next_power_of_2
 
 # Partial (max, sum) rows one program of the scores kernel loads at once.
 _SPLIT_CHUNK = 32
@@ -271,14 +271,14 @@ def representative_scores_triton(
         assert key_start is not None and k.dim() == 3, "packed keys need key_start and k [total_k, Hkv, D]"
     r = grid.num_representative
     block = grid.block_size
-    num_tiles = triton.cdiv(n, block)
+    num_tiles = cdiv(n, block)
     interpret = interpreting()
     # Enough programs to fill the GPU: split each head's key tiles into ranges.
     if splits is None:
-        splits = 1 if interpret else triton.cdiv(1024, batch * q_heads)
+        splits = 1 if interpret else cdiv(1024, batch * q_heads)
     splits = max(1, min(num_tiles, splits))
-    per_program = triton.cdiv(num_tiles, splits)
-    splits = triton.cdiv(num_tiles, per_program)
+    per_program = cdiv(num_tiles, splits)
+    splits = cdiv(num_tiles, per_program)
     device = q.device
     has_key_start = key_start is not None
     # Without left padding the kernels never read KeyStart: any pointer will do.
@@ -287,7 +287,7 @@ def representative_scores_triton(
     # Packed keys: row of position t of sequence b is k_base[b] + t.
     k_base = cu_seqlens_k[:-1].long() - starts if packed else starts
     meta = dict(
-        HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), BLOCK=block,
+        HEAD_DIM=head_dim, BLOCK_D=next_power_of_2(head_dim), BLOCK=block,
         HAS_KEY_START=has_key_start, HAS_QUERY_START=query_start is not None,
         UPCAST=interpret and q.dtype == torch.bfloat16, PACKED_K=packed,
         num_warps=8 if block == 128 else 4,
@@ -313,11 +313,11 @@ def representative_scores_triton(
         _representative_scores_kernel[(batch * q_heads, splits)](
             q, k, starts, query_starts, k_base, part_max, part_sum, scores[0], diagonal, scratch, *common, num_tiles,
             per_program, splits, qk_scale, ROW_CHUNK=min(block, 32),
-            SPLIT_CHUNK=min(_SPLIT_CHUNK, max(2, triton.next_power_of_2(splits))), DIAGONAL_BY_GATHER=by_gather,
+            SPLIT_CHUNK=min(_SPLIT_CHUNK, max(2, next_power_of_2(splits))), DIAGONAL_BY_GATHER=by_gather,
             **meta,
         )
         block_o = 1024
-        _slash_scores_kernel[(batch * q_heads, triton.cdiv(n, block_o))](
+        _slash_scores_kernel[(batch * q_heads, cdiv(n, block_o))](
             diagonal, scores[1], n, r, num_tiles, BLOCK=block, BLOCK_O=block_o, DIAGONAL_BY_GATHER=by_gather,
             num_warps=4,
         )
