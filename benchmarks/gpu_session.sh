@@ -165,7 +165,8 @@ perf_selection() {  # the selection's tests and checks, its timing, attention 8K
     # Both stage sets on both sides of COMPOSE_STAGES_FROM (64K), and the diagonal A/B: what the rule rests on.
     step profile_selection $((45 * SLACK / 100)) sh -c 'p=benchmarks/profile_selection.py; python3 $p --time --seq 8192 \
         32768 65536 131072 && python3 $p --time --stages triton --seq 65536 131072 && python3 $p --time --stages \
-        compose --seq 8192 32768 && python3 $p --time --scratch --stages triton --seq 8192 131072'
+        triton --split-from 131072 --seq 65536 131072 && python3 $p --time --stages compose --seq 8192 32768 && \
+        python3 $p --time --scratch --stages triton --seq 8192 131072'
     tail -6 "$out/profile_selection.log"
     step attention $((120 * SLACK / 100)) python3 benchmarks/bench_attention.py --seq 8192 16384 24576 32768 131072 \
         --inputs structured clustered random --gamma 0.9 --head-dim 128 --dtype bfloat16 --no-flash \

@@ -8,6 +8,7 @@ After ``pip install -e .``:
     python benchmarks/profile_selection.py --time --seq 8192 32768 131072   # ms per call, no profiler
     python benchmarks/profile_selection.py --time --scratch      # diagonals through the global scratch
     python benchmarks/profile_selection.py --time --seq 131072 --stages triton   # force one stage set
+    python benchmarks/profile_selection.py --time --seq 131072 --stages triton --split-from 131072   # split search
     TRITON_INTERPRET=1 python benchmarks/profile_selection.py --count-ops   # CPU: aten ops per call
 
 At 8K the CUDA selection is launch-bound (tens of small torch ops around four Triton kernels), so the
@@ -106,6 +107,8 @@ def main(argv=None):
     parser.add_argument("--torch", action="store_true", help="profile the all-PyTorch path (no Triton kernels)")
     parser.add_argument("--stages", choices=["triton", "compose"], default=None,
                         help="force select_blocks' structure_backend (default: its rule by length and dtype)")
+    parser.add_argument("--split-from", type=int, default=None,
+                        help="coverage rows of this many entries or more by the split search (coverage_triton.SPLIT_FROM)")
     parser.add_argument("--time", action="store_true",
                         help="GPU: mean ms per eager call (CUDA events around --iters back-to-back calls), no profiler")
     parser.add_argument("--iters", type=int, default=50)
@@ -123,6 +126,10 @@ def main(argv=None):
     backends = dict(scores_backend="torch", structure_backend="torch") if args.torch else {}
     if args.stages:
         backends = dict(structure_backend=args.stages)
+    if args.split_from is not None:
+        from flexprefill_hf.ops.selection import coverage_triton
+
+        coverage_triton.SPLIT_FROM = args.split_from
     if args.scratch:
         from flexprefill_hf.ops.selection import scores_triton
 
@@ -144,6 +151,7 @@ def main(argv=None):
             print(f"n={n}: select_blocks {start.elapsed_time(end) / args.iters:.3f} ms per call "
                   f"(32/8 heads, d 128, bf16, eager, {args.iters} calls{', all torch' if args.torch else ''}"
                   f"{', stages ' + args.stages if args.stages else ''}"
+                  f"{f', split from {args.split_from}' if args.split_from is not None else ''}"
                   f"{', scratch diagonals' if args.scratch else ''})")
             continue
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:

@@ -204,11 +204,16 @@ def test_split_search_rows_needed_and_the_vertical_slash_budget(poison_empty):
     assert torch.equal(got, top_blocks(block_scores, budget))
 
 
-def test_split_search_refuses_a_segment_below_one():
-    from flexprefill_hf.ops.selection.coverage_triton import coverage_counts_triton
+def test_split_search_is_opt_in_and_refuses_a_segment_below_one(monkeypatch):
+    from flexprefill_hf.ops.selection import coverage_triton
 
+    assert coverage_triton._split_segment(1 << 22, None) is None  # off by default: untimed on a GPU
+    monkeypatch.setattr(coverage_triton, "SPLIT_FROM", 1 << 17)
+    assert coverage_triton._split_segment(1 << 17, None) == coverage_triton._SEGMENT
+    assert coverage_triton._split_segment((1 << 17) - 1, None) is None
+    assert coverage_triton._split_segment(10, 4) == 4
     with pytest.raises(ValueError, match="segment=0 is not supported; expected a positive number of entries"):
-        coverage_counts_triton(torch.rand(2, 8, device=DEVICE), 0.9, segment=0)
+        coverage_triton.coverage_counts_triton(torch.rand(2, 8, device=DEVICE), 0.9, segment=0)
 
 
 def test_coverage_search_rejects_what_it_cannot_read():

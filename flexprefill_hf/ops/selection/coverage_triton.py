@@ -35,9 +35,9 @@ are ``>= t``; integer counts, exact) picks §3's blocks: :func:`vertical_slash_b
 row, the coverage search on the token scores, the budget, and this top-k search on the block scores, in
 one launch (``coverage.budget_blocks`` and ``top_blocks`` are its PyTorch version).
 
-Long rows (``SPLIT_FROM`` entries or more: §3's token rows from 128K keys, §4's pair rows from ~64K) are
-searched by many programs per row, one launch per pass (``_launch_split``): the same probes, the same
-arithmetic, the sums reduced over segments in a fixed order.
+Long rows can be searched by many programs per row, one launch per pass (``_launch_split``): the same probes,
+the same arithmetic, the sums reduced over segments in a fixed order. Opt-in (``SPLIT_FROM``, or ``segment``)
+until timed on a GPU.
 
 Rows: the last dim of a contiguous tensor, entries >= 0 (probabilities; no NaN); entries < 0 are never
 kept (padding blocks of §3).
@@ -256,9 +256,10 @@ def _vertical_slash_kernel(
 # its row; at 128K tokens (§3) and 524K causal block pairs (§4) that serial depth was the selection's cost on the
 # H200 (benchmarks/RESULTS.md, 2026-12-02). Split, a row's segments each sum their part for every probe, and
 # the next launch's programs each reduce those partials (in a fixed order) to the next probes: one launch per
-# pass, then one for the boundary values and one for the output. Rows of SPLIT_FROM entries or more take this
-# path (``segment`` forces it); shorter ones stay in one launch, where launches, not depth, are the cost.
-SPLIT_FROM = 131072
+# pass, then one for the boundary values and one for the output. With SPLIT_FROM set, rows of that many entries
+# or more take this path (``segment`` forces it); shorter ones stay in one launch, where launches, not depth, are
+# the cost. Off (None) until it is timed on a GPU: ``benchmarks/profile_selection.py --split-from 131072``.
+SPLIT_FROM: Optional[int] = None
 _SEGMENT = 4096
 
 
@@ -437,7 +438,7 @@ def _split_segment(length: int, segment: Optional[int]) -> Optional[int]:
         if segment < 1:
             raise ValueError(f"segment={segment} is not supported; expected a positive number of entries or None")
         return segment
-    return _SEGMENT if length >= SPLIT_FROM else None
+    return _SEGMENT if SPLIT_FROM is not None and length >= SPLIT_FROM else None
 
 
 def _passes(width: int) -> int:
@@ -521,8 +522,8 @@ def _block(length: int) -> int:
 def coverage_counts_triton(scores: torch.Tensor, gamma: float, *, segment: Optional[int] = None) -> torch.Tensor:
     """``coverage.coverage_counts`` by a threshold search (module docstring): int64 [...], the fewest
     largest entries of each row of scores [..., L] (float32/float64, contiguous, >= 0) whose sum
-    reaches gamma, L if they never do. One launch; rows of ``SPLIT_FROM`` entries or more (or any rows,
-    given ``segment``, entries per program) by the split search, a launch per pass."""
+    reaches gamma, L if they never do. One launch; rows of ``SPLIT_FROM`` entries or more when it is set (or any
+    rows, given ``segment``, entries per program) by the split search, a launch per pass."""
     if gamma >= 1.0:  # all the attention: every entry (as coverage.coverage_counts)
         return torch.full(scores.shape[:-1], scores.shape[-1], dtype=torch.long, device=scores.device)
     return _launch(scores, gamma, mask=False, segment=segment)
@@ -556,8 +557,8 @@ def vertical_slash_blocks_triton(
     min_blocks), most_blocks)`` from the γ-coverage count c of its token scores (``query_aware_blocks`` for
     query-aware heads), then that many highest block scores, ties to the lower index: what
     ``coverage.budget_blocks`` and ``top_blocks`` give, except that padding blocks are never chosen (the
-    composition drops them: ``compose.MaskParts``). One launch; token rows of ``SPLIT_FROM`` entries or more
-    (or any, given ``segment``) are counted first by the split search.
+    composition drops them: ``compose.MaskParts``). One launch; token rows of ``SPLIT_FROM`` entries or more when
+    it is set (or any, given ``segment``) are counted first by the split search.
     """
     _check_rows("scores", scores)
     _check_rows("block_scores", block_scores)
