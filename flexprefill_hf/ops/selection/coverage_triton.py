@@ -78,6 +78,14 @@ def _before(total, x, FP64: tl.constexpr):
 
 
 @triton.jit
+def _probes(lo, hi, PROBES: tl.constexpr):
+    """The K probes of a search step on the integer interval (lo, hi]: evenly spaced, the last one hi."""
+    offs_k = tl.arange(0, PROBES).to(tl.int64)
+    step = tl.maximum((hi - lo + PROBES - 1) // PROBES, 1)
+    return tl.minimum(lo + (offs_k + 1) * step, hi)  # [K]
+
+
+@triton.jit
 def _search_step(lo, hi, probe, pred):
     """One K-ary search step: (lo, hi) with hi the smallest probe where pred holds (else hi) and lo the
     largest probe below it (else lo). Invariant: pred(lo) false, pred(hi) true."""
@@ -97,14 +105,12 @@ def _boundary(x_row, length, limit, key_hi, BLOCK: tl.constexpr, PROBES: tl.cons
     never kept (padding); the row is x_row[0:length], contiguous.
     """
     offs = tl.arange(0, BLOCK)
-    offs_k = tl.arange(0, PROBES).to(tl.int64)
     # pred(t): the last entry >= t in the sorted order is kept (vacuously when there is none). Search the keys
     # for the smallest t* where it holds: pred(-1) is false by convention, pred(key_hi = +inf) true.
     lo = tl.full([], -1, tl.int64)
     hi = tl.full([], key_hi, tl.int64)
     for _ in tl.static_range(KEY_PASSES):
-        step = tl.maximum((hi - lo + PROBES - 1) // PROBES, 1)
-        probe = tl.minimum(lo + (offs_k + 1) * step, hi)  # [K]
+        probe = _probes(lo, hi, PROBES)
         t = _key_value(probe, FP64)  # [K]
         if TOP_K:
             at_least = tl.zeros([PROBES], dtype=tl.int64)
@@ -170,13 +176,11 @@ def _boundary_values(x_row, begin, end, t_star, BLOCK: tl.constexpr):
 def _ties_kept(larger, w, ties, limit, PROBES: tl.constexpr, RANK_PASSES: tl.constexpr, FP64: tl.constexpr):
     """How many of the ``ties`` entries equal to the boundary value w are kept, when the larger kept entries sum
     to ``larger`` (float64): tie r (0-based) has running sum larger + (r + 1) w; search the first dropped r."""
-    offs_k = tl.arange(0, PROBES).to(tl.int64)
     r_lo = tl.full([], -1, tl.int64)
     r_hi = ties
     w64 = w.to(tl.float64)
     for _ in tl.static_range(RANK_PASSES):
-        step = tl.maximum((r_hi - r_lo + PROBES - 1) // PROBES, 1)
-        probe = tl.minimum(r_lo + (offs_k + 1) * step, r_hi)  # [K]
+        probe = _probes(r_lo, r_hi, PROBES)
         dropped = (probe < ties) & ~(_before(larger + (probe + 1).to(tl.float64) * w64, w, FP64) < limit)
         r_lo, r_hi = _search_step(r_lo, r_hi, probe, dropped | (probe >= ties))
     return r_hi
@@ -261,13 +265,6 @@ def _vertical_slash_kernel(
 # the cost. Off (None) until it is timed on a GPU: ``benchmarks/profile_selection.py --split-from 131072``.
 SPLIT_FROM: Optional[int] = None
 _SEGMENT = 4096
-
-
-@triton.jit
-def _probes(lo, hi, PROBES: tl.constexpr):
-    offs_k = tl.arange(0, PROBES).to(tl.int64)
-    step = tl.maximum((hi - lo + PROBES - 1) // PROBES, 1)
-    return tl.minimum(lo + (offs_k + 1) * step, hi)  # [K]
 
 
 @triton.jit

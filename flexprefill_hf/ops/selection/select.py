@@ -236,9 +236,9 @@ class _Stages:
     scores: "triton" or "torch" (``_representative_scores``); diagonal_by_gather: how the Triton scores kernel
     sums a tile's diagonals (``scores_triton.py``: True by ``tl.gather`` on chip, False through a global
     scratch, None its module default ``_DIAGONAL_BY_GATHER``);
-    compose: the §5 composition; counts, mask: the γ-coverage rule (``coverage.coverage_counts`` /
-    ``coverage_mask`` or their threshold searches in ``coverage_triton.py``); vertical_slash: all of §3 in
-    one launch (``coverage_triton.vertical_slash_blocks_triton``), or None (§3 from counts, budget_blocks,
+    compose: the §5 composition; mask: §4's γ-coverage rule (``coverage.coverage_mask`` or its threshold search
+    ``coverage_triton.coverage_mask_triton``); vertical_slash: all of §3 in one launch
+    (``coverage_triton.vertical_slash_blocks_triton``), or None (§3 from ``coverage_counts``, budget_blocks,
     top_blocks); pattern: §2 in one launch (``pattern_triton.pattern_triton``), or None (``_pattern`` in
     PyTorch); estimate: §4's row-softmax over the pairs in one launch (``estimate_triton.block_estimate_triton``),
     or None (``_query_aware_coverage`` in PyTorch).
@@ -246,7 +246,6 @@ class _Stages:
 
     scores: str
     compose: Callable
-    counts: Callable
     mask: Callable
     vertical_slash: Optional[Callable] = None
     pattern: Optional[Callable] = None
@@ -277,22 +276,21 @@ def _backends(q: torch.Tensor, k_len: int, scores_backend: Optional[str], struct
         structure_backend = default_structure_backend(q.device.type, q.dtype, k_len)
     if structure_backend == "triton":
         from .compose_triton import compose_structure_triton
-        from .coverage_triton import coverage_counts_triton, coverage_mask_triton, vertical_slash_blocks_triton
+        from .coverage_triton import coverage_mask_triton, vertical_slash_blocks_triton
 
         from .estimate_triton import block_estimate_triton
         from .pattern_triton import pattern_triton
 
         # Diagonals by the module default (the gather way), as measured with these stages at 8K-32K.
-        return _Stages(scores_backend, compose_structure_triton, coverage_counts_triton, coverage_mask_triton,
-                       vertical_slash_blocks_triton, pattern_triton, block_estimate_triton)
+        return _Stages(scores_backend, compose_structure_triton, coverage_mask_triton, vertical_slash_blocks_triton,
+                       pattern_triton, block_estimate_triton)
     if structure_backend == "compose":
         from .compose_triton import compose_structure_triton
 
         # The configuration measured at 128K on 2026-12-01: diagonals through the scratch.
-        return _Stages(scores_backend, compose_structure_triton, coverage_counts, coverage_mask,
-                       diagonal_by_gather=False)
+        return _Stages(scores_backend, compose_structure_triton, coverage_mask, diagonal_by_gather=False)
     if structure_backend == "torch":
-        return _Stages(scores_backend, compose_structure_torch, coverage_counts, coverage_mask)
+        return _Stages(scores_backend, compose_structure_torch, coverage_mask)
     raise ValueError(
         f"structure_backend={structure_backend!r} is not supported; expected 'triton', 'compose', 'torch' or None"
     )
@@ -406,26 +404,25 @@ def _pattern(
 
 def _vertical_slash_blocks(
     rep_scores: torch.Tensor, block_scores: torch.Tensor, query_aware: torch.Tensor, grid: BlockGrid,
-    seqs: _Sequences, config: FlexPrefillConfig, stages: Optional[_Stages] = None,
+    seqs: _Sequences, config: FlexPrefillConfig, stages: _Stages,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """§3: (vertical, slash) bool [B, Hq, nb] -- the kb_v best key blocks and kb_s best offset blocks.
 
     Budgets by γ-coverage of the token scores rep_scores [2, B, Hq, n], turned into blocks and
     clamped; query-aware heads keep the minimum budget. Overwrites block_scores[0] (â, not needed
     after §2): padding blocks are set below every real block, so they are never candidates.
-    With ``stages.fused`` (the Triton stages), all of it in one launch (``coverage_triton``).
+    With ``stages.vertical_slash`` (the "triton" stages), all of it in one launch (``coverage_triton``).
     """
     min_blocks = min(config.min_budget_blocks, grid.num_blocks)
     if seqs.padding_block is not None:
         block_scores[0].masked_fill_(seqs.padding_block, -1.0)
-    if stages is not None and stages.vertical_slash is not None:
+    if stages.vertical_slash is not None:
         least, most = budget_limits(grid, config)
         chosen = stages.vertical_slash(rep_scores, block_scores, query_aware, config.gamma, grid.block_size,
                                        least, most, min_blocks)
         vertical, slash = chosen.unbind(0)
         return vertical, slash
-    counts = coverage_counts if stages is None else stages.counts
-    token_budget = budget_blocks(counts(rep_scores, config.gamma), grid, config)  # [2, B, Hq]
+    token_budget = budget_blocks(coverage_counts(rep_scores, config.gamma), grid, config)  # [2, B, Hq]
     block_budget = torch.where(query_aware, min_blocks, token_budget)  # [2, B, Hq]
     # Vertical and slash blocks by one sort: rows are independent.
     vertical, slash = top_blocks(block_scores, block_budget).unbind(0)
