@@ -207,13 +207,51 @@ perf4() {
     esac
 }
 
+# perf5 a / perf5 b (2026-12-02, second session): what must come back first in call a (the gpu-marked varlen tests,
+# bench_varlen, test_gpu / test_decode_path / test_fa4_adapter: ~390 s of limits after ~60 s of stage2), the
+# selection's tests, checks and timings and the attention rows the selection rule changed in call b (~520 s).
+perf5() {
+    out=/tmp/perf_work; SLACK=200
+    case "${1:-}" in
+        a) rm -rf "$out" && mkdir -p "$out"
+           step tests_gpu_marked 90 python3 -m pytest -q -rfEs --tb=short -m gpu -p no:cacheprovider \
+               tests/test_varlen.py tests/test_multi_gpu.py
+           tail -2 "$out/tests_gpu_marked.log"
+           step varlen 60 python3 benchmarks/bench_varlen.py --repeats 5 --out "$out/varlen.json"
+           tail -8 "$out/varlen.log"
+           step tests 240 python3 -m pytest -q -rfEs --tb=short --durations=8 -p no:cacheprovider tests/test_gpu.py \
+               tests/test_decode_path.py tests/test_fa4_adapter.py
+           tail -3 "$out/tests.log" ;;
+        b) mkdir -p "$out"
+           step tests_selection 150 python3 -m pytest -q -rfEs --tb=short --durations=5 -p no:cacheprovider \
+               tests/test_selection_kernels.py tests/test_selection.py
+           tail -2 "$out/tests_selection.log"
+           step check_selection 60 python3 benchmarks/check_selection_gpu.py --seq 8192 32768 131072
+           tail -6 "$out/check_selection.log"
+           step profile_selection 90 sh -c 'p=benchmarks/profile_selection.py; python3 $p --time --seq 8192 \
+               32768 65536 131072 && python3 $p --time --stages triton --seq 65536 131072 && python3 $p --time \
+               --stages triton --split-from 131072 --seq 65536 131072 && python3 $p --time --stages compose --seq 8192 \
+               32768'
+           tail -12 "$out/profile_selection.log"
+           step attention 130 python3 benchmarks/bench_attention.py --seq 8192 32768 131072 --inputs structured \
+               clustered random --gamma 0.9 --head-dim 128 --dtype bfloat16 --no-flash --out "$out/attention.json"
+           step attention_fp16 60 python3 benchmarks/bench_attention.py --seq 32768 131072 --inputs structured \
+               --gamma 0.9 --head-dim 128 --dtype float16 --no-flash --out "$out/attention_fp16.json"
+           timeout 20 python3 benchmarks/perf_summary.py --attention "$out/attention.json" | tee "$out/summary.txt" \
+               | tail -24
+           [ -z "${OUT:-}" ] || tar czf "$OUT/perf_logs.tgz" -C "$out" . ;;
+        *) echo "usage: perf5 a | perf5 b" >&2; return 2 ;;
+    esac
+}
+
 case "${1:-}" in
     stage1) copy_carried ;;
     stage2) shift; stage2; if [ "${1:-}" = perf ]; then perf; elif [ "${1:-}" = perf3 ]; then perf3
-            elif [ "${1:-}" = perf4 ]; then perf4 "${2:-}"; elif [ $# -gt 0 ]; then "$@"; fi ;;
+            elif [ "${1:-}" = perf4 ]; then perf4 "${2:-}"; elif [ "${1:-}" = perf5 ]; then perf5 "${2:-}"; elif [ $# -gt 0 ]; then "$@"; fi ;;
     run) shift; set_env; "$@" ;;
     perf) set_env; perf ;;
     perf3) set_env; perf3 ;;
     perf4) set_env; perf4 "${2:-}" ;;
+    perf5) set_env; perf5 "${2:-}" ;;
     *) echo "usage: $0 stage1 | stage2 [perf | perf3 | perf4 a | CMD...] | run CMD... | perf | perf3 | perf4 a|b" >&2; exit 2 ;;
 esac
