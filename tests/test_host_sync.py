@@ -71,6 +71,9 @@ def host_reads():
     def setitem(self, index, value):
         if by_bool(index):
             record("boolean index assignment")
+        if not isinstance(value, torch.Tensor):
+            # t[i] = 3 copies a host scalar into the tensor: on CUDA a copy that synchronises (fill_ does not)
+            record("assignment of a Python value")
         return real_set(self, index, value)
 
     launch = interpreter.InterpretedFunction.run

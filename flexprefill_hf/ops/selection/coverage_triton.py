@@ -188,7 +188,7 @@ def _ties_kept(larger, w, ties, limit, PROBES: tl.constexpr, RANK_PASSES: tl.con
 
 @triton.jit
 def _store_kept(x_row, out_row, begin, length, seen, t_star, w, tie_kept, BLOCK: tl.constexpr):
-    """Write the kept mask of entries [begin, length) of a row (int8) from its :func:`_boundary`: ties of w kept
+    """Write the kept mask of entries [begin, length) of a row (bool or int8) from its :func:`_boundary`: ties of w kept
     by index, ``seen`` of them before ``begin``."""
     offs = tl.arange(0, BLOCK)
     seen = seen.to(tl.int64)
@@ -397,7 +397,7 @@ def _split_output_kernel(
 
 def _launch_split(scores: torch.Tensor, out: torch.Tensor, gamma: float, mask: bool, segment: int,
                   rows_needed: Optional[torch.Tensor]) -> None:
-    """The split search of rows [rows, L] into out (int64 [rows] counts, or the int8 view of a bool [rows, L]
+    """The split search of rows [rows, L] into out (int64 [rows] counts, or a bool [rows, L]
     mask): KEY_PASSES launches, then the boundary and the output."""
     length = scores.shape[-1]
     rows = scores.numel() // length
@@ -499,12 +499,12 @@ def _launch(scores: torch.Tensor, gamma: float, mask: bool, rows_needed: Optiona
         return out
     segment = _split_segment(length, segment)
     if segment is not None:
-        _launch_split(scores, out.view(torch.int8) if mask else out, gamma, mask, segment, rows_needed)
+        _launch_split(scores, out, gamma, mask, segment, rows_needed)
         return out
     block = _block(length)
     with launch_device(scores):
         _coverage_kernel[(rows,)](
-            scores, out.view(torch.int8) if mask else out, scores if rows_needed is None else rows_needed, length,
+            scores, out, scores if rows_needed is None else rows_needed, length,
             **_keys(scores.dtype, gamma), BLOCK=block, PROBES=_PROBES, RANK_PASSES=_passes(length + 2), MASK=mask,
             HAS_NEEDED=rows_needed is not None, num_warps=8 if block >= 512 else 4,
         )
@@ -571,7 +571,7 @@ def vertical_slash_blocks_triton(
         _launch_split(scores, tokens, gamma, False, segment, None)
     with launch_device(scores):
         _vertical_slash_kernel[(rows,)](
-            scores, block_scores, query_aware, scores if tokens is None else tokens, out.view(torch.int8), rows // 2, n,
+            scores, block_scores, query_aware, scores if tokens is None else tokens, out, rows // 2, n,
             num_blocks, **_keys(scores.dtype, min(gamma, 1.0)), block_size=block_size, min_blocks=min_blocks,
             most_blocks=most_blocks, query_aware_blocks=query_aware_blocks, BLOCK=_block(n),
             BLOCK_NB=_block(num_blocks), PROBES=_PROBES, RANK_PASSES=_passes(n + 2), ALL_TOKENS=gamma >= 1.0,

@@ -129,7 +129,7 @@ def pattern_triton(
     with launch_device(q_rep):
         _pattern_kernel[(batch * q_heads,)](
             q_rep, k_means, true_dist, query_start, query_start if sink is None else sink,
-            query_start if short is None else short, distance, query_aware.view(torch.int8),
+            query_start if short is None else short, distance, query_aware,
             *q_rep.stride(), *k_means.stride(), true_dist.stride(0), true_dist.stride(1),
             q_heads, q_heads // kv_heads, k_len, r, num_blocks, float_bits(softmax_scale, dtype), float_bits(tau, dtype),
             HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_R=max(16, next_power_of_2(r)), BLOCK_N=block_n,

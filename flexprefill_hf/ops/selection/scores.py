@@ -125,7 +125,7 @@ def block_means(
             return sums / grid.block_size
         # Every block is full but the first: the counts are known without looking at the data.
         counts = torch.full((sub.num_blocks,), grid.block_size, dtype=dtype, device=x.device)
-        counts[0] = grid.block_size - sub.pad
+        counts[:1].fill_(grid.block_size - sub.pad)  # not counts[0] = ...: a host-to-device copy that syncs
         return sums / counts[:, None, None]
     sums = pool_key_blocks(x * valid[:, :, None, None], sub, dim=1, dtype=dtype)
     if counts is None:
