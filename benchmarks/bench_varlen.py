@@ -113,8 +113,23 @@ def bench(name, lengths, args, clock, device, dtype) -> dict:
         row["padded_ms"] = clock.median_ms(padded, args.repeats, args.warmup)
         row["padded_peak_mib"] = peak_mib(padded, cuda)
         del qp, kp, vp
+    if args.profile:
+        _print_profile(varlen, name, args.profile)
     print(json.dumps(row), flush=True)
     return row
+
+
+def _print_profile(fn, name: str, rows: int) -> None:
+    """The kernels of one call of fn by their GPU time (torch.profiler), the first ``rows`` of them."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    print(f"varlen profile of {name}:", flush=True)
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=60), flush=True)
 
 
 def main(argv=None) -> int:
@@ -131,6 +146,8 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--out", default=None, help="write the rows as JSON here")
+    parser.add_argument("--profile", type=int, default=0, metavar="ROWS",
+                        help="also print the varlen call's top ROWS kernels by GPU time (torch.profiler)")
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny shapes (fp32): checks the script runs")
     args = parser.parse_args(argv)
     unknown = sorted(set(args.packings or []) - set(PACKINGS))

@@ -244,14 +244,50 @@ perf5() {
     esac
 }
 
+# perf6 a / perf6 b (2026-12-02, second session, after the fixes): a) the varlen / multi-GPU gpu-marked tests
+# with room for their autotuning, test_gpu.py (the compile and the length-4000 FA4 failures), bench_varlen with
+# a kernel profile; b) the selection tests (bool outputs, skipped padding tiles, the stage rule), the stage
+# timings on both sides of 64K-128K with the split search, the selection check, attention 8K-128K.
+perf6() {
+    out=/tmp/perf_work
+    case "${1:-}" in
+        a) rm -rf "$out" && mkdir -p "$out"
+           step tests_gpu_marked 200 python3 -m pytest -q -rfEs --tb=short --durations=8 -m gpu -p no:cacheprovider \
+               tests/test_varlen.py tests/test_multi_gpu.py
+           tail -2 "$out/tests_gpu_marked.log"
+           step tests 150 python3 -m pytest -q -rfEs --tb=short --durations=5 -p no:cacheprovider tests/test_gpu.py
+           tail -2 "$out/tests.log"
+           step varlen 120 python3 benchmarks/bench_varlen.py --repeats 5 --profile 14 --out "$out/varlen.json"
+           grep -E '^\{' "$out/varlen.log" | cut -c1-330 ;;
+        b) mkdir -p "$out"
+           step tests_selection 150 python3 -m pytest -q -rfEs --tb=short --durations=5 -p no:cacheprovider \
+               tests/test_selection_kernels.py tests/test_selection.py
+           tail -2 "$out/tests_selection.log"
+           step profile_selection 90 sh -c 'p=benchmarks/profile_selection.py; python3 $p --time --seq 8192 32768 \
+               131072 && python3 $p --time --stages triton --split-from 65536 --seq 65536 98304 && python3 $p --time \
+               --stages compose --seq 65536 98304 131072'
+           cat "$out/profile_selection.log"
+           step check_selection 60 python3 benchmarks/check_selection_gpu.py --seq 8192 32768 131072
+           tail -6 "$out/check_selection.log"
+           step attention 130 python3 benchmarks/bench_attention.py --seq 8192 32768 131072 --inputs structured \
+               clustered random --gamma 0.9 --head-dim 128 --dtype bfloat16 --no-flash --out "$out/attention.json"
+           timeout 20 python3 benchmarks/perf_summary.py --attention "$out/attention.json" | tee "$out/summary.txt" \
+               | tail -16
+           [ -z "${OUT:-}" ] || tar czf "$OUT/perf_logs.tgz" -C "$out" . ;;
+        *) echo "usage: perf6 a | perf6 b" >&2; return 2 ;;
+    esac
+}
+
 case "${1:-}" in
     stage1) copy_carried ;;
     stage2) shift; stage2; if [ "${1:-}" = perf ]; then perf; elif [ "${1:-}" = perf3 ]; then perf3
-            elif [ "${1:-}" = perf4 ]; then perf4 "${2:-}"; elif [ "${1:-}" = perf5 ]; then perf5 "${2:-}"; elif [ $# -gt 0 ]; then "$@"; fi ;;
+            elif [ "${1:-}" = perf4 ]; then perf4 "${2:-}"; elif [ "${1:-}" = perf5 ]; then perf5 "${2:-}"
+            elif [ "${1:-}" = perf6 ]; then perf6 "${2:-}"; elif [ $# -gt 0 ]; then "$@"; fi ;;
     run) shift; set_env; "$@" ;;
     perf) set_env; perf ;;
     perf3) set_env; perf3 ;;
     perf4) set_env; perf4 "${2:-}" ;;
     perf5) set_env; perf5 "${2:-}" ;;
+    perf6) set_env; perf6 "${2:-}" ;;
     *) echo "usage: $0 stage1 | stage2 [perf | perf3 | perf4 a | CMD...] | run CMD... | perf | perf3 | perf4 a|b" >&2; exit 2 ;;
 esac

@@ -221,15 +221,27 @@ def test_triton_structure_backend_equals_reference(case, dtype, backend, poison_
     torch.testing.assert_close(got.js_distance.cpu(), want_js.to(got.js_distance.dtype), equal_nan=True)
 
 
-def test_default_structure_backend_follows_the_measured_rule():
+def test_default_structure_backend_follows_the_measured_rule(monkeypatch):
+    pytest.importorskip("triton")
+    from flexprefill_hf.ops.selection import coverage_triton
     from flexprefill_hf.ops.selection.select import COMPOSE_STAGES_FROM, default_structure_backend
 
+    # As measured: the split search from 64K keys, so the one-launch stages at every length.
+    assert coverage_triton.SPLIT_FROM == COMPOSE_STAGES_FROM == 1 << 16
     assert default_structure_backend("cpu", torch.bfloat16, 1 << 20) == "torch"
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
-        assert default_structure_backend("cuda", dtype, 8192) == "triton"
-        assert default_structure_backend("cuda", dtype, COMPOSE_STAGES_FROM - 1) == "triton"
-        assert default_structure_backend("cuda", dtype, COMPOSE_STAGES_FROM) == "compose"
+        for k_len in (8192, COMPOSE_STAGES_FROM - 1, COMPOSE_STAGES_FROM, 1 << 19):
+            assert default_structure_backend("cuda", dtype, k_len) == "triton"
     assert default_structure_backend("cuda", torch.float64, 1024) == "compose"  # refused by the one-launch kernels
+    assert default_structure_backend("cuda", torch.float64, 1 << 19) == "compose"
+    # Rows split only from a longer length: the sort-based stages in between.
+    monkeypatch.setattr(coverage_triton, "SPLIT_FROM", 1 << 17)
+    assert default_structure_backend("cuda", torch.bfloat16, COMPOSE_STAGES_FROM - 1) == "triton"
+    assert default_structure_backend("cuda", torch.bfloat16, COMPOSE_STAGES_FROM) == "compose"
+    assert default_structure_backend("cuda", torch.bfloat16, (1 << 17) - 1) == "compose"
+    assert default_structure_backend("cuda", torch.bfloat16, 1 << 17) == "triton"
+    monkeypatch.setattr(coverage_triton, "SPLIT_FROM", None)  # never split: compose from COMPOSE_STAGES_FROM on
+    assert default_structure_backend("cuda", torch.bfloat16, 1 << 19) == "compose"
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA only: the default stages depend on the device")

@@ -34,6 +34,7 @@ def needs_float64_kernels(dtype):
         (2, 1, 200, 2, 1, 16, 64, [5, 190], torch.float16),
         (1, 130, 700, 4, 4, 96, 128, None, torch.bfloat16),
         (1, 64, 1100, 2, 1, 32, 64, None, torch.float16),  # more than 1024 offsets: two slash programs
+        (2, 40, 900, 2, 1, 32, 64, [0, 700], torch.float16),  # padding tiles skipped, whole programs of them
     ],
 )
 @pytest.mark.parametrize("splits", [None, 5])
@@ -204,13 +205,14 @@ def test_split_search_rows_needed_and_the_vertical_slash_budget(poison_empty):
     assert torch.equal(got, top_blocks(block_scores, budget))
 
 
-def test_split_search_is_opt_in_and_refuses_a_segment_below_one(monkeypatch):
+def test_split_search_from_its_threshold_and_refuses_a_segment_below_one(monkeypatch):
     from flexprefill_hf.ops.selection import coverage_triton
 
-    assert coverage_triton._split_segment(1 << 22, None) is None  # off by default: untimed on a GPU
-    monkeypatch.setattr(coverage_triton, "SPLIT_FROM", 1 << 17)
-    assert coverage_triton._split_segment(1 << 17, None) == coverage_triton._SEGMENT
-    assert coverage_triton._split_segment((1 << 17) - 1, None) is None
+    assert coverage_triton.SPLIT_FROM == 1 << 16  # the measured threshold (RESULTS.md, 2026-12-02)
+    assert coverage_triton._split_segment(1 << 16, None) == coverage_triton._SEGMENT
+    assert coverage_triton._split_segment((1 << 16) - 1, None) is None
+    monkeypatch.setattr(coverage_triton, "SPLIT_FROM", None)
+    assert coverage_triton._split_segment(1 << 22, None) is None
     assert coverage_triton._split_segment(10, 4) == 4
     with pytest.raises(ValueError, match="segment=0 is not supported; expected a positive number of entries"):
         coverage_triton.coverage_counts_triton(torch.rand(2, 8, device=DEVICE), 0.9, segment=0)

@@ -474,13 +474,13 @@ def test_generate_batch_runs_flexprefill_with_packed_prompts_and_decode_rows(var
     from hf_tiny import EXACT, random_ids, tiny_model
 
     from flexprefill_hf.integration import unpatch_model
-    from flexprefill_hf.integration.continuous_batching import CB_ATTENTION_NAME, patch_model_for_continuous_batching
+    from flexprefill_hf.integration.continuous_batching import cb_attention_name, patch_model_for_continuous_batching
 
     model = tiny_model("llama").eval()
     prompts = [random_ids(n, seed=i)[0].tolist() for i, n in enumerate((300, 40, 200))]
     want = _generate_batch(model, prompts)  # transformers' sdpa under continuous batching
     patch_model_for_continuous_batching(model, **EXACT)
-    assert model.config._attn_implementation == CB_ATTENTION_NAME
+    assert model.config._attn_implementation == cb_attention_name()
     got = _generate_batch(model, prompts)
     assert got == want  # gamma = 1, tau = 0: exact
     # The prompts went in packed, sparse (300 and 200 tokens are above the 128-token threshold); decode
@@ -532,6 +532,50 @@ def test_model_patched_for_continuous_batching_still_generates_a_padded_batch_an
     fp.unpatch_model(model)
     torch.testing.assert_close(out[0, -1], alone, rtol=1e-4, atol=1e-4)
     assert all(s is not None for s in stats)
+
+
+class _FakePagedCache:
+    """The paged cache of transformers < 5.23 as the attention function sees it: ``update`` takes the new tokens
+    [1, Hkv, new, D] and returns every request's keys packed [total_k, Hkv, D] (here: fixed, recorded)."""
+
+    def __init__(self, k, v):
+        self.k, self.v, self.calls = k, v, []
+
+    def update(self, key_states, value_states, layer_idx, read_index, write_index):
+        self.calls.append((key_states.shape, layer_idx, read_index, write_index))
+        return self.k, self.v
+
+
+def test_paged_function_takes_the_contract_before_transformers_5_23(monkeypatch):
+    # Before 5.23 the function gets the new tokens, the cache, read/write indices and flash-attn's length names
+    # (per layer type as a dict); from 5.23 the keys already read from the cache and max_length_*.
+    from types import SimpleNamespace
+
+    from flexprefill_hf.integration.continuous_batching import flexprefill_paged_attention_forward
+
+    lengths = [(300, 300), (1, 200), (120, 260)]
+    _, (q, k, v), cu_q, cu_k = _pack(lengths, 4, 2, 32, torch.float32, seed=5)
+    module = SimpleNamespace(layer_idx=0, config=None, sliding_window=None)
+    query = q.transpose(0, 1)[None]  # [1, Hq, total_q, D]
+    config = FlexPrefillConfig(gamma=0.9, tau=0.1, block_size=64, min_budget=64, dense_threshold=128)
+    import flexprefill_hf.integration.continuous_batching as cb
+
+    monkeypatch.setattr(cb, "layer_config", lambda module: config)
+    new = torch.zeros(1, 2, 421, 32)  # the new tokens: what update writes
+    cache = _FakePagedCache(k, v)
+    old_style, _ = flexprefill_paged_attention_forward(
+        module, query, new, new, None, scaling=None, cu_seq_lens_q=cu_q,
+        cu_seq_lens_k={"full_attention": cu_k}, max_seqlen_q=300, max_seqlen_k={"full_attention": 300},
+        cache=cache, read_index=["r"], write_index=["w"],
+    )
+    new_style, _ = flexprefill_paged_attention_forward(
+        module, query, k.transpose(0, 1)[None], v.transpose(0, 1)[None], None, scaling=None, cu_seq_lens_q=cu_q,
+        cu_seq_lens_k=cu_k, max_length_q=300, max_length_k=300,
+    )
+    assert cache.calls == [(new.shape, 0, ["r"], ["w"])]
+    assert torch.equal(old_style, new_style)
+    want = flexprefill_attention_varlen(q, k, v, cu_q, cu_k, 300, 300, config)
+    assert torch.equal(new_style[0], want)
 
 
 @pytest.mark.gpu

@@ -20,6 +20,11 @@ block table): that path asks ``is_flash_attention_requested(config, version=[2, 
 ``.*flash.*2`` / ``.*flash.*3`` that :data:`CB_ATTENTION_NAME` does not match, so K/V always arrive read
 from the paged cache into packed tensors.
 
+Before transformers 5.23 (5.17 is the GPU machine's) ``switch_to_cb_friendly_attn`` itself switches a
+flash name without the prefix to ``"paged|" + name`` through ``set_attn_implementation``, which accepts
+only names registered as such: there the config gets :data:`CB_PAGED_ATTENTION_NAME` directly (the prefix
+makes CB keep it), and both names are registered (:func:`cb_attention_name`).
+
 The name is set on the model config directly, not by ``model.set_attn_implementation``: for a name that
 contains "flash" the latter calls ``lazy_import_flash_attention`` (modeling_utils.py,
 ``_check_and_adjust_attn_implementation``), which would try to load a Hub kernel called "flexprefill_flash".
@@ -54,6 +59,19 @@ from .routing import _sliding_window, flexprefill_attention_forward
 
 # Must contain "flash" (see the module docstring) and must not match ".*flash.*[23]".
 CB_ATTENTION_NAME = "flexprefill_flash"
+# The same function under the "paged|" prefix, which continuous batching before transformers 5.23 asks for.
+CB_PAGED_ATTENTION_NAME = "paged|" + CB_ATTENTION_NAME
+# From this transformers version on the prefix is deprecated and CB keeps a flash name as it is.
+_PLAIN_NAME_FROM = (5, 23)
+
+
+def cb_attention_name() -> str:
+    """The attn_implementation :func:`patch_model_for_continuous_batching` sets for the installed transformers:
+    :data:`CB_ATTENTION_NAME`, or :data:`CB_PAGED_ATTENTION_NAME` before transformers 5.23."""
+    import transformers
+
+    version = tuple(int(part) for part in transformers.__version__.split(".")[:2] if part.isdigit())
+    return CB_ATTENTION_NAME if version >= _PLAIN_NAME_FROM else CB_PAGED_ATTENTION_NAME
 
 
 def flexprefill_paged_attention_forward(
@@ -82,11 +100,25 @@ def flexprefill_paged_attention_forward(
     """
     if cu_seq_lens_q is None:
         return flexprefill_attention_forward(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
+    cache = kwargs.pop("cache", None)
+    # Before transformers 5.23 the lengths come under flash-attn's names, per layer type when the model mixes them.
+    max_length_q = kwargs.pop("max_seqlen_q", None) if max_length_q is None else max_length_q
+    max_length_k = kwargs.pop("max_seqlen_k", None) if max_length_k is None else max_length_k
+    if isinstance(cu_seq_lens_k, dict):
+        layer_type = "sliding_attention" if getattr(module, "sliding_window", None) else "full_attention"
+        cu_seq_lens_k, max_length_k = cu_seq_lens_k[layer_type], max_length_k[layer_type]
     reason = _unsupported(module, dropout, int(max_length_k), kwargs)
     if reason is not None:
         raise ValueError(f"{CB_ATTENTION_NAME} under continuous batching: {reason}")
     config = layer_config(module)
-    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [total, H, D] views, no copy
+    q = query[0].transpose(0, 1)  # [total_q, Hq, D], a view
+    if cache is not None:
+        # transformers < 5.23: key/value are the new tokens only; the attention function writes them to the paged
+        # cache and reads back every request's keys, [total_k, Hkv, D] (5.23 on: the model did it before the call).
+        k, v = cache.update(key_states=key, value_states=value, layer_idx=module.layer_idx,
+                            read_index=kwargs["read_index"], write_index=kwargs["write_index"])
+    else:
+        k, v = (t[0].transpose(0, 1) for t in (key, value))  # [total_k, Hkv, D] views, no copy
     cu_k = cu_seq_lens_k.to(torch.int32)  # CB casts it already (cache.update); a no-op then
     out = flexprefill_attention_varlen(
         q, k, v, cu_seq_lens_q.to(torch.int32), cu_k, int(max_length_q), int(max_length_k), config,
@@ -111,8 +143,8 @@ def _unsupported(module, dropout, max_length_k: int, kwargs) -> Optional[str]:
 
 
 def register_continuous_batching() -> None:
-    """Register :func:`flexprefill_paged_attention_forward` with transformers as :data:`CB_ATTENTION_NAME`
-    (idempotent), with FlexPrefill's mask function. Continuous batching builds no mask (a paged cache gets
+    """Register :func:`flexprefill_paged_attention_forward` with transformers as :data:`CB_ATTENTION_NAME` and
+    :data:`CB_PAGED_ATTENTION_NAME` (idempotent), with FlexPrefill's mask function. Continuous batching builds no mask (a paged cache gets
     none, masking_utils), but ``generate`` on the same model does: without a mask function registered under
     this name transformers would hand a left-padded batch no mask at all."""
     from transformers import AttentionInterface
@@ -120,8 +152,9 @@ def register_continuous_batching() -> None:
 
     from .masks import flexprefill_mask
 
-    AttentionInterface.register(CB_ATTENTION_NAME, flexprefill_paged_attention_forward)
-    AttentionMaskInterface.register(CB_ATTENTION_NAME, flexprefill_mask)
+    for name in (CB_ATTENTION_NAME, CB_PAGED_ATTENTION_NAME):
+        AttentionInterface.register(name, flexprefill_paged_attention_forward)
+        AttentionMaskInterface.register(name, flexprefill_mask)
 
 
 def patch_model_for_continuous_batching(model: torch.nn.Module, config=None, **overrides) -> torch.nn.Module:
@@ -131,5 +164,5 @@ def patch_model_for_continuous_batching(model: torch.nn.Module, config=None, **o
     register_continuous_batching()
     patch_model(model, config, **overrides)
     # Not set_attn_implementation: it would try to load a Hub kernel for a name containing "flash".
-    model.config._attn_implementation = CB_ATTENTION_NAME  # recursive over sub-configs (PretrainedConfig)
+    model.config._attn_implementation = cb_attention_name()  # recursive over sub-configs (PretrainedConfig)
     return model

@@ -50,10 +50,10 @@ def record_stats(model: torch.nn.Module) -> Iterator[StatsRecorder]:
     implementation = getattr(model.config, "_attn_implementation", None)
     # Here, not at the top: routing imports this module. A model patched for continuous batching runs
     # FlexPrefill too (its generate() calls are recorded; generate_batch's packed steps are not).
-    from .continuous_batching import CB_ATTENTION_NAME
+    from .continuous_batching import CB_ATTENTION_NAME, CB_PAGED_ATTENTION_NAME
     from .routing import ATTENTION_NAME
 
-    if implementation not in (ATTENTION_NAME, CB_ATTENTION_NAME):
+    if implementation not in (ATTENTION_NAME, CB_ATTENTION_NAME, CB_PAGED_ATTENTION_NAME):
         raise ValueError(
             f"record_stats needs a model that runs FlexPrefill attention, but its attn_implementation is "
             f"{implementation!r}; call flexprefill_hf.patch_model(model) or load it with "

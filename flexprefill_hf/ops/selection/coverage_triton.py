@@ -36,8 +36,8 @@ row, the coverage search on the token scores, the budget, and this top-k search 
 one launch (``coverage.budget_blocks`` and ``top_blocks`` are its PyTorch version).
 
 Long rows can be searched by many programs per row, one launch per pass (``_launch_split``): the same probes,
-the same arithmetic, the sums reduced over segments in a fixed order. Opt-in (``SPLIT_FROM``, or ``segment``)
-until timed on a GPU.
+the same arithmetic, the sums reduced over segments in a fixed order: rows of ``SPLIT_FROM`` entries or more
+(65536, measured; or any row, with ``segment``).
 
 Rows: the last dim of a contiguous tensor, entries >= 0 (probabilities; no NaN); entries < 0 are never
 kept (padding blocks of §3).
@@ -262,8 +262,10 @@ def _vertical_slash_kernel(
 # the next launch's programs each reduce those partials (in a fixed order) to the next probes: one launch per
 # pass, then one for the boundary values and one for the output. With SPLIT_FROM set, rows of that many entries
 # or more take this path (``segment`` forces it); shorter ones stay in one launch, where launches, not depth, are
-# the cost. Off (None) until it is timed on a GPU: ``benchmarks/profile_selection.py --split-from 131072``.
-SPLIT_FROM: Optional[int] = None
+# the cost. Measured on the H200 (benchmarks/RESULTS.md, 2026-12-02; ``benchmarks/profile_selection.py --stages
+# triton --split-from 65536``): the selection took 3.0 / 4.9 / 7.2 ms at 64K / 96K / 128K keys with it (the sort
+# stages 4.2 / 6.7 / 9.4), 15.9 at 128K without it (32 q heads). None: never split.
+SPLIT_FROM: Optional[int] = 65536
 _SEGMENT = 4096
 
 

@@ -119,7 +119,9 @@ def _representative_lse_kernel(
                                BLOCK, BLOCK_D, HEAD_DIM, UPCAST)
     m_i = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK], dtype=tl.float32)
-    for t in range(pid_s * tiles_per_program, (pid_s + 1) * tiles_per_program):
+    # Tiles wholly before the first real key (left padding; a short sequence in a packed batch's long view) add
+    # nothing to the row sums: skipped, so the work follows the real keys, not the padded length.
+    for t in range(tl.maximum(pid_s * tiles_per_program, key_lo // BLOCK), (pid_s + 1) * tiles_per_program):
         qk = _tile_scores(q, K, off_b, off_kvh, stride_kb, stride_kn, stride_kh, stride_kd, t * BLOCK, n, key_lo,
                           pos, qk_scale, k_base, BLOCK, BLOCK_D, HEAD_DIM, UPCAST, PACKED_K)
         m_new = tl.maximum(m_i, tl.max(qk, 1))
@@ -193,7 +195,15 @@ def _representative_scores_kernel(
         scratch = Scratch + (pid_bh * tl.num_programs(1) + pid_s) * (BLOCK * WIDTH)
         # Element (i, j) of a tile lies on diagonal column j - i + BLOCK - 1 of the skewed scratch.
         skew = offs_r[:, None] * WIDTH + offs_n[None, :] - offs_r[:, None] + BLOCK - 1
-    for t in range(pid_s * tiles_per_program, tl.minimum((pid_s + 1) * tiles_per_program, num_tiles)):
+    t_end = tl.minimum((pid_s + 1) * tiles_per_program, num_tiles)
+    # Tiles wholly before the first real key: every probability there is 0 (as the masked scores give), stored
+    # without computing them.
+    t_real = tl.minimum(tl.maximum(pid_s * tiles_per_program, key_lo // BLOCK), t_end)
+    for t in range(pid_s * tiles_per_program, t_real):
+        tl.store(Vertical + pid_bh * n + t * BLOCK + offs_n, tl.zeros([BLOCK], dtype=tl.float32),
+                 mask=t * BLOCK + offs_n < n)
+        tl.store(Diagonal + (pid_bh * num_tiles + t) * WIDTH + offs_w, tl.zeros([WIDTH], dtype=tl.float32))
+    for t in range(t_real, t_end):
         qk = _tile_scores(q, K, off_b, off_kvh, stride_kb, stride_kn, stride_kh, stride_kd, t * BLOCK, n, key_lo,
                           pos, qk_scale, k_base, BLOCK, BLOCK_D, HEAD_DIM, UPCAST, PACKED_K)
         p = tl.math.exp2(qk - lse2[:, None]) * row_scale  # [BR, BN]

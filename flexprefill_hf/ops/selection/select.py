@@ -50,11 +50,12 @@ from .scores import block_counts, block_means, compute_dtype, pool_key_blocks, p
 _MASK_CHUNK_BYTES = 1 << 32
 _MASK_BYTES_PER_PAIR = 48
 
-# From this many keys on, CUDA runs the "compose" stages. Measured on the H200 (benchmarks/RESULTS.md,
-# 2026-12-02, 32 q / 8 kv heads, d 128): the one-launch stages took 1.0-1.1 ms at 8K and 2.0 ms at 32K where
-# the compose stages had taken 3.1-3.3 ms, but 12.6-15.9 ms at 128K where those had taken 9.4-9.5 ms (the
-# threshold searches run one program per row: 64 rows of 128K token scores, 32 of 524K block pairs, on 132
-# SMs). 64K was not measured: the threshold sits between the two measured lengths.
+# From this many keys on, CUDA runs the "compose" stages, up to ``coverage_triton.SPLIT_FROM`` keys, where the
+# one-launch stages return with their long coverage rows split over many programs. With SPLIT_FROM at 64K the
+# range is empty: the compose stages run only for float64 (and when SPLIT_FROM is None). Measured on the H200
+# (benchmarks/RESULTS.md, 2026-12-02, 32 q / 8 kv heads, d 128, eager ms per call): one-launch 0.63-0.66 at 8K,
+# 1.9-2.0 at 32K (compose 2.3, 2.7); split 3.0 at 64K, 4.9 at 96K, 7.2 at 128K (compose 4.2, 6.7, 9.4); at 128K
+# one program per row took 15.9 (64 rows of 128K token scores, 32 of 524K block pairs, on 132 SMs).
 COMPOSE_STAGES_FROM = 65536
 
 
@@ -255,12 +256,15 @@ class _Stages:
 
 def default_structure_backend(device_type: str, dtype: torch.dtype, k_len: int) -> str:
     """The stages ``select_blocks`` runs when ``structure_backend`` is None: "torch" off CUDA; on CUDA
-    "triton" (the one-launch stages) for float32/float16/bfloat16 inputs under ``COMPOSE_STAGES_FROM`` keys,
-    else "compose" -- at long lengths the sort-based stages measured faster, and the one-launch kernels
-    refuse float64 on CUDA (``coverage_triton.refuse_cuda_float64``)."""
+    "compose" for float64 (the one-launch kernels refuse it: ``coverage_triton.refuse_cuda_float64``) and from
+    ``COMPOSE_STAGES_FROM`` keys up to ``coverage_triton.SPLIT_FROM`` (where the sort-based stages measured
+    faster than one program per row); "triton" (the one-launch stages) otherwise."""
     if device_type != "cuda":
         return "torch"
-    if dtype == torch.float64 or k_len >= COMPOSE_STAGES_FROM:
+    from . import coverage_triton  # Triton: imported on the CUDA path only
+
+    split_from = coverage_triton.SPLIT_FROM
+    if dtype == torch.float64 or COMPOSE_STAGES_FROM <= k_len < (math.inf if split_from is None else split_from):
         return "compose"
     return "triton"
 
