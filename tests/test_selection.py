@@ -242,6 +242,21 @@ def test_default_structure_backend_follows_the_measured_rule(monkeypatch):
     assert default_structure_backend("cuda", torch.bfloat16, 1 << 17) == "triton"
     monkeypatch.setattr(coverage_triton, "SPLIT_FROM", None)  # never split: compose from COMPOSE_STAGES_FROM on
     assert default_structure_backend("cuda", torch.bfloat16, 1 << 19) == "compose"
+    # Under torch.compile: the compose stages at every length (inductor lost the one-launch kernels' writes).
+    assert default_structure_backend("cuda", torch.bfloat16, 8192, compiling=True) == "compose"
+    assert default_structure_backend("cpu", torch.bfloat16, 8192, compiling=True) == "torch"
+
+
+def test_select_blocks_asks_whether_it_is_being_compiled(monkeypatch):
+    from flexprefill_hf.ops.selection import select
+
+    seen = []
+    real = select.default_structure_backend
+    monkeypatch.setattr(select, "default_structure_backend", lambda *a: seen.append(a) or real(*a))
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    q, k, _ = random_qkv(1, 200, 200, 2, 1, 16, dtype=torch.float32, seed=3)
+    select_blocks(q, k, FlexPrefillConfig(block_size=64, min_budget=64), 0.25)
+    assert seen == [("cpu", torch.float32, 200, True)]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA only: the default stages depend on the device")

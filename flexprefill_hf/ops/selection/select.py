@@ -254,13 +254,22 @@ class _Stages:
     diagonal_by_gather: Optional[bool] = None
 
 
-def default_structure_backend(device_type: str, dtype: torch.dtype, k_len: int) -> str:
+def default_structure_backend(device_type: str, dtype: torch.dtype, k_len: int, compiling: bool = False) -> str:
     """The stages ``select_blocks`` runs when ``structure_backend`` is None: "torch" off CUDA; on CUDA
-    "compose" for float64 (the one-launch kernels refuse it: ``coverage_triton.refuse_cuda_float64``) and from
-    ``COMPOSE_STAGES_FROM`` keys up to ``coverage_triton.SPLIT_FROM`` (where the sort-based stages measured
-    faster than one program per row); "triton" (the one-launch stages) otherwise."""
+    "compose" for float64 (the one-launch kernels refuse it: ``coverage_triton.refuse_cuda_float64``), under
+    ``torch.compile`` (``compiling``; see below) and from ``COMPOSE_STAGES_FROM`` keys up to
+    ``coverage_triton.SPLIT_FROM`` (where the sort-based stages measured faster than one program per row);
+    "triton" (the one-launch stages) otherwise.
+
+    Under torch.compile (torch 2.11, H200, 2026-12-02) inductor lost the one-launch pattern kernel's writes:
+    the compiled selection returned query_aware all False where eager gave all True
+    (tests/test_gpu.py::test_torch_compile_fullgraph). The compose stages (PyTorch sorts, the Triton §5
+    kernel) are what that test passed with before the one-launch stages existed, so a compiled model runs them.
+    """
     if device_type != "cuda":
         return "torch"
+    if compiling:
+        return "compose"
     from . import coverage_triton  # Triton: imported on the CUDA path only
 
     split_from = coverage_triton.SPLIT_FROM
@@ -277,7 +286,7 @@ def _backends(q: torch.Tensor, k_len: int, scores_backend: Optional[str], struct
     if scores_backend not in ("triton", "torch"):
         raise ValueError(f"scores_backend={scores_backend!r} is not supported; expected 'triton', 'torch' or None")
     if structure_backend is None:
-        structure_backend = default_structure_backend(q.device.type, q.dtype, k_len)
+        structure_backend = default_structure_backend(q.device.type, q.dtype, k_len, torch.compiler.is_compiling())
     if structure_backend == "triton":
         from .compose_triton import compose_structure_triton
         from .coverage_triton import coverage_mask_triton, vertical_slash_blocks_triton
