@@ -205,6 +205,27 @@ def test_split_search_rows_needed_and_the_vertical_slash_budget(poison_empty):
     assert torch.equal(got, top_blocks(block_scores, budget))
 
 
+def test_coverage_search_follows_the_float32_rule_where_float64_arithmetic_differs():
+    # On long float32 rows torch's rule (the float64 running sum rounded to float32, x subtracted, compared with
+    # gamma in float32) and float64 arithmetic disagree on ~1 row in 100 (RESULTS.md, 2026-12-02: 5 of 384
+    # softmax rows of 128K entries on the H200). Find such rows, then both searches (one program per row, and
+    # split) must give torch's float32 count, not the float64 one.
+    from flexprefill_hf.ops.selection.coverage import coverage_counts
+    from flexprefill_hf.ops.selection.coverage_triton import coverage_counts_triton
+
+    g = seeded(0)
+    found = []
+    while len(found) < 2:
+        x = torch.softmax(torch.randn(32, 1 << 17, generator=g) * 2.5, -1)
+        for gamma in (0.9, 0.95):
+            f32, f64 = coverage_counts(x, gamma), coverage_counts(x.double(), gamma)
+            found += [(x[r], gamma, int(f32[r])) for r in (f32 != f64).nonzero().flatten().tolist()]
+    for row, gamma, want in found[:2]:
+        row = row[None].to(DEVICE)
+        assert int(coverage_counts_triton(row, gamma)[0]) == want
+        assert int(coverage_counts_triton(row, gamma, segment=4096)[0]) == want
+
+
 def test_split_search_from_its_threshold_and_refuses_a_segment_below_one(monkeypatch):
     from flexprefill_hf.ops.selection import coverage_triton
 
