@@ -278,16 +278,47 @@ perf6() {
     esac
 }
 
+# perf7 a / perf7 b (for the next session, after stage1 x2): a) what the 2026-12-02 fixes still owe a GPU run --
+# the gpu-marked varlen tests incl. continuous batching on transformers 5.17, test_gpu.py (the compile test with
+# the compose stages under torch.compile, and the 8 tests its crash took down), test_decode_path, test_fa4_adapter;
+# b) the coverage and selection checks (kernel != rule32 expected 0), bench_varlen, attention 8K-128K.
+perf7() {
+    out=/tmp/perf_work
+    case "${1:-}" in
+        a) rm -rf "$out" && mkdir -p "$out"
+           step tests_gpu_marked 200 python3 -m pytest -q -rfEs --tb=short --durations=8 -m gpu -p no:cacheprovider \
+               tests/test_varlen.py tests/test_multi_gpu.py
+           tail -2 "$out/tests_gpu_marked.log"
+           step tests 300 python3 -m pytest -q -rfEs --tb=short --durations=5 -p no:cacheprovider tests/test_gpu.py \
+               tests/test_decode_path.py tests/test_fa4_adapter.py
+           tail -2 "$out/tests.log" ;;
+        b) mkdir -p "$out"
+           step check_coverage 60 python3 benchmarks/check_coverage_gpu.py --seq 8192 32768 131072
+           cat "$out/check_coverage.log"
+           step check_selection 70 python3 benchmarks/check_selection_gpu.py --seq 8192 32768 131072
+           tail -14 "$out/check_selection.log"
+           step varlen 120 python3 benchmarks/bench_varlen.py --repeats 5 --out "$out/varlen.json"
+           grep -E '^\{' "$out/varlen.log" | cut -c1-330
+           step attention 130 python3 benchmarks/bench_attention.py --seq 8192 32768 131072 --inputs structured \
+               clustered random --gamma 0.9 --head-dim 128 --dtype bfloat16 --no-flash --out "$out/attention.json"
+           timeout 20 python3 benchmarks/perf_summary.py --attention "$out/attention.json" | tee "$out/summary.txt" \
+               | tail -16
+           [ -z "${OUT:-}" ] || tar czf "$OUT/perf_logs.tgz" -C "$out" . ;;
+        *) echo "usage: perf7 a | perf7 b" >&2; return 2 ;;
+    esac
+}
+
 case "${1:-}" in
     stage1) copy_carried ;;
     stage2) shift; stage2; if [ "${1:-}" = perf ]; then perf; elif [ "${1:-}" = perf3 ]; then perf3
             elif [ "${1:-}" = perf4 ]; then perf4 "${2:-}"; elif [ "${1:-}" = perf5 ]; then perf5 "${2:-}"
-            elif [ "${1:-}" = perf6 ]; then perf6 "${2:-}"; elif [ $# -gt 0 ]; then "$@"; fi ;;
+            elif [ "${1:-}" = perf6 ]; then perf6 "${2:-}"; elif [ "${1:-}" = perf7 ]; then perf7 "${2:-}"; elif [ $# -gt 0 ]; then "$@"; fi ;;
     run) shift; set_env; "$@" ;;
     perf) set_env; perf ;;
     perf3) set_env; perf3 ;;
     perf4) set_env; perf4 "${2:-}" ;;
     perf5) set_env; perf5 "${2:-}" ;;
     perf6) set_env; perf6 "${2:-}" ;;
+    perf7) set_env; perf7 "${2:-}" ;;
     *) echo "usage: $0 stage1 | stage2 [perf | perf3 | perf4 a | CMD...] | run CMD... | perf | perf3 | perf4 a|b" >&2; exit 2 ;;
 esac
