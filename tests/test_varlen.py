@@ -650,6 +650,55 @@ def test_block_means_in_row_chunks_equal_one_pass(monkeypatch):
     assert (whole[2, :, 0] == 0).all()  # 240 queries: 4 blocks of the 9 hold none
 
 
+@needs_interpreter
+@pytest.mark.usefixtures("poison_empty")
+@pytest.mark.parametrize(
+    "packing,block,head_dim,dtype",
+    [
+        ("one-long-many-short", 64, 32, torch.float16),
+        ("decode-rows-and-prefills", 128, 16, torch.bfloat16),
+        ("q-shorter-than-k", 64, 96, torch.float32),
+    ],
+)
+def test_segment_means_kernel_equals_index_add(packing, block, head_dim, dtype):
+    # The Triton block means (varlen_triton.py) against varlen._block_means, for q (blocks from the first query
+    # block) and k, on rows read through the strides continuous batching hands over ([1, H, total, D]
+    # transposed), with rows past the last sequence and an empty sequence.
+    from flexprefill_hf.ops.varlen_triton import segment_block_means_triton
+
+    import flexprefill_hf.ops.varlen as varlen
+
+    lengths = PACKINGS[packing] + [(0, 0)]
+    _, (q, k, _), cu_q, cu_k = _pack(lengths, 3, 1, head_dim, torch.float32, seed=block + head_dim)
+    grid = BlockGrid(max(a for a, _ in lengths), max(b for _, b in lengths), block)
+    for x, cu, first in ((q, cu_q, grid.first_query_block), (k, cu_k, 0)):
+        x = torch.cat([x, torch.randn(5, *x.shape[1:])]).to(dtype)  # 5 rows of no sequence
+        strided = x.transpose(0, 1).contiguous().transpose(0, 1)  # [total, H, D] with the head stride largest
+        want = varlen._block_means(strided, cu, cu.diff().long(), grid, first)
+        got = segment_block_means_triton(strided, cu, grid, first)
+        assert got.shape == want.shape and got.dtype == want.dtype == torch.float32
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        assert (got[-1] == 0).all()  # the empty sequence
+
+
+def test_segment_means_kernel_is_opt_in(monkeypatch):
+    import flexprefill_hf.ops.varlen as varlen
+    import flexprefill_hf.ops.varlen_triton as varlen_triton
+
+    assert varlen.SEGMENT_MEANS_TRITON is False  # until a GPU run times it
+    called = []
+    monkeypatch.setattr(varlen_triton, "segment_block_means_triton", lambda *a: called.append(a))
+    monkeypatch.setattr(varlen, "SEGMENT_MEANS_TRITON", True)
+    lengths = [(100, 100), (40, 200)]
+    _, (q, _, _), cu_q, _ = _pack(lengths, 2, 1, 16, torch.float16, seed=3)
+    grid = BlockGrid(100, 200, 64)
+    varlen._segment_means(q, cu_q, cu_q.diff().long(), grid, grid.first_query_block)
+    assert not called  # CPU tensors: the index_add_ version
+    if torch.cuda.is_available():
+        varlen._segment_means(q.cuda(), cu_q.cuda(), cu_q.diff().long().cuda(), grid, grid.first_query_block)
+        assert len(called) == 1
+
+
 def test_the_packing_maps_are_inverse():
     """_left_padded lays the packed rows into the left-padded view (sequence b in its last lens[b] positions, the rest
     0) and _packed_positions sends each packed row to its place there: gathering back gives every row exactly,

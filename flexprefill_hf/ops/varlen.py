@@ -60,6 +60,9 @@ from .validation import check_attention_inputs, check_kernel_head_dim, check_sof
 
 # Bytes of packed rows upcast at once for the block-mean segment sums.
 _SEGMENT_CHUNK_BYTES = 1 << 28
+# The block means on CUDA by one Triton launch (``varlen_triton.segment_block_means_triton``) instead of
+# ``index_add_`` (16-26 % of a varlen call on the H200, with its float32 copies). Off until a GPU run times it.
+SEGMENT_MEANS_TRITON = False
 
 
 def flexprefill_attention_varlen(
@@ -194,17 +197,26 @@ def select_blocks_varlen(
     r = grid.num_representative
     # The last r rows of each sequence's view: rows before its first query are 0 (no query there).
     q_rep = _left_padded(q, cu_seqlens_q, q_lens, max_q, first=max_q - r)  # [B, r, Hq, D]
-    q_means = _block_means(q, cu_seqlens_q, q_lens, grid, grid.first_query_block)  # [B, Hq, nqb, D]
+    q_means = _segment_means(q, cu_seqlens_q, q_lens, grid, grid.first_query_block)  # [B, Hq, nqb, D]
     scores_backend = backends.get("scores_backend")
     if scores_backend == "triton" or (scores_backend is None and q.is_cuda and q.dtype in KERNEL_DTYPES):
         # The Triton scores kernels read the packed keys in place: no padded copy of k at all.
-        k_means = _block_means(k, cu_seqlens_k, k_lens, grid, 0)  # [B, Hkv, nb, D]
+        k_means = _segment_means(k, cu_seqlens_k, k_lens, grid, 0)  # [B, Hkv, nb, D]
         return select_blocks_from_parts(q_rep, q_means, k, grid, config, softmax_scale, key_start,
                                         query_start=query_start, k_means=k_means, cu_seqlens_k=cu_seqlens_k,
                                         **backends)
     k_pad = _left_padded(k, cu_seqlens_k, k_lens, max_seqlen_k)  # [B, max_k, Hkv, D]
     return select_blocks_from_parts(q_rep, q_means, k_pad, grid, config, softmax_scale, key_start,
                                     query_start=query_start, **backends)
+
+
+def _segment_means(x: torch.Tensor, cu_seqlens: torch.Tensor, lens: torch.Tensor, grid: BlockGrid, first_block: int):
+    """:func:`_block_means`, by the Triton kernel where it is switched on (``SEGMENT_MEANS_TRITON``, CUDA fp16/bf16)."""
+    if SEGMENT_MEANS_TRITON and x.is_cuda and x.dtype in KERNEL_DTYPES:
+        from .varlen_triton import segment_block_means_triton
+
+        return segment_block_means_triton(x, cu_seqlens, grid, first_block)
+    return _block_means(x, cu_seqlens, lens, grid, first_block)
 
 
 def _block_means(x: torch.Tensor, cu_seqlens: torch.Tensor, lens: torch.Tensor, grid: BlockGrid, first_block: int):
