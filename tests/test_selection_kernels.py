@@ -63,6 +63,19 @@ def test_representative_scores_match_torch(
     torch.testing.assert_close(got_v.sum(-1), torch.ones_like(got_v.sum(-1)), rtol=1e-4, atol=1e-4)
 
 
+def test_skipped_sequences_get_zero_scores_and_the_rest_are_unchanged(poison_empty):
+    # Dense sequences' scores are never read: the kernels compute them from no key (zeros), leaving the others'.
+    q, k, _ = random_qkv(3, 60, 400, 4, 2, 32, dtype=torch.float16, scale=1.5, seed=9)
+    q, k = q.to(DEVICE), k.to(DEVICE)
+    grid = BlockGrid(60, 400, 64)
+    key_start = torch.tensor([0, 90, 210], device=DEVICE)
+    want = representative_scores_triton(q, k, grid, 0.17, key_start, splits=3)
+    skip = torch.tensor([False, True, False], device=DEVICE)
+    got = representative_scores_triton(q, k, grid, 0.17, key_start, splits=3, skip=skip)
+    assert (got[:, 1] == 0).all()
+    assert torch.equal(got[:, 0], want[:, 0]) and torch.equal(got[:, 2], want[:, 2])
+
+
 def test_selection_with_triton_scores_equals_torch_scores():
     q, k, _ = structured_qkv(2, 600, 4, 2, 64, dtype=torch.float16, generator=seeded(2))
     q, k = q.to(DEVICE), k.to(DEVICE)

@@ -144,9 +144,9 @@ def _unsupported(module, dropout, max_length_k: int, kwargs) -> Optional[str]:
 
 def register_continuous_batching() -> None:
     """Register :func:`flexprefill_paged_attention_forward` with transformers as :data:`CB_ATTENTION_NAME` and
-    :data:`CB_PAGED_ATTENTION_NAME` (idempotent), with FlexPrefill's mask function. Continuous batching builds no mask (a paged cache gets
-    none, masking_utils), but ``generate`` on the same model does: without a mask function registered under
-    this name transformers would hand a left-padded batch no mask at all."""
+    :data:`CB_PAGED_ATTENTION_NAME` (idempotent), with FlexPrefill's mask function. Continuous batching builds
+    no mask (a paged cache gets none, masking_utils), but ``generate`` on the same model does: without a mask
+    function registered under these names transformers would hand a left-padded batch no mask at all."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
 

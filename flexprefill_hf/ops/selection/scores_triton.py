@@ -41,10 +41,11 @@ _DIAGONAL_BY_GATHER = True
 
 
 @triton.jit
-def _program_head(KeyStart, QueryStart, num_heads, num_kv_groups, HAS_KEY_START: tl.constexpr,
-                  HAS_QUERY_START: tl.constexpr):
+def _program_head(KeyStart, QueryStart, Skip, num_heads, num_kv_groups, n, HAS_KEY_START: tl.constexpr,
+                  HAS_QUERY_START: tl.constexpr, HAS_SKIP: tl.constexpr):
     """This program's (sequence x query head) row, sequence, query head, KV head, first real key and
-    position of the first real query (the first real key without QueryStart), int64."""
+    position of the first real query (the first real key without QueryStart), int64. A sequence flagged in
+    Skip gets its first real key at n: it reads no key, and its scores come out 0."""
     pid_bh = tl.program_id(0).to(tl.int64)
     off_b = pid_bh // num_heads
     off_h = pid_bh % num_heads
@@ -55,6 +56,8 @@ def _program_head(KeyStart, QueryStart, num_heads, num_kv_groups, HAS_KEY_START:
     query_lo = key_lo
     if HAS_QUERY_START:
         query_lo = tl.load(QueryStart + off_b).to(tl.int64)
+    if HAS_SKIP:
+        key_lo = tl.where(tl.load(Skip + off_b) != 0, n, key_lo)
     return pid_bh, off_b, off_h, off_kvh, key_lo, query_lo
 
 
@@ -99,16 +102,16 @@ def _tile_scores(q, K, off_b, off_kvh, stride_kb, stride_kn, stride_kh, stride_k
 
 @triton.jit
 def _representative_lse_kernel(
-    Q, K, KeyStart, QueryStart, KeyBase, PartMax, PartSum,
+    Q, K, KeyStart, QueryStart, KeyBase, Skip, PartMax, PartSum,
     stride_qb, stride_qm, stride_qh, stride_qd, stride_kb, stride_kn, stride_kh, stride_kd,
     num_heads, num_kv_groups, q_len, n, r, tiles_per_program, num_splits, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr, HAS_KEY_START: tl.constexpr,
-    HAS_QUERY_START: tl.constexpr, UPCAST: tl.constexpr, PACKED_K: tl.constexpr,
+    HAS_QUERY_START: tl.constexpr, UPCAST: tl.constexpr, PACKED_K: tl.constexpr, HAS_SKIP: tl.constexpr,
 ):
     # torch.compile may hand float scalars over as fp64; keep the softmax state in fp32.
     qk_scale = tl.full([], qk_scale, tl.float32)
     pid_bh, off_b, off_h, off_kvh, key_lo, query_lo = _program_head(
-        KeyStart, QueryStart, num_heads, num_kv_groups, HAS_KEY_START, HAS_QUERY_START
+        KeyStart, QueryStart, Skip, num_heads, num_kv_groups, n, HAS_KEY_START, HAS_QUERY_START, HAS_SKIP
     )
     k_base = tl.zeros([], dtype=tl.int64)
     if PACKED_K:
@@ -160,18 +163,18 @@ def _combine_partials(PartMax, PartSum, pid_bh, num_splits, BLOCK: tl.constexpr,
 
 @triton.jit
 def _representative_scores_kernel(
-    Q, K, KeyStart, QueryStart, KeyBase, PartMax, PartSum, Vertical, Diagonal, Scratch,
+    Q, K, KeyStart, QueryStart, KeyBase, Skip, PartMax, PartSum, Vertical, Diagonal, Scratch,
     stride_qb, stride_qm, stride_qh, stride_qd, stride_kb, stride_kn, stride_kh, stride_kd,
     num_heads, num_kv_groups, q_len, n, r, num_tiles, tiles_per_program, num_splits, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr, HAS_KEY_START: tl.constexpr,
     HAS_QUERY_START: tl.constexpr, UPCAST: tl.constexpr, PACKED_K: tl.constexpr, ROW_CHUNK: tl.constexpr,
-    SPLIT_CHUNK: tl.constexpr, DIAGONAL_BY_GATHER: tl.constexpr,
+    SPLIT_CHUNK: tl.constexpr, DIAGONAL_BY_GATHER: tl.constexpr, HAS_SKIP: tl.constexpr,
 ):
     WIDTH: tl.constexpr = 2 * BLOCK
     # torch.compile may hand float scalars over as fp64; keep the softmax state in fp32.
     qk_scale = tl.full([], qk_scale, tl.float32)
     pid_bh, off_b, off_h, off_kvh, key_lo, query_lo = _program_head(
-        KeyStart, QueryStart, num_heads, num_kv_groups, HAS_KEY_START, HAS_QUERY_START
+        KeyStart, QueryStart, Skip, num_heads, num_kv_groups, n, HAS_KEY_START, HAS_QUERY_START, HAS_SKIP
     )
     k_base = tl.zeros([], dtype=tl.int64)
     if PACKED_K:
@@ -260,7 +263,7 @@ def _slash_scores_kernel(Diagonal, Slash, n, r, num_tiles, BLOCK: tl.constexpr, 
 def representative_scores_triton(
     q: torch.Tensor, k: torch.Tensor, grid: BlockGrid, softmax_scale: float, key_start, splits: Optional[int] = None,
     *, query_start: Optional[torch.Tensor] = None, cu_seqlens_k: Optional[torch.Tensor] = None,
-    diagonal_by_gather: Optional[bool] = None,
+    diagonal_by_gather: Optional[bool] = None, skip: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Vertical and slash scores of the representative queries, fp32 [2, B, Hq, n] (a_v, a_s).
 
@@ -273,6 +276,8 @@ def representative_scores_triton(
     splits: programs per head (each takes a range of key tiles); default: enough to fill the GPU, 1
     when interpreting.
     diagonal_by_gather: how the tiles' diagonals are summed (module docstring); default ``_DIAGONAL_BY_GATHER``.
+    skip: optional bool [B], sequences whose scores nobody reads (they run dense): their rows are 0, computed
+    from no key (the work of a selection then follows the sequences that need one).
     """
     batch, q_len, q_heads, head_dim = q.shape
     n, kv_heads = grid.k_len, k.shape[-2]
@@ -296,10 +301,11 @@ def representative_scores_triton(
     query_starts = query_start.to(device, torch.long) if query_start is not None else starts
     # Packed keys: row of position t of sequence b is k_base[b] + t.
     k_base = cu_seqlens_k[:-1].long() - starts if packed else starts
+    skips = starts if skip is None else skip.to(device)  # without skip the kernels never read it
     meta = dict(
         HEAD_DIM=head_dim, BLOCK_D=next_power_of_2(head_dim), BLOCK=block,
         HAS_KEY_START=has_key_start, HAS_QUERY_START=query_start is not None,
-        UPCAST=interpret and q.dtype == torch.bfloat16, PACKED_K=packed,
+        UPCAST=interpret and q.dtype == torch.bfloat16, PACKED_K=packed, HAS_SKIP=skip is not None,
         num_warps=8 if block == 128 else 4,
     )
     qk_scale = softmax_scale * LOG2E
@@ -311,7 +317,8 @@ def representative_scores_triton(
         part_max = torch.empty(batch * q_heads, splits, block, dtype=torch.float32, device=device)
         part_sum = torch.empty_like(part_max)
         _representative_lse_kernel[(batch * q_heads, splits)](
-            q, k, starts, query_starts, k_base, part_max, part_sum, *common, per_program, splits, qk_scale, **meta
+            q, k, starts, query_starts, k_base, skips, part_max, part_sum, *common, per_program, splits, qk_scale,
+            **meta,
         )
 
         scores = torch.empty(2, batch, q_heads, n, dtype=torch.float32, device=device)
@@ -321,8 +328,8 @@ def representative_scores_triton(
         scratch = diagonal if by_gather else torch.empty(batch * q_heads * splits * block * 2 * block,
                                                          dtype=torch.float32, device=device)
         _representative_scores_kernel[(batch * q_heads, splits)](
-            q, k, starts, query_starts, k_base, part_max, part_sum, scores[0], diagonal, scratch, *common, num_tiles,
-            per_program, splits, qk_scale, ROW_CHUNK=min(block, 32),
+            q, k, starts, query_starts, k_base, skips, part_max, part_sum, scores[0], diagonal, scratch, *common,
+            num_tiles, per_program, splits, qk_scale, ROW_CHUNK=min(block, 32),
             SPLIT_CHUNK=min(_SPLIT_CHUNK, max(2, next_power_of_2(splits))), DIAGONAL_BY_GATHER=by_gather,
             **meta,
         )

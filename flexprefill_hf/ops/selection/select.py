@@ -373,8 +373,12 @@ def _representative_scores(
         from .scores_triton import representative_scores_triton
 
         query_start = None if seqs.query_rows is None else seqs.query_start
+        # Dense sequences' scores are never read (§5 gives them the full causal set): computed from no key, so a
+        # packed batch's decode rows and short prompts cost no scores work. None when the host knows there are none.
+        skip = None if seqs.short_all is False else seqs.short
         return representative_scores_triton(q, k, grid, softmax_scale, key_start, query_start=query_start,
-                                            cu_seqlens_k=cu_seqlens_k, diagonal_by_gather=stages.diagonal_by_gather)
+                                            cu_seqlens_k=cu_seqlens_k, diagonal_by_gather=stages.diagonal_by_gather,
+                                            skip=skip)
     key_valid = seqs.key_valid
     if key_valid is None:
         key_valid = torch.ones(q.shape[0], grid.k_len, dtype=torch.bool, device=q.device)
