@@ -41,8 +41,9 @@
 # The issue-9 performance run (one call after stage1, ~270 s of work after the ~1 min of stage2 setup; every piece
 # hard-limited by `timeout`, so a hang costs its limit, not the call):
 #     1./2. carry [".whl/fa4a"], then [".whl/fa4b"]   command: bash benchmarks/gpu_session.sh stage1
-#     3. carry [".whl/fa4c"]   command: bash benchmarks/gpu_session.sh stage2 perf   (or perf3, or perf4 a and then
-#        a 4th call, nothing carried: bash benchmarks/gpu_session.sh perf4 b)
+#     3. carry [".whl/fa4c"]   command: bash benchmarks/gpu_session.sh stage2 perf   (or perf3, or perf4..perf7 a and
+#        then a 4th call, nothing carried: bash benchmarks/gpu_session.sh perf7 b; perf7 is what the next session
+#        runs, perf5 and perf6 are what ran on 2026-12-02)
 #   (or, on a machine stage2 already set up: bash benchmarks/gpu_session.sh perf)
 #   perf writes 6 files into $OUT (flat): tests.log, decode.json, decode.log, attention.json, attention.log,
 #   summary.txt, and prints the summary last (benchmarks/perf_summary.py: the ratios against the issue's bars
@@ -320,5 +321,6 @@ case "${1:-}" in
     perf5) set_env; perf5 "${2:-}" ;;
     perf6) set_env; perf6 "${2:-}" ;;
     perf7) set_env; perf7 "${2:-}" ;;
-    *) echo "usage: $0 stage1 | stage2 [perf | perf3 | perf4 a | CMD...] | run CMD... | perf | perf3 | perf4 a|b" >&2; exit 2 ;;
+    *) echo "usage: $0 stage1 | stage2 [perf | perf3 | perf4..perf7 a|b | CMD...] | run CMD... | perf | perf3 | perf4..perf7 a|b" >&2
+       exit 2 ;;
 esac
