@@ -41,7 +41,7 @@
 # The issue-9 performance run (one call after stage1, ~270 s of work after the ~1 min of stage2 setup; every piece
 # hard-limited by `timeout`, so a hang costs its limit, not the call):
 #     1./2. carry [".whl/fa4a"], then [".whl/fa4b"]   command: bash benchmarks/gpu_session.sh stage1
-#     3. carry [".whl/fa4c"]   command: bash benchmarks/gpu_session.sh stage2 perf   (or perf3, or perf4..perf7 a and
+#     3. carry [".whl/fa4c"]   command: bash benchmarks/gpu_session.sh stage2 perf   (or perf3, or perf5..perf7 a and
 #        then a 4th call, nothing carried: bash benchmarks/gpu_session.sh perf7 b; perf7 is what the next session
 #        runs, perf5 and perf6 are what ran on 2026-12-02)
 #   (or, on a machine stage2 already set up: bash benchmarks/gpu_session.sh perf)
@@ -156,155 +156,128 @@ step() {  # step NAME LIMIT CMD...: run CMD under a hard limit, output into $out
     return 0
 }
 
-# The issue-9/11 GPU run in two halves; limits are base seconds x SLACK / 100.
-perf_selection() {  # the selection's tests and checks, its timing, attention 8K-128K
-    step tests_selection $((80 * SLACK / 100)) python3 -m pytest -q -rfEs --tb=short --durations=5 -p no:cacheprovider \
+# Steps the runs below share (each: the step, then the lines of its log worth seeing in the call's output).
+gpu_marked_tests() {  # gpu_marked_tests LIMIT: the varlen and multi-GPU tests marked gpu
+    step tests_gpu_marked "$1" python3 -m pytest -q -rfEs --tb=short --durations=8 -m gpu -p no:cacheprovider \
+        tests/test_varlen.py tests/test_multi_gpu.py
+    tail -2 "$out/tests_gpu_marked.log"
+}
+gpu_tests() {  # gpu_tests LIMIT FILE...: other test files, into tests.log
+    local limit=$1; shift
+    step tests "$limit" python3 -m pytest -q -rfEs --tb=short --durations=8 -p no:cacheprovider "$@"
+    tail -3 "$out/tests.log"
+}
+selection_tests() {  # selection_tests LIMIT
+    step tests_selection "$1" python3 -m pytest -q -rfEs --tb=short --durations=5 -p no:cacheprovider \
         tests/test_selection_kernels.py tests/test_selection.py
     tail -2 "$out/tests_selection.log"
-    step check_selection $((35 * SLACK / 100)) python3 benchmarks/check_selection_gpu.py --seq 8192 32768 131072
-    tail -6 "$out/check_selection.log"
-    # Both stage sets on both sides of COMPOSE_STAGES_FROM (64K), and the diagonal A/B: what the rule rests on.
-    step profile_selection $((45 * SLACK / 100)) sh -c 'p=benchmarks/profile_selection.py; python3 $p --time --seq 8192 \
-        32768 65536 131072 && python3 $p --time --stages triton --seq 65536 131072 && python3 $p --time --stages \
-        triton --split-from 131072 --seq 65536 131072 && python3 $p --time --stages compose --seq 8192 32768 && \
-        python3 $p --time --scratch --stages triton --seq 8192 131072'
-    tail -6 "$out/profile_selection.log"
-    step attention $((120 * SLACK / 100)) python3 benchmarks/bench_attention.py --seq 8192 16384 24576 32768 131072 \
-        --inputs structured clustered random --gamma 0.9 --head-dim 128 --dtype bfloat16 --no-flash \
-        --out "$out/attention.json"
 }
-
-perf_rest() {  # varlen, the other GPU tests, d 64 and fp16 attention, decode, the summary
-    step tests_gpu_marked $((45 * SLACK / 100)) python3 -m pytest -q -rfEs --tb=short -m gpu -p no:cacheprovider tests/test_varlen.py \
-        tests/test_multi_gpu.py
-    tail -2 "$out/tests_gpu_marked.log"
-    step varlen $((30 * SLACK / 100)) python3 benchmarks/bench_varlen.py --repeats 5 --out "$out/varlen.json"
-    tail -8 "$out/varlen.log"
-    step tests $((120 * SLACK / 100)) python3 -m pytest -q -rfEs --tb=short --durations=8 -p no:cacheprovider tests/test_gpu.py \
-        tests/test_decode_path.py tests/test_fa4_adapter.py
-    tail -3 "$out/tests.log"
-    step attention_d64 $((30 * SLACK / 100)) python3 benchmarks/bench_attention.py --seq 32768 131072 --inputs structured \
-        --gamma 0.9 --head-dim 64 --dtype bfloat16 --no-flash --out "$out/attention_d64.json"
-    step attention_fp16 $((30 * SLACK / 100)) python3 benchmarks/bench_attention.py --seq 32768 131072 --inputs \
-        structured --gamma 0.9 --head-dim 128 --dtype float16 --no-flash --out "$out/attention_fp16.json"
-    step decode $((35 * SLACK / 100)) python3 benchmarks/bench_decode.py --layers 4 32 --cache 1024 32768 --prefill 8192 \
-        --steps 16 --warmup 2 --rounds 3 --repeats 6 --out "$out/decode.json"
-    timeout 20 python3 benchmarks/perf_summary.py --decode "$out/decode.json" --attention "$out/attention.json" \
-        | tee "$out/summary.txt" | tail -32
+check_selection() {  # check_selection LIMIT: the default selection against the all-PyTorch one, 8K-128K
+    step check_selection "$1" python3 benchmarks/check_selection_gpu.py --seq 8192 32768 131072
+    tail -14 "$out/check_selection.log"
+}
+profile_selection() {  # profile_selection LIMIT 'ARGS' ['ARGS'...]: one profile_selection.py --time process per ARGS
+    local limit=$1 cmd="" args; shift
+    for args in "$@"; do cmd="$cmd${cmd:+ && }python3 benchmarks/profile_selection.py --time $args"; done
+    step profile_selection "$limit" sh -c "$cmd"
+    cat "$out/profile_selection.log"
+}
+varlen_bench() {  # varlen_bench LIMIT [ARGS...]
+    local limit=$1; shift
+    step varlen "$limit" python3 benchmarks/bench_varlen.py --repeats 5 "$@" --out "$out/varlen.json"
+    grep -E '^\{' "$out/varlen.log" | cut -c1-330 || true
+}
+attention() {  # attention NAME LIMIT [ARGS...]: bench_attention, gamma 0.9, d 128 bf16 unless ARGS say otherwise
+    local name=$1 limit=$2; shift 2
+    step "$name" "$limit" python3 benchmarks/bench_attention.py --gamma 0.9 --head-dim 128 --dtype bfloat16 \
+        --no-flash "$@" --out "$out/$name.json"
+}
+summary() {  # summary [perf_summary ARGS...]: the ratios against the issue's bars, then every log packed
+    timeout 20 python3 benchmarks/perf_summary.py --attention "$out/attention.json" "$@" | tee "$out/summary.txt" \
+        | tail -32
     [ -z "${OUT:-}" ] || tar czf "$OUT/perf_logs.tgz" -C "$out" .
 }
+ALL_INPUTS="--inputs structured clustered random"
 
-# perf3: both halves in one call with the base limits (what ran on 2026-12-02: ~540 s; the selection tests, the
-# 32K/128K selection checks, the --scratch timing, the varlen tests and bench, the other GPU tests, fp16 and the
-# d 64 128K row were cut by their limits). perf4 a / perf4 b: one half per call with twice the limits (~560 s and
-# ~580 s), `stage2 perf4 a` then `run`'s `perf4 b` on the still-warm machine: what the next session should run.
-perf3() { out=/tmp/perf_work; rm -rf "$out" && mkdir -p "$out"; SLACK=100; perf_selection; perf_rest; }
-perf4() {
-    out=/tmp/perf_work; SLACK=200
-    case "${1:-}" in
-        a) rm -rf "$out" && mkdir -p "$out"; perf_selection; [ -z "${OUT:-}" ] || tar czf "$OUT/perf_logs.tgz" -C "$out" . ;;
-        b) mkdir -p "$out"; perf_rest ;;
-        *) echo "usage: perf4 a | perf4 b" >&2; return 2 ;;
-    esac
+# perf3 (what ran on 2026-12-02, first session, ~540 s in one call; the selection tests, the 32K/128K selection
+# checks, the --scratch timing, the varlen tests and bench, the other GPU tests, fp16 and the d 64 128K row were
+# cut by their limits).
+perf3() {
+    out=/tmp/perf_work; rm -rf "$out" && mkdir -p "$out"
+    selection_tests 80
+    check_selection 35
+    # Both stage sets on both sides of COMPOSE_STAGES_FROM (64K), and the diagonal A/B: what the rule rested on.
+    profile_selection 45 "--seq 8192 32768 65536 131072" "--stages triton --seq 65536 131072" \
+        "--stages triton --split-from 131072 --seq 65536 131072" "--stages compose --seq 8192 32768" \
+        "--scratch --stages triton --seq 8192 131072"
+    attention attention 120 --seq 8192 16384 24576 32768 131072 $ALL_INPUTS
+    gpu_marked_tests 45
+    varlen_bench 30
+    gpu_tests 120 tests/test_gpu.py tests/test_decode_path.py tests/test_fa4_adapter.py
+    attention attention_d64 30 --seq 32768 131072 --inputs structured --head-dim 64
+    attention attention_fp16 30 --seq 32768 131072 --inputs structured --dtype float16
+    step decode 35 python3 benchmarks/bench_decode.py --layers 4 32 --cache 1024 32768 --prefill 8192 \
+        --steps 16 --warmup 2 --rounds 3 --repeats 6 --out "$out/decode.json"
+    summary --decode "$out/decode.json"
 }
 
-# perf5 a / perf5 b (2026-12-02, second session): what must come back first in call a (the gpu-marked varlen tests,
-# bench_varlen, test_gpu / test_decode_path / test_fa4_adapter: ~390 s of limits after ~60 s of stage2), the
-# selection's tests, checks and timings and the attention rows the selection rule changed in call b (~520 s).
+# perf5, perf6 (what ran on 2026-12-02, second session) and perf7 (what the next session runs): two calls each,
+# `stage2 perfN a` (~60 s of setup, then the steps) and `perfN b` on the still-warm machine, each under 600 s.
+# perf5: a) the varlen / other GPU tests first, b) the selection's tests, checks and stage timings, attention.
 perf5() {
-    out=/tmp/perf_work; SLACK=200
+    out=/tmp/perf_work
     case "${1:-}" in
         a) rm -rf "$out" && mkdir -p "$out"
-           step tests_gpu_marked 90 python3 -m pytest -q -rfEs --tb=short -m gpu -p no:cacheprovider \
-               tests/test_varlen.py tests/test_multi_gpu.py
-           tail -2 "$out/tests_gpu_marked.log"
-           step varlen 60 python3 benchmarks/bench_varlen.py --repeats 5 --out "$out/varlen.json"
-           tail -8 "$out/varlen.log"
-           step tests 240 python3 -m pytest -q -rfEs --tb=short --durations=8 -p no:cacheprovider tests/test_gpu.py \
-               tests/test_decode_path.py tests/test_fa4_adapter.py
-           tail -3 "$out/tests.log" ;;
+           gpu_marked_tests 90
+           varlen_bench 60
+           gpu_tests 240 tests/test_gpu.py tests/test_decode_path.py tests/test_fa4_adapter.py ;;
         b) mkdir -p "$out"
-           step tests_selection 150 python3 -m pytest -q -rfEs --tb=short --durations=5 -p no:cacheprovider \
-               tests/test_selection_kernels.py tests/test_selection.py
-           tail -2 "$out/tests_selection.log"
-           step check_selection 60 python3 benchmarks/check_selection_gpu.py --seq 8192 32768 131072
-           tail -6 "$out/check_selection.log"
-           step profile_selection 90 sh -c 'p=benchmarks/profile_selection.py; python3 $p --time --seq 8192 \
-               32768 65536 131072 && python3 $p --time --stages triton --seq 65536 131072 && python3 $p --time \
-               --stages triton --split-from 131072 --seq 65536 131072 && python3 $p --time --stages compose --seq 8192 \
-               32768'
-           tail -12 "$out/profile_selection.log"
-           step attention 130 python3 benchmarks/bench_attention.py --seq 8192 32768 131072 --inputs structured \
-               clustered random --gamma 0.9 --head-dim 128 --dtype bfloat16 --no-flash --out "$out/attention.json"
-           step attention_fp16 60 python3 benchmarks/bench_attention.py --seq 32768 131072 --inputs structured \
-               --gamma 0.9 --head-dim 128 --dtype float16 --no-flash --out "$out/attention_fp16.json"
-           timeout 20 python3 benchmarks/perf_summary.py --attention "$out/attention.json" | tee "$out/summary.txt" \
-               | tail -24
-           [ -z "${OUT:-}" ] || tar czf "$OUT/perf_logs.tgz" -C "$out" . ;;
+           selection_tests 150
+           check_selection 60
+           profile_selection 90 "--seq 8192 32768 65536 131072" "--stages triton --seq 65536 131072" \
+               "--stages triton --split-from 131072 --seq 65536 131072" "--stages compose --seq 8192 32768"
+           attention attention 130 --seq 8192 32768 131072 $ALL_INPUTS
+           attention attention_fp16 60 --seq 32768 131072 --inputs structured --dtype float16
+           summary ;;
         *) echo "usage: perf5 a | perf5 b" >&2; return 2 ;;
     esac
 }
-
-# perf6 a / perf6 b (2026-12-02, second session, after the fixes): a) the varlen / multi-GPU gpu-marked tests
-# with room for their autotuning, test_gpu.py (the compile and the length-4000 FA4 failures), bench_varlen with
-# a kernel profile; b) the selection tests (bool outputs, skipped padding tiles, the stage rule), the stage
-# timings on both sides of 64K-128K with the split search, the selection check, attention 8K-128K.
+# perf6 (after the fixes): a) the gpu-marked tests with room for their autotuning, test_gpu.py, bench_varlen with a
+# kernel profile; b) the selection tests, the stage timings across 64K-128K with the split search, the checks.
 perf6() {
     out=/tmp/perf_work
     case "${1:-}" in
         a) rm -rf "$out" && mkdir -p "$out"
-           step tests_gpu_marked 200 python3 -m pytest -q -rfEs --tb=short --durations=8 -m gpu -p no:cacheprovider \
-               tests/test_varlen.py tests/test_multi_gpu.py
-           tail -2 "$out/tests_gpu_marked.log"
-           step tests 150 python3 -m pytest -q -rfEs --tb=short --durations=5 -p no:cacheprovider tests/test_gpu.py
-           tail -2 "$out/tests.log"
-           step varlen 120 python3 benchmarks/bench_varlen.py --repeats 5 --profile 14 --out "$out/varlen.json"
-           grep -E '^\{' "$out/varlen.log" | cut -c1-330 ;;
+           gpu_marked_tests 200
+           gpu_tests 150 tests/test_gpu.py
+           varlen_bench 120 --profile 14 ;;
         b) mkdir -p "$out"
-           step tests_selection 150 python3 -m pytest -q -rfEs --tb=short --durations=5 -p no:cacheprovider \
-               tests/test_selection_kernels.py tests/test_selection.py
-           tail -2 "$out/tests_selection.log"
-           step profile_selection 90 sh -c 'p=benchmarks/profile_selection.py; python3 $p --time --seq 8192 32768 \
-               131072 && python3 $p --time --stages triton --split-from 65536 --seq 65536 98304 && python3 $p --time \
-               --stages compose --seq 65536 98304 131072'
-           cat "$out/profile_selection.log"
-           step check_selection 60 python3 benchmarks/check_selection_gpu.py --seq 8192 32768 131072
-           tail -6 "$out/check_selection.log"
-           step attention 130 python3 benchmarks/bench_attention.py --seq 8192 32768 131072 --inputs structured \
-               clustered random --gamma 0.9 --head-dim 128 --dtype bfloat16 --no-flash --out "$out/attention.json"
-           timeout 20 python3 benchmarks/perf_summary.py --attention "$out/attention.json" | tee "$out/summary.txt" \
-               | tail -16
-           [ -z "${OUT:-}" ] || tar czf "$OUT/perf_logs.tgz" -C "$out" . ;;
+           selection_tests 150
+           profile_selection 90 "--seq 8192 32768 131072" "--stages triton --split-from 65536 --seq 65536 98304" \
+               "--stages compose --seq 65536 98304 131072"
+           check_selection 60
+           attention attention 130 --seq 8192 32768 131072 $ALL_INPUTS
+           summary ;;
         *) echo "usage: perf6 a | perf6 b" >&2; return 2 ;;
     esac
 }
-
-# perf7 a / perf7 b (for the next session, after stage1 x2): a) what the 2026-12-02 fixes still owe a GPU run --
-# the gpu-marked varlen tests incl. continuous batching on transformers 5.17, test_gpu.py (the compile test with
-# the compose stages under torch.compile, and the 8 tests its crash took down), test_decode_path, test_fa4_adapter;
-# b) the coverage and selection checks (kernel != rule32 expected 0), bench_varlen, attention 8K-128K.
+# perf7: a) what the 2026-12-02 fixes still owe a GPU run -- the gpu-marked tests incl. continuous batching on
+# transformers 5.17, test_gpu.py (the compile test with the compose stages under torch.compile, and the 8 tests its
+# crash took down), test_decode_path, test_fa4_adapter; b) the coverage check (kernel != rule32 expected 0), the
+# selection check, bench_varlen with the Triton block means side by side, attention 8K-128K.
 perf7() {
     out=/tmp/perf_work
     case "${1:-}" in
         a) rm -rf "$out" && mkdir -p "$out"
-           step tests_gpu_marked 200 python3 -m pytest -q -rfEs --tb=short --durations=8 -m gpu -p no:cacheprovider \
-               tests/test_varlen.py tests/test_multi_gpu.py
-           tail -2 "$out/tests_gpu_marked.log"
-           step tests 300 python3 -m pytest -q -rfEs --tb=short --durations=5 -p no:cacheprovider tests/test_gpu.py \
-               tests/test_decode_path.py tests/test_fa4_adapter.py
-           tail -2 "$out/tests.log" ;;
+           gpu_marked_tests 200
+           gpu_tests 300 tests/test_gpu.py tests/test_decode_path.py tests/test_fa4_adapter.py ;;
         b) mkdir -p "$out"
            step check_coverage 60 python3 benchmarks/check_coverage_gpu.py --seq 8192 32768 131072
            cat "$out/check_coverage.log"
-           step check_selection 70 python3 benchmarks/check_selection_gpu.py --seq 8192 32768 131072
-           tail -14 "$out/check_selection.log"
-           step varlen 120 python3 benchmarks/bench_varlen.py --repeats 5 --out "$out/varlen.json"
-           grep -E '^\{' "$out/varlen.log" | cut -c1-330
-           step attention 130 python3 benchmarks/bench_attention.py --seq 8192 32768 131072 --inputs structured \
-               clustered random --gamma 0.9 --head-dim 128 --dtype bfloat16 --no-flash --out "$out/attention.json"
-           timeout 20 python3 benchmarks/perf_summary.py --attention "$out/attention.json" | tee "$out/summary.txt" \
-               | tail -16
-           [ -z "${OUT:-}" ] || tar czf "$OUT/perf_logs.tgz" -C "$out" . ;;
+           check_selection 70
+           varlen_bench 120
+           attention attention 130 --seq 8192 32768 131072 $ALL_INPUTS
+           summary ;;
         *) echo "usage: perf7 a | perf7 b" >&2; return 2 ;;
     esac
 }
@@ -312,15 +285,14 @@ perf7() {
 case "${1:-}" in
     stage1) copy_carried ;;
     stage2) shift; stage2; if [ "${1:-}" = perf ]; then perf; elif [ "${1:-}" = perf3 ]; then perf3
-            elif [ "${1:-}" = perf4 ]; then perf4 "${2:-}"; elif [ "${1:-}" = perf5 ]; then perf5 "${2:-}"
+            elif [ "${1:-}" = perf5 ]; then perf5 "${2:-}"
             elif [ "${1:-}" = perf6 ]; then perf6 "${2:-}"; elif [ "${1:-}" = perf7 ]; then perf7 "${2:-}"; elif [ $# -gt 0 ]; then "$@"; fi ;;
     run) shift; set_env; "$@" ;;
     perf) set_env; perf ;;
     perf3) set_env; perf3 ;;
-    perf4) set_env; perf4 "${2:-}" ;;
     perf5) set_env; perf5 "${2:-}" ;;
     perf6) set_env; perf6 "${2:-}" ;;
     perf7) set_env; perf7 "${2:-}" ;;
-    *) echo "usage: $0 stage1 | stage2 [perf | perf3 | perf4..perf7 a|b | CMD...] | run CMD... | perf | perf3 | perf4..perf7 a|b" >&2
+    *) echo "usage: $0 stage1 | stage2 [perf | perf3 | perf5..perf7 a|b | CMD...] | run CMD... | perf | perf3 | perf5..perf7 a|b" >&2
        exit 2 ;;
 esac
