@@ -237,13 +237,15 @@ def test_the_cached_sparse_backend_decision_is_the_plain_value_one(monkeypatch):
         seen = set()
         for index, capability in capabilities.items():
             for dtype in (torch.bfloat16, torch.float16):
-                for block_size, head_dim, padded in ((128, 64, False), (64, 64, False), (128, 256, False),
-                                                     (128, 128, True)):
+                for block_size, head_dim, padded, short in ((128, 64, False, False), (64, 64, False, False),
+                                                            (128, 256, False, False), (128, 128, True, False),
+                                                            (128, 128, False, True), (128, 128, False, False)):
                     want = backends.sparse_backend_for(KernelCase("cuda", capability, dtype, block_size, head_dim,
-                                                                  padded))
-                    got = backends._cuda_sparse_backend(index, dtype, block_size, head_dim, padded)
+                                                                  padded), short=short)
+                    got = backends._cuda_sparse_backend(index, dtype, block_size, head_dim, padded, short)
                     assert got == want
                     seen.add(got[1])
         assert any("compute capability (8, 0)" in reason for reason in seen)
+        assert any("FA4_SPARSE_FROM" in reason for reason in seen)
     finally:
         backends._cuda_sparse_backend.cache_clear()

@@ -190,15 +190,20 @@ def test_supports_says_no_on_cpu_without_importing_flash_attn():
         (dict(block_size=64), "triton"),
         (dict(head_dim=256), "triton"),
         (dict(compiling=True), "triton"),
+        (dict(short=True), "triton"),
+        (dict(short=True, fa4=False), "triton"),
+        (dict(short=True, dtype=torch.float32), "torch"),
         (dict(dtype=torch.float32), "torch"),
         (dict(device_type="cpu"), "torch"),
     ],
 )
 def test_sparse_backend_decision(case, expected):
     base = dict(device_type="cuda", capability=(9, 0), dtype=torch.float16, block_size=128, head_dim=64, padded=False)
-    available = case.pop("fa4", True)
-    name, reason = backends.sparse_backend_for(fa4.KernelCase(**{**base, **case}), fa4=available)
+    available, short = case.pop("fa4", True), case.pop("short", False)
+    name, reason = backends.sparse_backend_for(fa4.KernelCase(**{**base, **case}), fa4=available, short=short)
     assert name == expected and reason
+    if short and expected == "triton" and available:
+        assert "FA4_SPARSE_FROM" in reason
 
 
 @pytest.mark.parametrize(
@@ -342,7 +347,8 @@ def test_fa4_kernel_under_cuda_graph_capture(q_len, k_len):
 def test_fa4_refuses_left_padding():
     q, k, v, structure = _gpu_case(2, 256, 256, 4, 1, 64, torch.bfloat16, seed=5)
     key_start = torch.tensor([0, 3], device="cuda")
-    assert backends.choose_sparse_backend(q, k, structure, key_start)[0] == "triton"
+    name, reason = backends.choose_sparse_backend(q, k, structure, key_start)
+    assert name == "triton" and "left padding" in reason
     with pytest.raises(ValueError, match="left padding"):
         fa4.block_sparse_attention_fa4(q, k, v, structure, key_start=key_start)
 

@@ -165,8 +165,28 @@ needs_fa4 = pytest.mark.skipif(
 
 
 @needs_fa4
+def test_torch_compile_runs_fa4_inside_the_custom_op(monkeypatch):
+    """Under torch.compile the sparse route is one custom op (ops/compiled.py) that runs the eager code: FA4
+    included, so the compiled output equals the eager one bit for bit."""
+    from flexprefill_hf.ops.attention import block_sparse_fa4
+
+    monkeypatch.setattr(backends, "FA4_SPARSE_FROM", 0)
+    calls = []
+    real = block_sparse_fa4._block_sparse_attention_fa4
+    monkeypatch.setattr(block_sparse_fa4, "_block_sparse_attention_fa4", lambda *a: calls.append(1) or real(*a))
+    q, k, v = _inputs()
+    eager = flexprefill_attention(q, k, v, CONFIG)
+    assert calls == [1]
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda q, k, v: flexprefill_attention(q, k, v, CONFIG), fullgraph=True)(q, k, v)
+    assert calls == [1, 1]
+    torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
+
+
+@needs_fa4
 @pytest.mark.parametrize("n", [4096, 4000])  # aligned: one FA4 call; not: sliced pieces merged by LSE
-def test_sparse_route_runs_fa4_exactly_and_without_host_sync(n):
+def test_sparse_route_runs_fa4_exactly_and_without_host_sync(n, monkeypatch):
+    monkeypatch.setattr(backends, "FA4_SPARSE_FROM", 0)  # these lengths run the Triton kernel by default
     q, k, v = _inputs(n=n)
     scale = 1 / math.sqrt(128)
     structure = select_blocks(q, k, CONFIG, scale).structure

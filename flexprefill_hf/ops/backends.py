@@ -4,10 +4,13 @@ Decided from devices, dtypes and shapes only (never from tensor values: no host 
 
 Block-sparse forward (:func:`choose_sparse_backend`):
     "fa4"     flash-attn-4's block-sparse forward (``attention/block_sparse_fa4.py``): CUDA, fp16/bf16, compute
-              capability >= 9.0, block size 128, head dim a multiple of 8 in [16, 128], no left padding, and
-              ``flash_attn.cute`` imports. Every length is mapped exactly onto its tiles.
+              capability >= 9.0, block size 128, head dim a multiple of 8 in [16, 128], no left padding,
+              ``flash_attn.cute`` imports, and at least ``FA4_SPARSE_FROM`` keys. Every length is mapped
+              exactly onto its tiles.
     "triton"  our Triton kernel: every other fp16/bf16 CUDA case (older GPUs, block 64, head dims up to 256, left
-              padding, flash-attn-4 not installed, inside torch.compile: FA4 registers no custom op).
+              padding, flash-attn-4 not installed, called inside a torch.compile trace: FA4 registers no
+              custom op; the operator itself runs its sparse route as one custom op under compile,
+              ``ops/compiled.py``, so there FA4 runs).
     "torch"   the PyTorch path: CPU tensors and fp32/fp64.
 
 Dense causal attention (:func:`choose_dense_backend`), never with a mask where none is needed:
@@ -50,19 +53,29 @@ from .block_structure import BlockStructure
 from .runtime import KERNEL_DTYPES, compute_capability, cuda_capability
 
 SPARSE_BACKENDS = ("fa4", "triton", "torch")
+# Fewer keys than this run our Triton kernel even where flash-attn-4 takes the case: on the H200 at 8K it took
+# 0.37-0.39 ms against FA4's 0.56-1.19 ms on the same blocks (25 % kept; three runs, RESULTS.md 2026-12-01 to
+# 2026-12-02 second session: FA4's per-call cost of list building and launches), from 16K on FA4 took
+# 0.73-0.84x the Triton time.
+FA4_SPARSE_FROM = 16384
 DENSE_BACKENDS = ("masked", "sdpa", "fa4", "sdpa_cudnn", "sdpa_lower_right")
 
 Availability = Union[bool, Callable[[], bool]]
 
 
-def sparse_backend_for(case: KernelCase, fa4: Availability = fa4_available) -> tuple[str, str]:
+def sparse_backend_for(
+    case: KernelCase, fa4: Availability = fa4_available, short: bool = False
+) -> tuple[str, str]:
     """(backend, reason) for a block-sparse forward (see the module docstring).
 
-    fa4: whether flash-attn-4 imports, or a function that says so (asked only when everything else fits).
+    fa4: whether flash-attn-4 imports, or a function that says so (asked only when everything else fits);
+    short: fewer than ``FA4_SPARSE_FROM`` keys (the Triton kernel is faster there).
     """
     if case.device_type != "cuda" or case.dtype not in KERNEL_DTYPES:
         return "torch", f"{case.dtype} tensors on {case.device_type}: the PyTorch path (kernels take CUDA fp16/bf16)"
     reason = unsupported_reason(case)
+    if reason is None and short:
+        return "triton", f"Triton kernel: fewer than FA4_SPARSE_FROM = {FA4_SPARSE_FROM} keys, where it is faster"
     if reason is None:
         if fa4() if callable(fa4) else fa4:
             return "fa4", "flash-attn-4 block-sparse forward (Hopper or newer, block 128, head dim <= 128)"
@@ -79,19 +92,21 @@ def choose_sparse_backend(
         if torch.compiler.is_compiling():
             # Decided before any device query, so nothing but this branch is traced.
             return "triton", f"Triton kernel: {COMPILE_REASON}"
-        return _cuda_sparse_backend(q.device.index, q.dtype, block_size, head_dim, padded)
+        short = structure.grid.k_len < FA4_SPARSE_FROM
+        return _cuda_sparse_backend(q.device.index, q.dtype, block_size, head_dim, padded, short)
     # The PyTorch path, whatever the capability.
     return sparse_backend_for(KernelCase(q.device.type, None, q.dtype, block_size, head_dim, padded))
 
 
 @functools.lru_cache(maxsize=256)
 def _cuda_sparse_backend(
-    index: int, dtype: torch.dtype, block_size: int, head_dim: int, padded: bool
+    index: int, dtype: torch.dtype, block_size: int, head_dim: int, padded: bool, short: bool = False
 ) -> tuple[str, str]:
     """:func:`sparse_backend_for` of an eager fp16/bf16 call on CUDA device ``index``, cached by the values it
     depends on: the capability and ``fa4_available()`` are constant for the process, so a prefill builds no
     KernelCase and queries no device."""
-    return sparse_backend_for(KernelCase("cuda", cuda_capability(index), dtype, block_size, head_dim, padded))
+    return sparse_backend_for(KernelCase("cuda", cuda_capability(index), dtype, block_size, head_dim, padded),
+                              short=short)
 
 
 def dense_backend_for(

@@ -136,8 +136,26 @@ def _forward(q, k, v, config, softmax_scale, key_start, with_stats: bool):
 
     if q.is_cuda:
         # A CUDA sparse call runs a kernel (the dense route took every other dtype): its head dims, checked
-        # before the selection, as the unchecked launcher below does not.
+        # before the selection, as the unchecked launchers do not.
         check_kernel_head_dim(head_dim)
+    if torch.compiler.is_compiling():
+        # One opaque custom op (ops/compiled.py says why): the eager code, FA4 included, runs inside it.
+        from .compiled import config_id, sparse_prefill
+
+        out, query_aware, js_distance, computed, causal = sparse_prefill(q, k, v, key_start, scale, config_id(config))
+        if not with_stats:
+            return out, None
+        return out, FlexPrefillStats(query_aware, js_distance, computed, _fraction(computed, causal), dense=False)
+    out, computed, selection = sparse_route(q, k, v, config, scale, key_start, with_counts=with_stats)
+    if not with_stats:
+        return out, None
+    return out, build_stats(computed, selection.causal_blocks, selection, dense=False)
+
+
+def sparse_route(q, k, v, config: FlexPrefillConfig, scale: float, key_start, with_counts: bool = True):
+    """(out, computed, selection): block selection, then the block-sparse forward by the backend
+    ``ops/backends.py`` picks, on inputs :func:`_forward` validated (kernel head dims included).
+    computed: int32 [B, Hq], the pairs each head computed (None unless ``with_counts``)."""
     selection = select_blocks(q, k, selection_config(config, q.is_cuda), scale, key_start)
     structure = selection.structure
     backend, _ = choose_sparse_backend(q, k, structure, key_start)
@@ -152,13 +170,13 @@ def _forward(q, k, v, config, softmax_scale, key_start, with_stats: bool):
         out = _block_sparse_attention_triton(q, k, v, structure, scale, key_start)[0]
     else:
         out = block_sparse_attention_torch(q, k, v, structure, scale, key_start)
-    if not with_stats:
-        return out, None
+    if not with_counts:
+        return out, None, selection
     computed = structure.counts.sum(-1, dtype=torch.int32)  # [B, Hq]
     if key_start is not None:
         # A sequence of padding only runs dense from its clamped sink: one block of padding, nothing computed.
         computed = computed.masked_fill_((key_start >= k.shape[1])[:, None], 0)
-    return out, build_stats(computed, selection.causal_blocks, selection, dense=False)
+    return out, computed, selection
 
 
 def build_stats(
@@ -181,9 +199,14 @@ def build_stats(
         query_aware=query_aware,
         js_distance=js_distance,
         computed_blocks=computed,
-        computed_fraction=computed.float() / causal.clamp_min(1)[:, None].float(),
+        computed_fraction=_fraction(computed, causal),
         dense=dense,
     )
+
+
+def _fraction(computed: torch.Tensor, causal: torch.Tensor) -> torch.Tensor:
+    """computed [B, Hq] over causal [B] as float32, 0 where a sequence has no causal pair."""
+    return computed.float() / causal.clamp_min(1)[:, None].float()
 
 
 _DEFAULT_CONFIG = FlexPrefillConfig()

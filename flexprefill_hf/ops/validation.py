@@ -133,8 +133,9 @@ def check_key_start(key_start, batch: int, k_len: int, device: torch.device) -> 
         raise ValueError(f"key_start has shape {tuple(key_start.shape)}; expected ({batch},)")
     if key_start.device != device:
         raise ValueError(f"key_start is on {key_start.device}; expected q's device {device}")
-    if key_start.is_cuda:
-        # A device-side check: reading the values on the host would synchronise every prefill.
+    if key_start.is_cuda or torch.compiler.is_compiling():
+        # A device-side check: reading the values on the host would synchronise every prefill (and, under
+        # torch.compile, be a data-dependent branch the graph cannot hold).
         in_range = key_start.clamp(0, k_len) == key_start  # [B]
         torch._assert_async(in_range.all(), _key_start_message(k_len))
     elif batch > 0:

@@ -41,8 +41,9 @@ that version):
   the tile alignment against our grid would depend on data. ``seqused_k`` cuts keys at the end, not the start.
   ``mask_mod`` + ``aux_tensors`` (a CuTe-DSL callable) could mask a per-sequence prefix inside masked blocks;
   it is not used here: left padding runs the Triton kernel.
-* No ``torch.library`` custom op is registered (no ``custom_op``/``torch.library`` in the package): under
-  ``torch.compile`` the launch cannot be traced, so compiled code runs the Triton kernel (``ops/backends.py``).
+* flash-attn-4 registers no ``torch.library`` custom op, so its launch cannot be traced: called inside a trace
+  the backend choice picks the Triton kernel (``ops/backends.py``). The operator under ``torch.compile`` runs
+  its whole sparse route as our own custom op (``ops/compiled.py``), inside which this adapter runs eagerly.
 
 The mapping (exact for every length, no host sync, all (batch, head) at once):
 our blocks end at ``k_len``, FA4's tiles start at 0. With ``r = k_len % block`` keys in our partial block 0

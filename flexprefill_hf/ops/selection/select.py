@@ -262,9 +262,9 @@ def default_structure_backend(device_type: str, dtype: torch.dtype, k_len: int, 
     "triton" (the one-launch stages) otherwise.
 
     Under torch.compile (torch 2.11, H200, 2026-12-02) inductor lost the one-launch pattern kernel's writes:
-    the compiled selection returned query_aware all False where eager gave all True
-    (tests/test_gpu.py::test_torch_compile_fullgraph). The compose stages (PyTorch sorts, the Triton §5
-    kernel) are what that test passed with before the one-launch stages existed, so a compiled model runs them.
+    the compiled selection returned query_aware all False where eager gave all True, so a traced
+    ``select_blocks`` runs the compose stages. The operator does not trace it at all: under compile its sparse
+    route is one custom op (``ops/compiled.py``), inside which these defaults apply as in eager code.
     """
     if device_type != "cuda":
         return "torch"
