@@ -158,14 +158,21 @@ step() {  # step NAME LIMIT CMD...: run CMD under a hard limit, output into $out
 
 # Steps the runs below share (each: the step, then the lines of its log worth seeing in the call's output).
 gpu_marked_tests() {  # gpu_marked_tests LIMIT: the varlen and multi-GPU tests marked gpu
+    # faulthandler_timeout: a test that hangs dumps every thread's stack into the log (perf7 a lost one silently).
     step tests_gpu_marked "$1" python3 -m pytest -q -rfEs --tb=short --durations=8 -m gpu -p no:cacheprovider \
-        tests/test_varlen.py tests/test_multi_gpu.py
+        -o faulthandler_timeout=100 tests/test_varlen.py tests/test_multi_gpu.py
     tail -2 "$out/tests_gpu_marked.log"
 }
 gpu_tests() {  # gpu_tests LIMIT FILE...: other test files, into tests.log
     local limit=$1; shift
     step tests "$limit" python3 -m pytest -q -rfEs --tb=short --durations=8 -p no:cacheprovider "$@"
     tail -3 "$out/tests.log"
+}
+compile_tests() {  # compile_tests LIMIT: the torch.compile tests in a process of their own (a crash there poisoned
+    # the CUDA context for every test after it in perf6 a and perf7 a)
+    step tests_compile "$1" python3 -m pytest -q -rfEs --tb=short -p no:cacheprovider -k compile \
+        tests/test_gpu.py tests/test_compiled.py tests/test_decode_path.py tests/test_fa4_adapter.py
+    tail -3 "$out/tests_compile.log"
 }
 selection_tests() {  # selection_tests LIMIT
     step tests_selection "$1" python3 -m pytest -q -rfEs --tb=short --durations=5 -p no:cacheprovider \
@@ -282,17 +289,45 @@ perf7() {
     esac
 }
 
+# perf8 (2026-12-02, third session): a) the gpu-marked tests (continuous batching with a bounded cache), the other
+# GPU tests without the compile ones, then the compile tests alone (the sparse route as one custom op now);
+# b) continuous batching's timings (check_cb_gpu.py: what hung in perf7 a), the coverage check, bench_varlen with
+# the Triton block means side by side, the selection's kernel table at 8K and 128K, attention 8K-128K (FA4 sparse
+# from 16K only now), d 64 at 128K.
+perf8() {
+    out=/tmp/perf_work
+    case "${1:-}" in
+        a) rm -rf "$out" && mkdir -p "$out"
+           gpu_marked_tests 150
+           gpu_tests 200 -k "not compile" tests/test_gpu.py tests/test_decode_path.py tests/test_fa4_adapter.py
+           compile_tests 100 ;;
+        b) mkdir -p "$out"
+           step check_cb 160 python3 benchmarks/check_cb_gpu.py --hang-after 100
+           grep -E '^(\{|transformers )' "$out/check_cb.log" | cut -c1-400 || true
+           step check_coverage 50 python3 benchmarks/check_coverage_gpu.py --seq 8192 32768 131072
+           tail -8 "$out/check_coverage.log"
+           varlen_bench 100
+           step profile_kernels 45 python3 benchmarks/profile_selection.py --seq 8192 131072 --rows 14
+           attention attention 130 --seq 8192 32768 131072 $ALL_INPUTS
+           attention attention_d64 45 --seq 131072 --inputs structured clustered --head-dim 64
+           summary ;;
+        *) echo "usage: perf8 a | perf8 b" >&2; return 2 ;;
+    esac
+}
+
 case "${1:-}" in
     stage1) copy_carried ;;
     stage2) shift; stage2; if [ "${1:-}" = perf ]; then perf; elif [ "${1:-}" = perf3 ]; then perf3
             elif [ "${1:-}" = perf5 ]; then perf5 "${2:-}"
-            elif [ "${1:-}" = perf6 ]; then perf6 "${2:-}"; elif [ "${1:-}" = perf7 ]; then perf7 "${2:-}"; elif [ $# -gt 0 ]; then "$@"; fi ;;
+            elif [ "${1:-}" = perf6 ]; then perf6 "${2:-}"; elif [ "${1:-}" = perf7 ]; then perf7 "${2:-}"
+            elif [ "${1:-}" = perf8 ]; then perf8 "${2:-}"; elif [ $# -gt 0 ]; then "$@"; fi ;;
     run) shift; set_env; "$@" ;;
     perf) set_env; perf ;;
     perf3) set_env; perf3 ;;
     perf5) set_env; perf5 "${2:-}" ;;
     perf6) set_env; perf6 "${2:-}" ;;
     perf7) set_env; perf7 "${2:-}" ;;
+    perf8) set_env; perf8 "${2:-}" ;;
     *) echo "usage: $0 stage1 | stage2 [perf | perf3 | perf5..perf7 a|b | CMD...] | run CMD... | perf | perf3 | perf5..perf7 a|b" >&2
        exit 2 ;;
 esac
