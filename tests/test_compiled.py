@@ -71,3 +71,23 @@ def test_the_op_is_what_compiled_code_calls(monkeypatch):
     torch.compile(lambda q, k, v: flexprefill_attention(q, k, v, CONFIG), backend="aot_eager", fullgraph=True)(q, k, v)
     # Traced through the fake, then run once for real inside the op, where nothing is being compiled.
     assert calls == [False, False]
+
+
+def test_a_config_first_seen_inside_the_trace():
+    """The config's id is taken while tracing (the H200 run failed when the compiled call came first: dynamo
+    deferred the registry's update past the op's call), and a model that switches configs gets each one's
+    selection."""
+    q, k, v = random_qkv(1, 1000, 1000, 4, 2, 16, seed=14)
+    current = {"config": FlexPrefillConfig(block_size=64, min_budget=64, gamma=0.5078125)}  # never used before
+    assert current["config"] not in compiled._IDS
+
+    def run(q, k, v):
+        return flexprefill_attention_with_stats(q, k, v, current["config"])[1].computed_blocks
+
+    torch._dynamo.reset()
+    step = torch.compile(run, backend="aot_eager", fullgraph=True)
+    first = step(q, k, v)
+    assert torch.equal(first, run(q, k, v))
+    current["config"] = current["config"].replace(gamma=0.99, tau=0.0)  # more blocks, vertical-slash only
+    second = step(q, k, v)
+    assert torch.equal(second, run(q, k, v)) and not torch.equal(second, first)

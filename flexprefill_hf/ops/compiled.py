@@ -25,6 +25,9 @@ _CONFIGS: list[FlexPrefillConfig] = []
 _IDS: dict[FlexPrefillConfig, int] = {}
 
 
+# Run for real while dynamo traces (its result becomes a constant of the graph): traced symbolically, the registry's
+# update was deferred past the op's first call, which then found no config under the id (H200, 2026-12-02).
+@torch.compiler.assume_constant_result
 def config_id(config: FlexPrefillConfig) -> int:
     """The process-wide int that stands for ``config`` in the custom op's arguments (configs are frozen and
     hashable; equal configs share one id)."""
