@@ -140,9 +140,10 @@ def _forward(q, k, v, config, softmax_scale, key_start, with_stats: bool):
         check_kernel_head_dim(head_dim)
     if torch.compiler.is_compiling():
         # One opaque custom op (ops/compiled.py says why): the eager code, FA4 included, runs inside it.
-        from .compiled import config_id, sparse_prefill
+        from .compiled import config_fields, sparse_prefill
 
-        out, query_aware, js_distance, computed, causal = sparse_prefill(q, k, v, key_start, scale, config_id(config))
+        out, query_aware, js_distance, computed, causal = sparse_prefill(q, k, v, key_start, scale,
+                                                                         *config_fields(config))
         if not with_stats:
             return out, None
         return out, FlexPrefillStats(query_aware, js_distance, computed, _fraction(computed, causal), dense=False)
