@@ -9,7 +9,8 @@ every sequence above the dense threshold takes the sparse path, as a serving eng
 packing, median ms over ``--repeats`` calls (CUDA events) after warm-up (which includes autotuning):
 
 * ``varlen``: ``flexprefill_attention_varlen`` on the packed tensors (one selection, one kernel launch); on CUDA
-  also with the opt-in Triton block means (``varlen.SEGMENT_MEANS_TRITON``), and the largest output difference;
+  also with the other block means (``varlen.SEGMENT_MEANS_TRITON`` flipped: index_add_ by default), and the
+  largest output difference;
 * ``padded``: the same sequences left-padded to the longest and run by ``flexprefill_attention`` with
   ``key_start`` -- only for packings of full prefills (q_len == k_len), the only ones a padded batch holds;
   the time of building the padded copies is not counted;
@@ -101,16 +102,17 @@ def bench(name, lengths, args, clock, device, dtype) -> dict:
 
     row["varlen_ms"] = clock.median_ms(varlen, args.repeats, args.warmup)
     row["varlen_peak_mib"] = peak_mib(varlen, cuda)
-    if cuda:  # the opt-in Triton block means (varlen.SEGMENT_MEANS_TRITON), side by side
+    if cuda:  # the block means by index_add_ (varlen.SEGMENT_MEANS_TRITON off), side by side with the default
         import flexprefill_hf.ops.varlen as varlen_module
 
-        before = varlen()
-        varlen_module.SEGMENT_MEANS_TRITON = True
+        default, before = varlen(), varlen_module.SEGMENT_MEANS_TRITON
+        varlen_module.SEGMENT_MEANS_TRITON = not before
         try:
-            row["varlen_segment_means_triton_ms"] = clock.median_ms(varlen, args.repeats, args.warmup)
-            row["segment_means_triton_max_abs_diff"] = (varlen().float() - before.float()).abs().max().item()
+            name = "varlen_segment_means_index_add_ms" if before else "varlen_segment_means_triton_ms"
+            row[name] = clock.median_ms(varlen, args.repeats, args.warmup)
+            row["segment_means_max_abs_diff"] = (varlen().float() - default.float()).abs().max().item()
         finally:
-            varlen_module.SEGMENT_MEANS_TRITON = False
+            varlen_module.SEGMENT_MEANS_TRITON = before
     row["per_sequence_ms"] = clock.median_ms(per_sequence, args.repeats, args.warmup)
     row["per_sequence_peak_mib"] = peak_mib(per_sequence, cuda)
     got, want = varlen(), torch.cat(per_sequence())

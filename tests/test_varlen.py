@@ -686,14 +686,13 @@ def test_segment_means_kernel_equals_index_add(packing, block, head_dim, dtype):
         assert (got[-1] == 0).all()  # the empty sequence
 
 
-def test_segment_means_kernel_is_opt_in(monkeypatch):
+def test_segment_means_kernel_runs_on_cuda_by_default(monkeypatch):
     import flexprefill_hf.ops.varlen as varlen
     import flexprefill_hf.ops.varlen_triton as varlen_triton
 
-    assert varlen.SEGMENT_MEANS_TRITON is False  # until a GPU run times it
+    assert varlen.SEGMENT_MEANS_TRITON is True  # timed on the H200: 0.77-0.84x a varlen call's time
     called = []
     monkeypatch.setattr(varlen_triton, "segment_block_means_triton", lambda *a: called.append(a))
-    monkeypatch.setattr(varlen, "SEGMENT_MEANS_TRITON", True)
     lengths = [(100, 100), (40, 200)]
     _, (q, _, _), cu_q, _ = _pack(lengths, 2, 1, 16, torch.float16, seed=3)
     grid = BlockGrid(100, 200, 64)

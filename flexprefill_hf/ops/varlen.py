@@ -61,8 +61,9 @@ from .validation import check_attention_inputs, check_kernel_head_dim, check_sof
 # Bytes of packed rows upcast at once for the block-mean segment sums.
 _SEGMENT_CHUNK_BYTES = 1 << 28
 # The block means on CUDA by one Triton launch (``varlen_triton.segment_block_means_triton``) instead of
-# ``index_add_`` (16-26 % of a varlen call on the H200, with its float32 copies). Off until a GPU run times it.
-SEGMENT_MEANS_TRITON = False
+# ``index_add_`` and its float32 copies: on the H200 whole varlen calls took 0.77-0.84x the time with it, bit for
+# bit the same output (bench_varlen, RESULTS.md 2026-12-02 third session). False: the index_add_ version.
+SEGMENT_MEANS_TRITON = True
 
 
 def flexprefill_attention_varlen(

@@ -8,8 +8,8 @@ each program reads its block's rows once, in the input dtype, and sums them in f
 Layout as ``varlen._block_means``: sequence b's rows ``cu_seqlens[b] : cu_seqlens[b] + lens[b]`` of x
 [total, H, D] are the last ``lens[b]`` positions of the padded view of ``grid.k_len`` rows; block ``j`` of the
 grid covers view positions ``[j * block - pad, (j + 1) * block - pad)``. One program per (sequence, block,
-head), each summing at most ``block_size`` rows of D values. Opt-in (``varlen.SEGMENT_MEANS_TRITON``) until a
-GPU run times it.
+head), each summing at most ``block_size`` rows of D values. The CUDA default (``varlen.SEGMENT_MEANS_TRITON``;
+timed on the H200 against ``index_add_``: whole varlen calls 0.77-0.84x the time, the same output).
 """
 
 from __future__ import annotations
