@@ -1,6 +1,8 @@
 """Latency against N from bench_attention.py JSON logs: SDPA-cuDNN, SDPA-flash, flash-attn-4, ours (selection + kernel).
 
-    python benchmarks/plot_results.py benchmarks/logs/2026-12-01_h200_attention.json --inputs structured --out benchmarks/latency.png
+    python benchmarks/plot_results.py benchmarks/logs/2026-12-02_h200_attention.json \
+        benchmarks/logs/2026-12-02b_h200_attention.json benchmarks/logs/2026-12-02c_h200_attention.json \
+        --inputs structured --out benchmarks/latency.png      # what README.md shows (later files win per N)
 """
 
 from __future__ import annotations
