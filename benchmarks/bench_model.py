@@ -57,6 +57,15 @@ class Clock:
             return started.elapsed_time(end)
         return (time.perf_counter() - started) * 1e3
 
+    def queued_ms(self, fn, calls: int) -> float:
+        """ms per call of ``calls`` calls of ``fn()`` queued back to back, then one synchronisation (the host's
+        work overlaps the GPU's, as between a model's layers); perf_counter on the CPU."""
+        fn()
+        started = self.start()
+        for _ in range(calls):
+            fn()
+        return self.stop(started) / calls
+
     def median_ms(self, fn, repeats: int, warmup: int = 3) -> float:
         """Median ms of ``fn()`` over ``repeats`` calls, after ``warmup`` calls."""
         for _ in range(warmup):

@@ -84,13 +84,14 @@ def summary(decode, attention) -> list[str]:
         rows = []
         for r in decode.get("operator", []):
             if r["kind"] == "prefill_op":
+                queued = r.get("ratio_queued")  # logs from 2026-12-02 (third session) on
                 rows.append([f"prefill {r['n']}", r["flexprefill_ms"], f"{r['best']} {fmt(r[r['best'] + '_ms'])}",
-                             r["ratio"], r["ratio"] <= 1.02, r["chosen"]])
+                             r["ratio"], "-" if queued is None else queued, r["ratio"] <= 1.02, r["chosen"]])
             else:
                 rows.append([f"decode {r['cache']}", r["flexprefill_ms"], f"hf {fmt(r['hf_sdpa_ms'])}", r["ratio"],
-                             r["ratio"] <= 1.03, r["chosen"]])
-        out += ["", "operator call (prefill bar <= 1.02 vs best dense; decode <= 1.03 vs hf sdpa)"] + table(
-            ["call", "ours ms", "bar ms", "ratio", "ok", "backend"], rows)
+                             "-", r["ratio"] <= 1.03, r["chosen"]])
+        out += ["", "operator call (prefill bar <= 1.02 vs best dense; decode <= 1.03 vs hf sdpa; queued: calls back to "
+                "back, one sync)"] + table(["call", "ours ms", "bar ms", "ratio", "queued ratio", "ok", "backend"], rows)
     if attention:
         rows = attention.get("rows", [])
         body = []
