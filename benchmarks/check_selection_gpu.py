@@ -151,12 +151,19 @@ def main(argv=None) -> int:
     parser.add_argument("--gamma", type=float, default=0.9)
     parser.add_argument("--tau", type=float, default=0.1)
     parser.add_argument("--no-timing", action="store_true", help="only the equality and sync checks")
+    parser.add_argument("--estimate-rows", type=int, default=None,
+                        help="query blocks per program of the §4 estimate (estimate_triton.ROWS_PER_PROGRAM)")
     args = parser.parse_args(argv)
+    if args.estimate_rows is not None:
+        from flexprefill_hf.ops.selection import estimate_triton
+
+        estimate_triton.ROWS_PER_PROGRAM = args.estimate_rows
     if not torch.cuda.is_available():
         print("needs a CUDA device", file=sys.stderr)
         return 2
     config = FlexPrefillConfig(gamma=args.gamma, tau=args.tau, cuda_dense_below=0)
-    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, gamma {args.gamma}, tau {args.tau}")
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, gamma {args.gamma}, tau {args.tau}"
+          f"{f', estimate rows {args.estimate_rows}' if args.estimate_rows is not None else ''}")
     results, failed = [], False
     for n in args.seq:
         for kind in ("structured", "random", "padded", "cache"):

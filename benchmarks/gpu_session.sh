@@ -315,12 +315,39 @@ perf8() {
     esac
 }
 
+# perf9 (what the next session runs; only CPU-tested code since perf8): a) the compile tests (the custom op with
+# the config's fields as scalars), the FA4 adapter tests perf8 a did not reach, the graph-capture tests;
+# b) the §4 estimate in tiles (estimate_triton.ROWS_PER_PROGRAM 16/32) against one row per program, timed and
+# checked against the all-PyTorch selection, the operator rows of bench_decode (interleaved, with the queued ratio).
+perf9() {
+    out=/tmp/perf_work
+    case "${1:-}" in
+        a) rm -rf "$out" && mkdir -p "$out"
+           compile_tests 120
+           step tests_fa4 200 python3 -m pytest -q -rfEs --tb=short -p no:cacheprovider -k "not compile" \
+               tests/test_fa4_adapter.py
+           tail -3 "$out/tests_fa4.log"
+           step tests_graphs 60 python3 -m pytest -q -rfEs --tb=short -p no:cacheprovider -k cuda_graph tests/test_gpu.py
+           tail -3 "$out/tests_graphs.log" ;;
+        b) mkdir -p "$out"
+           profile_selection 120 "--seq 32768 131072" "--seq 32768 131072 --estimate-rows 16" \
+               "--seq 32768 131072 --estimate-rows 32"
+           step check_selection 90 python3 benchmarks/check_selection_gpu.py --seq 8192 32768 131072 --estimate-rows 16
+           tail -14 "$out/check_selection.log"
+           step decode 90 python3 benchmarks/bench_decode.py --layers 4 --cache 1024 32768 --prefill 4096 8192 \
+               --steps 16 --warmup 2 --rounds 3 --repeats 6 --out "$out/decode.json"
+           summary --decode "$out/decode.json" ;;
+        *) echo "usage: perf9 a | perf9 b" >&2; return 2 ;;
+    esac
+}
+
 case "${1:-}" in
     stage1) copy_carried ;;
     stage2) shift; stage2; if [ "${1:-}" = perf ]; then perf; elif [ "${1:-}" = perf3 ]; then perf3
             elif [ "${1:-}" = perf5 ]; then perf5 "${2:-}"
             elif [ "${1:-}" = perf6 ]; then perf6 "${2:-}"; elif [ "${1:-}" = perf7 ]; then perf7 "${2:-}"
-            elif [ "${1:-}" = perf8 ]; then perf8 "${2:-}"; elif [ $# -gt 0 ]; then "$@"; fi ;;
+            elif [ "${1:-}" = perf8 ]; then perf8 "${2:-}"; elif [ "${1:-}" = perf9 ]; then perf9 "${2:-}"
+            elif [ $# -gt 0 ]; then "$@"; fi ;;
     run) shift; set_env; "$@" ;;
     perf) set_env; perf ;;
     perf3) set_env; perf3 ;;
@@ -328,6 +355,7 @@ case "${1:-}" in
     perf6) set_env; perf6 "${2:-}" ;;
     perf7) set_env; perf7 "${2:-}" ;;
     perf8) set_env; perf8 "${2:-}" ;;
-    *) echo "usage: $0 stage1 | stage2 [perf | perf3 | perf5..perf7 a|b | CMD...] | run CMD... | perf | perf3 | perf5..perf7 a|b" >&2
+    perf9) set_env; perf9 "${2:-}" ;;
+    *) echo "usage: $0 stage1 | stage2 [perf | perf3 | perf5..perf9 a|b | CMD...] | run CMD... | perf | perf3 | perf5..perf9 a|b" >&2
        exit 2 ;;
 esac

@@ -9,6 +9,7 @@ After ``pip install -e .``:
     python benchmarks/profile_selection.py --time --scratch      # diagonals through the global scratch
     python benchmarks/profile_selection.py --time --seq 131072 --stages triton   # force one stage set
     python benchmarks/profile_selection.py --time --seq 131072 --stages triton --split-from 131072   # split search
+    python benchmarks/profile_selection.py --time --seq 32768 131072 --estimate-rows 16   # §4 estimate in tiles
     TRITON_INTERPRET=1 python benchmarks/profile_selection.py --count-ops   # CPU: aten ops per call
 
 At 8K the CUDA selection is launch-bound (tens of small torch ops around four Triton kernels), so the
@@ -114,6 +115,8 @@ def main(argv=None):
     parser.add_argument("--iters", type=int, default=50)
     parser.add_argument("--scratch", action="store_true",
                         help="sum diagonals through the scores kernel's global scratch (scores_triton._DIAGONAL_BY_GATHER)")
+    parser.add_argument("--estimate-rows", type=int, default=None,
+                        help="query blocks per program of the §4 estimate (estimate_triton.ROWS_PER_PROGRAM; 16/32: tiles)")
     parser.add_argument("--count-ops", action="store_true",
                         help="CPU: count the aten ops of one call (needs TRITON_INTERPRET=1; --seq default 2048)")
     args = parser.parse_args(argv)
@@ -134,6 +137,10 @@ def main(argv=None):
         from flexprefill_hf.ops.selection import scores_triton
 
         scores_triton._DIAGONAL_BY_GATHER = False
+    if args.estimate_rows is not None:
+        from flexprefill_hf.ops.selection import estimate_triton
+
+        estimate_triton.ROWS_PER_PROGRAM = args.estimate_rows
     config = FlexPrefillConfig(gamma=0.9, tau=0.1)
     for n in args.seq:
         q = torch.randn(1, n, 32, 128, device="cuda", dtype=torch.bfloat16)
@@ -152,7 +159,8 @@ def main(argv=None):
                   f"(32/8 heads, d 128, bf16, eager, {args.iters} calls{', all torch' if args.torch else ''}"
                   f"{', stages ' + args.stages if args.stages else ''}"
                   f"{f', split from {args.split_from}' if args.split_from is not None else ''}"
-                  f"{', scratch diagonals' if args.scratch else ''})")
+                  f"{', scratch diagonals' if args.scratch else ''}"
+                  f"{f', estimate rows {args.estimate_rows}' if args.estimate_rows is not None else ''})")
             continue
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             for _ in range(5):

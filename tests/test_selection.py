@@ -300,3 +300,39 @@ def test_one_launch_stages_with_the_split_search_equal_the_reference(monkeypatch
     got = select_blocks(q.to(DEVICE), k.to(DEVICE), config, scale, key_start.to(DEVICE), structure_backend="triton")
     assert torch.equal(structure_to_block_mask(got.structure).cpu(), want_mask)
     assert torch.equal(got.query_aware.cpu(), want_qa)
+
+
+@pytest.mark.parametrize("case", [CASES[1], CASES[2], (1, 1200, 1200, 4, 2, 16, 64, None, 0.9, 0.9, 64, None)])
+def test_one_launch_stages_with_the_tiled_estimate_equal_the_reference(case, monkeypatch, poison_empty):
+    """The "triton" stages with §4's estimate computed 16 query blocks per program (estimate_triton's opt-in
+    tile kernel): the selection is still the reference's, with left padding, a prefill on a cache, and 19 query
+    blocks (two tiles)."""
+    from flexprefill_hf.ops.selection import estimate_triton
+
+    calls = []
+    real = estimate_triton._estimate_tile_kernel
+    monkeypatch.setattr(estimate_triton, "ROWS_PER_PROGRAM", 16)
+    monkeypatch.setattr(estimate_triton, "_estimate_tile_kernel", _Spy(real, calls))
+    batch, q_len, k_len, hq, hkv, d, bs, starts, gamma, tau, min_budget, max_budget = case
+    config = FlexPrefillConfig(gamma=gamma, tau=0.9, block_size=bs, min_budget=min_budget, max_budget=max_budget)
+    key_start = torch.tensor(starts) if starts is not None else None
+    q, k, _ = random_qkv(batch, q_len, k_len, hq, hkv, d, dtype=torch.float32, scale=1.5, seed=44)
+    scale = 1.0 / math.sqrt(d)
+    want_mask, want_qa, _ = reference.select_blocks_reference(q, k, config, scale, key_start, dtype=torch.float32)
+    assert want_qa.any()  # τ 0.9: query-aware heads, so §4 runs
+    got = select_blocks(q.to(DEVICE), k.to(DEVICE), config, scale,
+                        None if key_start is None else key_start.to(DEVICE), structure_backend="triton")
+    assert calls  # the tile kernel ran
+    assert torch.equal(structure_to_block_mask(got.structure).cpu(), want_mask)
+    assert torch.equal(got.query_aware.cpu(), want_qa)
+
+
+class _Spy:
+    """A launched Triton kernel (``kernel[grid](...)``) that records each launch."""
+
+    def __init__(self, kernel, calls):
+        self.kernel, self.calls = kernel, calls
+
+    def __getitem__(self, grid):
+        self.calls.append(grid)
+        return self.kernel[grid]

@@ -354,9 +354,11 @@ def test_pattern_kernel_matches_torch_pattern(dtype, starts, short, block_n):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("padded", [False, True])
 @pytest.mark.parametrize("block_n", [None, 16])
-def test_block_estimate_kernel_matches_torch(dtype, padded, block_n):
+@pytest.mark.parametrize("rows", [1, 16])
+def test_block_estimate_kernel_matches_torch(dtype, padded, block_n, rows):
     """§4's row-softmax over the block-causal pairs, for a chunk of heads (GQA by index), with padding blocks,
-    query blocks without a query (all zeros) and rows longer than one loop step."""
+    query blocks without a query (all zeros) and rows longer than one loop step; rows: query blocks per program
+    (16: the float32 tile kernel, two tiles of the 32 query blocks; float64 keeps the row kernel)."""
     needs_float64_kernels(dtype)
     from flexprefill_hf.ops.block_structure import causal_pair_index
     from flexprefill_hf.ops.selection.estimate_triton import block_estimate_triton
@@ -374,14 +376,14 @@ def test_block_estimate_kernel_matches_torch(dtype, padded, block_n):
     h0, hc = 1, 4
     got = block_estimate_triton(q_means.to(DEVICE), k_means.to(DEVICE), sink.to(DEVICE),
                                 None if query_rows is None else query_rows.to(DEVICE), grid, 0.3, h0, hc,
-                                block_n=block_n).cpu()
+                                block_n=block_n, rows_per_program=rows).cpu()
     # Heads that are not query-aware are skipped: the others' rows are the same numbers.
     query_aware = torch.rand(batch, hq, generator=g) < 0.5
     query_aware[0, h0] = True
     query_aware[0, h0 + 1] = False
     some = block_estimate_triton(q_means.to(DEVICE), k_means.to(DEVICE), sink.to(DEVICE),
                                  None if query_rows is None else query_rows.to(DEVICE), grid, 0.3, h0, hc,
-                                 block_n=block_n, query_aware=query_aware.to(DEVICE)).cpu()
+                                 block_n=block_n, query_aware=query_aware.to(DEVICE), rows_per_program=rows).cpu()
     chunk_qa = query_aware[:, h0 : h0 + hc]
     assert torch.equal(some[chunk_qa], got[chunk_qa])
     # The PyTorch steps of select._query_aware_coverage, up to the normalisation.
