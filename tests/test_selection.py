@@ -336,3 +336,32 @@ class _Spy:
     def __getitem__(self, grid):
         self.calls.append(grid)
         return self.kernel[grid]
+
+
+@pytest.mark.parametrize("split", [False, True])
+def test_rows_no_budget_reads_are_not_searched(split, monkeypatch, poison_empty):
+    """§3's token searches skip the rows whose count no budget uses: query-aware heads (fixed budget) and the
+    rows of a sequence that runs dense (a batch with a short prompt; §5 gives it every block). The selection is
+    still the reference's, by one program per row and by the split search."""
+    from flexprefill_hf.ops.selection import coverage_triton
+
+    if split:
+        monkeypatch.setattr(coverage_triton, "SPLIT_FROM", 8)
+        monkeypatch.setattr(coverage_triton, "_SEGMENT", 160)
+    needed_rows = []
+    real = coverage_triton._launch_split
+    monkeypatch.setattr(coverage_triton, "_launch_split",
+                        lambda scores, out, gamma, mask, segment, rows_needed: needed_rows.append(rows_needed)
+                        or real(scores, out, gamma, mask, segment, rows_needed))
+    config = FlexPrefillConfig(gamma=0.95, tau=0.15, block_size=64, min_budget=64)
+    key_start = torch.tensor([0, 290, 40])  # sequence 1: 10 real keys, under the dense threshold (128)
+    q, k, _ = random_qkv(3, 300, 300, 4, 2, 16, dtype=torch.float32, scale=1.5, seed=45)
+    scale = 1.0 / math.sqrt(16)
+    want_mask, want_qa, _ = reference.select_blocks_reference(q, k, config, scale, key_start, dtype=torch.float32)
+    assert want_qa.any() and not want_qa[[0, 2]].all()  # both kinds of head among the sparse sequences
+    got = select_blocks(q.to(DEVICE), k.to(DEVICE), config, scale, key_start.to(DEVICE), structure_backend="triton")
+    assert torch.equal(structure_to_block_mask(got.structure).cpu(), want_mask)
+    assert torch.equal(got.query_aware.cpu(), want_qa)
+    if split:  # §3's call of the split search, told which rows to search: [2, B, Hq]
+        needed = next(r for r in needed_rows if r is not None and r.shape == (2, 3, 4)).cpu()
+        assert torch.equal(needed, (~(want_qa | torch.tensor([False, True, False])[:, None])).expand(2, -1, -1))

@@ -57,9 +57,9 @@ def sparse_prefill(
     """The operator's sparse route (inputs validated by the caller), as one op.
 
     q [B, q_len, Hq, D], k/v [B, k_len, Hkv, D] (any strides), key_start optional int [B]; the rest are the
-    fields of a :class:`FlexPrefillConfig` (:func:`config_fields`). Returns (out [B, q_len, Hq, D] contiguous in q's dtype, query_aware bool [B, Hq],
-    js_distance float32 [B, Hq], computed_blocks int32 [B, Hq], causal_blocks int32 [B]): the output and what
-    :func:`flexprefill.build_stats` needs.
+    fields of a :class:`FlexPrefillConfig` (:func:`config_fields`). Returns (out [B, q_len, Hq, D] contiguous in
+    q's dtype, query_aware bool [B, Hq], js_distance float32 [B, Hq], computed_blocks int32 [B, Hq],
+    causal_blocks int32 [B]): the output and what :class:`flexprefill.FlexPrefillStats` is built from.
     """
     from .flexprefill import sparse_route
 

@@ -230,25 +230,33 @@ def _coverage_kernel(
 
 @triton.jit
 def _vertical_slash_kernel(
-    Scores, BlockScores, QueryAware, Tokens, Out, num_rows, n, num_blocks, gamma_bits, key_hi, block_size,
-    min_blocks, most_blocks, query_aware_blocks,
+    Scores, BlockScores, QueryAware, Short, Tokens, Out, num_rows, num_heads, n, num_blocks, gamma_bits, key_hi,
+    block_size, min_blocks, most_blocks, query_aware_blocks,
     BLOCK: tl.constexpr, BLOCK_NB: tl.constexpr, PROBES: tl.constexpr, KEY_PASSES: tl.constexpr,
     RANK_PASSES: tl.constexpr, FP64: tl.constexpr, ALL_TOKENS: tl.constexpr, TOKENS_GIVEN: tl.constexpr,
+    HAS_SHORT: tl.constexpr,
 ):
     # Row (kind, b, h): kind 0 vertical (key blocks), 1 slash (offset blocks).
     row = tl.program_id(0).to(tl.int64)
     bh = row % num_rows
+    query_aware = tl.load(QueryAware + bh) != 0
     if ALL_TOKENS:  # γ >= 1: every token, whatever the rounding of the running sum (coverage_counts)
         tokens = tl.full([], n, tl.int64)
     elif TOKENS_GIVEN:  # long rows: counted beforehand by the split search
         tokens = tl.load(Tokens + row)
     else:
-        t_star, w, tie_kept, kept = _boundary(Scores + row * n, n, _from_bits(gamma_bits, FP64), key_hi, BLOCK, PROBES,
-                                              KEY_PASSES, RANK_PASSES, FP64, False)
+        # The token count only sets the budget of a vertical-slash head of a sequence that runs sparse: for a
+        # query-aware head (its budget is fixed) or a dense sequence (§5 gives it every block) the row is not
+        # searched (an empty row: no pass over it).
+        needed = ~query_aware
+        if HAS_SHORT:
+            needed = needed & (tl.load(Short + bh // num_heads) == 0)
+        t_star, w, tie_kept, kept = _boundary(Scores + row * n, tl.where(needed, n, 0), _from_bits(gamma_bits, FP64),
+                                              key_hi, BLOCK, PROBES, KEY_PASSES, RANK_PASSES, FP64, False)
         tokens = kept + tie_kept
     # Budget: tokens -> blocks, floor(tokens / B) + 1 clamped (one clamp: max wins when min > max).
     budget = tl.minimum(tl.maximum(tokens // block_size + 1, min_blocks), most_blocks)
-    budget = tl.where(tl.load(QueryAware + bh) != 0, query_aware_blocks, budget)
+    budget = tl.where(query_aware, query_aware_blocks, budget)
     x_row = BlockScores + row * num_blocks
     t_star, w, tie_kept, kept = _boundary(x_row, num_blocks, budget, key_hi, BLOCK_NB, PROBES, KEY_PASSES,
                                           RANK_PASSES, FP64, True)
@@ -547,6 +555,7 @@ def coverage_mask_triton(
 def vertical_slash_blocks_triton(
     scores: torch.Tensor, block_scores: torch.Tensor, query_aware: torch.Tensor, gamma: float, block_size: int,
     min_blocks: int, most_blocks: int, query_aware_blocks: int, *, segment: Optional[int] = None,
+    short: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """§3 in one launch: bool [2, B, Hq, nb], the vertical (row 0) and slash (row 1) blocks.
 
@@ -558,6 +567,10 @@ def vertical_slash_blocks_triton(
     ``coverage.budget_blocks`` and ``top_blocks`` give, except that padding blocks are never chosen (the
     composition drops them: ``compose.MaskParts``). One launch; token rows of ``SPLIT_FROM`` entries or more when
     it is set (or any, given ``segment``) are counted first by the split search.
+    short: optional bool [B], sequences that run dense (§5 gives them every block, whatever is chosen here).
+    Token rows whose count no budget uses -- query-aware heads, and with ``short`` dense sequences -- are not
+    searched: their blocks are then chosen as for a budget from no token (``min_blocks``), which only the
+    rows of dense sequences could show and §5 overrides.
     """
     _check_rows("scores", scores)
     _check_rows("block_scores", block_scores)
@@ -570,13 +583,17 @@ def vertical_slash_blocks_triton(
     segment = None if gamma >= 1.0 else _split_segment(n, segment)
     if segment is not None:
         tokens = torch.empty(rows, dtype=torch.long, device=scores.device)
-        _launch_split(scores, tokens, gamma, False, segment, None)
+        # Long rows are GPU-bound: two small launches to skip the rows no budget uses (the one-launch kernel below
+        # decides the same in its programs).
+        skip = query_aware if short is None else query_aware | short[:, None]
+        _launch_split(scores, tokens, gamma, False, segment, (~skip).expand(2, -1, -1).contiguous())
     with launch_device(scores):
         _vertical_slash_kernel[(rows,)](
-            scores, block_scores, query_aware, scores if tokens is None else tokens, out, rows // 2, n,
+            scores, block_scores, query_aware, query_aware if short is None else short,
+            scores if tokens is None else tokens, out, rows // 2, query_aware.shape[1], n,
             num_blocks, **_keys(scores.dtype, min(gamma, 1.0)), block_size=block_size, min_blocks=min_blocks,
             most_blocks=most_blocks, query_aware_blocks=query_aware_blocks, BLOCK=_block(n),
             BLOCK_NB=_block(num_blocks), PROBES=_PROBES, RANK_PASSES=_passes(n + 2), ALL_TOKENS=gamma >= 1.0,
-            TOKENS_GIVEN=tokens is not None, num_warps=8,
+            TOKENS_GIVEN=tokens is not None, HAS_SHORT=short is not None, num_warps=8,
         )
     return out

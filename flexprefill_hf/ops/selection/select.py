@@ -435,8 +435,9 @@ def _vertical_slash_blocks(
         block_scores[0].masked_fill_(seqs.padding_block, -1.0)
     if stages.vertical_slash is not None:
         least, most = budget_limits(grid, config)
+        # Rows no budget reads (query-aware heads, dense sequences) are not searched (None: the host knows of none).
         chosen = stages.vertical_slash(rep_scores, block_scores, query_aware, config.gamma, grid.block_size,
-                                       least, most, min_blocks)
+                                       least, most, min_blocks, short=None if seqs.short_all is False else seqs.short)
         vertical, slash = chosen.unbind(0)
         return vertical, slash
     token_budget = budget_blocks(coverage_counts(rep_scores, config.gamma), grid, config)  # [2, B, Hq]
