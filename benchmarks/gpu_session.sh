@@ -317,8 +317,9 @@ perf8() {
 
 # perf9 (what the next session runs; only CPU-tested code since perf8): a) the compile tests (the custom op with
 # the config's fields as scalars), the FA4 adapter tests perf8 a did not reach, the graph-capture tests;
-# b) the §4 estimate in tiles (estimate_triton.ROWS_PER_PROGRAM 16/32) against one row per program, timed and
-# checked against the all-PyTorch selection, the operator rows of bench_decode (interleaved, with the queued ratio).
+# b) the selection's stage time with §3's row skip (8K-128K), the §4 estimate in tiles (estimate_triton.
+# ROWS_PER_PROGRAM 16/32) against one row per program, timed and checked against the all-PyTorch selection, the
+# operator rows of bench_decode (interleaved, with the queued ratio); then bench_varlen (the decode-row packing).
 perf9() {
     out=/tmp/perf_work
     case "${1:-}" in
@@ -330,12 +331,13 @@ perf9() {
            step tests_graphs 60 python3 -m pytest -q -rfEs --tb=short -p no:cacheprovider -k cuda_graph tests/test_gpu.py
            tail -3 "$out/tests_graphs.log" ;;
         b) mkdir -p "$out"
-           profile_selection 120 "--seq 32768 131072" "--seq 32768 131072 --estimate-rows 16" \
+           profile_selection 120 "--seq 8192 32768 131072" "--seq 32768 131072 --estimate-rows 16" \
                "--seq 32768 131072 --estimate-rows 32"
            step check_selection 90 python3 benchmarks/check_selection_gpu.py --seq 8192 32768 131072 --estimate-rows 16
            tail -14 "$out/check_selection.log"
            step decode 90 python3 benchmarks/bench_decode.py --layers 4 --cache 1024 32768 --prefill 4096 8192 \
                --steps 16 --warmup 2 --rounds 3 --repeats 6 --out "$out/decode.json"
+           varlen_bench 100 --packings 32K+16-decode-rows 1x64K+7x4K
            summary --decode "$out/decode.json" ;;
         *) echo "usage: perf9 a | perf9 b" >&2; return 2 ;;
     esac
