@@ -5,8 +5,13 @@ One prompt is a long document (``--long-tokens``) so that the sparse path runs b
 stay dense. Progress bars follow the prefill (one step per decoder layer) and then the decoding (one step
 per new token): on 2 CPU cores the default run takes a minute or more.
 
+With ``--continuous-batching`` the prompts go unpadded through transformers' continuous batching instead
+(``model.generate_batch``, paged KV cache; transformers 5): FlexPrefill then runs on the packed prompts
+(``patch_model_for_continuous_batching``, the varlen operator).
+
     python examples/generate.py
     python examples/generate.py --long-tokens 0 --max-new-tokens 16 "Why is the sky blue?" "Name a prime."
+    python examples/generate.py --continuous-batching
 """
 
 from __future__ import annotations
@@ -93,13 +98,43 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--long-tokens", type=int_at_least(0), default=2048,
                         help="length of the extra long prompt (default 2048); 0: none")
     parser.add_argument("--max-new-tokens", type=int_at_least(1), default=48)
+    parser.add_argument("--continuous-batching", action="store_true",
+                        help="model.generate_batch (continuous batching, paged KV cache, transformers 5) instead of a "
+                             "left-padded batch")
     return parser.parse_args(argv)
+
+
+def continuous_batching(model, tokenizer, texts: list, args) -> tuple[list, list, str]:
+    """(token counts, answers, what ran) of ``texts`` by ``model.generate_batch``: the prompts unpadded, packed
+    by transformers into one sequence per step, with a paged cache sized for them."""
+    from transformers import ContinuousBatchingConfig, GenerationConfig
+
+    from flexprefill_hf.integration.continuous_batching import patch_model_for_continuous_batching
+
+    if not hasattr(model, "generate_batch"):
+        raise SystemExit("--continuous-batching needs transformers 5 (model.generate_batch); "
+                         f"this is transformers {__import__('transformers').__version__}")
+    if not args.dense:
+        patch_model_for_continuous_batching(model)
+    ids = [tokenizer(text, add_special_tokens=False).input_ids for text in texts]
+    # A cache of just enough pages: CB's default fills the device's memory, and on a GPU with transformers 5.17
+    # its warmup at that size did not finish (benchmarks/RESULTS.md, 2026-12-02 third session).
+    defaults = ContinuousBatchingConfig()
+    page = getattr(defaults, "page_size", None) or getattr(defaults, "block_size", None) or 256
+    pages = sum(-(-(len(i) + args.max_new_tokens) // page) for i in ids) + len(ids)
+    cb_config = ContinuousBatchingConfig(num_blocks=pages, max_batch_tokens=max(len(i) for i in ids) + len(ids))
+    generation = GenerationConfig(max_new_tokens=args.max_new_tokens, do_sample=False,
+                                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    with torch.no_grad():
+        outputs = model.generate_batch(ids, generation, continuous_batching_config=cb_config, progress_bar=True)
+    answers = [tokenizer.decode(outputs[f"req_{i}"].generated_tokens, skip_special_tokens=True) for i in range(len(ids))]
+    return [len(i) for i in ids], answers, f"continuous batching, {pages} pages of {page} tokens"
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
     model, tokenizer = load(args)
-    if not args.dense:
+    if not args.dense and not args.continuous_batching:  # continuous batching patches its own way (below)
         flexprefill_hf.patch_model(model)
 
     prompts = list(args.prompts or PROMPTS)
@@ -109,6 +144,14 @@ def main(argv=None) -> None:
         tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
         for p in prompts
     ]
+    if args.continuous_batching:
+        start = time.perf_counter()
+        lengths, answers, how = continuous_batching(model, tokenizer, texts, args)
+        seconds = time.perf_counter() - start
+        for prompt, n_tokens, answer in zip(prompts, lengths, answers):
+            print(f"[{n_tokens} tokens] {_shown(prompt)!r}\n  -> {answer.strip()!r}\n")
+        print(f"{len(prompts)} prompts, {how}, {'dense' if args.dense else 'FlexPrefill'}: {seconds:.1f} s")
+        return
     tokenizer.padding_side = "left"
     batch = tokenizer(texts, padding=True, add_special_tokens=False, return_tensors="pt").to(model.device)
 
@@ -129,10 +172,13 @@ def main(argv=None) -> None:
 
     lengths = batch.attention_mask.sum(-1).tolist()
     for prompt, n_tokens, fraction, answer in zip(prompts, lengths, fractions, answers):
-        shown = prompt if len(prompt) <= 80 else prompt[:40] + " ... " + prompt[-35:]
-        print(f"[{n_tokens} tokens, {fraction:.2f} of the blocks] {shown!r}\n  -> {answer.strip()!r}\n")
+        print(f"[{n_tokens} tokens, {fraction:.2f} of the blocks] {_shown(prompt)!r}\n  -> {answer.strip()!r}\n")
     mode = "dense" if args.dense else "FlexPrefill"
     print(f"{len(prompts)} prompts, padded to {batch.input_ids.shape[1]} tokens, {mode}: {seconds:.1f} s")
+
+
+def _shown(prompt: str) -> str:
+    return prompt if len(prompt) <= 80 else prompt[:40] + " ... " + prompt[-35:]
 
 
 if __name__ == "__main__":

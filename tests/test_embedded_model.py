@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 from transformers import DynamicCache
 
 import flexprefill_hf
@@ -193,3 +194,15 @@ def test_generate_example(embedded):
     # tqdm writes to stderr: one bar over the 30 decoder layers of the prefill, then one over the new tokens.
     assert "prefill:" in result.stderr and "/30 [" in result.stderr, result.stderr[-2000:]
     assert "decode:" in result.stderr and "/4 [" in result.stderr, result.stderr[-2000:]
+
+
+@pytest.mark.skipif(not hasattr(transformers.GenerationMixin, "generate_batch"), reason="needs transformers 5")
+def test_generate_example_with_continuous_batching(embedded):
+    """The same prompts unpadded through model.generate_batch (paged KV, the varlen operator): two answers, and
+    the cache it sized for them."""
+    result = _run_example(["generate.py", "--continuous-batching", "Name a prime number.", "--long-tokens", "1100",
+                           "--max-new-tokens", "4"])
+    out = result.stdout
+    assert "2 prompts, continuous batching," in out and "pages of" in out and "FlexPrefill" in out
+    answers = [line.split("  -> ", 1)[1] for line in out.splitlines() if line.startswith("  -> ")]
+    assert len(answers) == 2 and all(a.strip("'\" ") for a in answers), out
