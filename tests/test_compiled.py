@@ -93,3 +93,14 @@ def test_a_config_first_seen_inside_the_trace():
     current["config"] = current["config"].replace(gamma=0.99, tau=0.0)  # more blocks, vertical-slash only
     second = step(q, k, v)
     assert torch.equal(second, run(q, k, v)) and not torch.equal(second, first)
+
+
+def test_dynamic_shapes_take_new_lengths_without_a_graph_break():
+    """compile(dynamic=True): prompts of other lengths (and a prefill on a cache) through the same graph, each
+    equal to eager; the fake's shapes follow the symbolic sizes."""
+    torch._dynamo.reset()
+    step = torch.compile(lambda q, k, v: flexprefill_attention(q, k, v, CONFIG), backend="aot_eager", fullgraph=True,
+                         dynamic=True)
+    for seed, (q_len, k_len) in enumerate([(333, 333), (400, 400), (150, 420)]):
+        q, k, v = random_qkv(1, q_len, k_len, 4, 2, 16, seed=20 + seed)
+        torch.testing.assert_close(step(q, k, v), flexprefill_attention(q, k, v, CONFIG), rtol=0, atol=0)
