@@ -343,12 +343,31 @@ perf9() {
     esac
 }
 
+# perf10 (2026-12-02, fourth session; one call, no flash-attn-4 needed: `stage2 perf10` with nothing carried): the
+# scores kernel's "onehot" diagonal sums (two 0/1 matrix products) on the GPU -- its tests, the selection's time
+# 8K-128K by each diagonal method and with the §4 estimate in tiles (and §3's row skip, on since perf8), the
+# exactness check with onehot, and the kernel table.
+perf10() {
+    out=/tmp/perf_work; rm -rf "$out" && mkdir -p "$out"
+    step tests_scores 150 python3 -m pytest -q -rfEs --tb=short -p no:cacheprovider -k "representative_scores or \
+skipped_sequences or triton_scores" tests/test_selection_kernels.py
+    tail -2 "$out/tests_scores.log"
+    profile_selection 150 "--seq 8192 32768 131072" "--seq 8192 32768 131072 --diagonals onehot" \
+        "--seq 8192 32768 131072 --diagonals scratch" "--seq 32768 131072 --estimate-rows 16 --diagonals onehot"
+    step check_selection 90 python3 benchmarks/check_selection_gpu.py --seq 8192 32768 131072 --diagonals onehot
+    tail -14 "$out/check_selection.log"
+    step profile_kernels 60 python3 benchmarks/profile_selection.py --seq 8192 131072 --rows 10 --diagonals onehot
+    grep -E "Name|scores|lse|estimate|vertical|Self CUDA time total" "$out/profile_kernels.log" | cut -c1-200 | head -24
+    [ -z "${OUT:-}" ] || tar czf "$OUT/perf_logs.tgz" -C "$out" .
+}
+
 case "${1:-}" in
     stage1) copy_carried ;;
     stage2) shift; stage2; if [ "${1:-}" = perf ]; then perf; elif [ "${1:-}" = perf3 ]; then perf3
             elif [ "${1:-}" = perf5 ]; then perf5 "${2:-}"
             elif [ "${1:-}" = perf6 ]; then perf6 "${2:-}"; elif [ "${1:-}" = perf7 ]; then perf7 "${2:-}"
             elif [ "${1:-}" = perf8 ]; then perf8 "${2:-}"; elif [ "${1:-}" = perf9 ]; then perf9 "${2:-}"
+            elif [ "${1:-}" = perf10 ]; then perf10
             elif [ $# -gt 0 ]; then "$@"; fi ;;
     run) shift; set_env; "$@" ;;
     perf) set_env; perf ;;
