@@ -9,7 +9,7 @@ After ``pip install -e .``:
     python benchmarks/profile_selection.py --time --diagonals onehot   # diagonals by two 0/1 matrix products
     python benchmarks/profile_selection.py --time --seq 131072 --stages triton   # force one stage set
     python benchmarks/profile_selection.py --time --seq 131072 --stages triton --split-from 131072   # split search
-    python benchmarks/profile_selection.py --time --seq 32768 131072 --estimate-rows 16   # §4 estimate in tiles
+    python benchmarks/profile_selection.py --time --seq 32768 131072 --estimate-rows 1   # §4 by rows (default: tiles of 16)
     TRITON_INTERPRET=1 python benchmarks/profile_selection.py --count-ops   # CPU: aten ops per call
 
 At 8K the CUDA selection is launch-bound (tens of small torch ops around four Triton kernels), so the

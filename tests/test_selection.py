@@ -303,16 +303,17 @@ def test_one_launch_stages_with_the_split_search_equal_the_reference(monkeypatch
 
 
 @pytest.mark.parametrize("case", [CASES[1], CASES[2], (1, 1200, 1200, 4, 2, 16, 64, None, 0.9, 0.9, 64, None)])
-def test_one_launch_stages_with_the_tiled_estimate_equal_the_reference(case, monkeypatch, poison_empty):
-    """The "triton" stages with §4's estimate computed 16 query blocks per program (estimate_triton's opt-in
-    tile kernel): the selection is still the reference's, with left padding, a prefill on a cache, and 19 query
-    blocks (two tiles)."""
+@pytest.mark.parametrize("rows,kernel", [(16, "_estimate_tile_kernel"), (1, "_estimate_kernel")], ids=["tiles", "rows"])
+def test_one_launch_stages_with_either_estimate_kernel_equal_the_reference(case, rows, kernel, monkeypatch,
+                                                                            poison_empty):
+    """The "triton" stages with §4's estimate computed 16 query blocks per program (the tile kernel, the default)
+    and one per program (the row kernel): the selection is still the reference's, with left padding, a prefill on
+    a cache, and 19 query blocks (two tiles)."""
     from flexprefill_hf.ops.selection import estimate_triton
 
     calls = []
-    real = estimate_triton._estimate_tile_kernel
-    monkeypatch.setattr(estimate_triton, "ROWS_PER_PROGRAM", 16)
-    monkeypatch.setattr(estimate_triton, "_estimate_tile_kernel", _Spy(real, calls))
+    monkeypatch.setattr(estimate_triton, "ROWS_PER_PROGRAM", rows)
+    monkeypatch.setattr(estimate_triton, kernel, _Spy(getattr(estimate_triton, kernel), calls))
     batch, q_len, k_len, hq, hkv, d, bs, starts, gamma, tau, min_budget, max_budget = case
     config = FlexPrefillConfig(gamma=gamma, tau=0.9, block_size=bs, min_budget=min_budget, max_budget=max_budget)
     key_start = torch.tensor(starts) if starts is not None else None
@@ -322,7 +323,7 @@ def test_one_launch_stages_with_the_tiled_estimate_equal_the_reference(case, mon
     assert want_qa.any()  # τ 0.9: query-aware heads, so §4 runs
     got = select_blocks(q.to(DEVICE), k.to(DEVICE), config, scale,
                         None if key_start is None else key_start.to(DEVICE), structure_backend="triton")
-    assert calls  # the tile kernel ran
+    assert calls  # the kernel asked for ran
     assert torch.equal(structure_to_block_mask(got.structure).cpu(), want_mask)
     assert torch.equal(got.query_aware.cpu(), want_qa)
 

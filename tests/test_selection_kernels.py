@@ -63,6 +63,12 @@ def test_representative_scores_match_torch(
     torch.testing.assert_close(got_v.sum(-1), torch.ones_like(got_v.sum(-1)), rtol=1e-4, atol=1e-4)
 
 
+def test_an_unknown_diagonal_method_is_refused():
+    q, k, _ = random_qkv(1, 64, 64, 2, 1, 16, dtype=torch.float16, seed=1)
+    with pytest.raises(ValueError, match=r"diagonals='rotate' is not supported; expected one of \('gather'"):
+        representative_scores_triton(q.to(DEVICE), k.to(DEVICE), BlockGrid(64, 64, 64), 0.25, None, diagonals="rotate")
+
+
 def test_skipped_sequences_get_zero_scores_and_the_rest_are_unchanged(poison_empty):
     # Dense sequences' scores are never read: the kernels compute them from no key (zeros), leaving the others'.
     q, k, _ = random_qkv(3, 60, 400, 4, 2, 32, dtype=torch.float16, scale=1.5, seed=9)

@@ -8,11 +8,11 @@ softmax over them, then the probabilities at pair ``t * (first_query_block + 1) 
 row with no allowed block gets zeros (the PyTorch version's NaN -> 0). GQA by index: no K̄ is repeated.
 The same function as the PyTorch version up to the rounding of exp and of the dot products' sums.
 
-``ROWS_PER_PROGRAM`` > 1 (float32 only) runs ``_estimate_tile_kernel`` instead: a tile of that many query blocks
-per program, so each K̄ chunk is read once per tile rather than once per row (at 128K, one program per row reads
-up to ~17 GB of K̄ from L2 per call: 1.8 ms of the 7.1 ms selection on the H200, RESULTS.md 2026-12-02 third
-session), the logits by ``tl.dot`` in IEEE fp32. Off (1) until a GPU run times it
-(``benchmarks/profile_selection.py --time --estimate-rows 16``).
+``ROWS_PER_PROGRAM`` > 1 (float32 only; the default, 16) runs ``_estimate_tile_kernel``: a tile of that many query
+blocks per program, so each K̄ chunk is read once per tile rather than once per row (at 128K, one program per row
+reads up to ~17 GB of K̄ from L2 per call), the logits by ``tl.dot`` in IEEE fp32. On the H200 the 128K selection
+took 6.45 ms with it against 6.80 ms by rows, the same selection (RESULTS.md, 2026-12-02 fourth session;
+``benchmarks/profile_selection.py --time --estimate-rows 1`` times the row kernel).
 """
 
 from __future__ import annotations
@@ -31,7 +31,8 @@ from .coverage_triton import _from_bits, float_bits, refuse_cuda_float64
 from .pattern_triton import _div
 
 # Query blocks per program of the §4 estimate: 1 runs the row kernel; 16, 32 or 64 the tile kernel (float32).
-ROWS_PER_PROGRAM = 1
+# 16: measured on the H200, 2026-12-02 fourth session.
+ROWS_PER_PROGRAM = 16
 
 
 @triton.jit

@@ -401,6 +401,9 @@ def representative_scores_triton(
             q, k, starts, query_starts, k_base, skips, part_max, part_sum, scores[0], diagonal, scratch, *common,
             num_tiles, per_program, splits, qk_scale, ROW_CHUNK=min(block, 32),
             SPLIT_CHUNK=min(_SPLIT_CHUNK, max(2, next_power_of_2(splits))), **diagonal_meta, **meta,
+            # "onehot" at block 128, d 128: 3 stages of key tiles plus the products' fp32 operands took 233472 B of
+            # shared memory on the H200 (limit 232448).
+            **(dict(num_stages=2) if method == "onehot" else {}),
         )
         block_o = 1024
         _slash_scores_kernel[(batch * q_heads, cdiv(n, block_o))](
