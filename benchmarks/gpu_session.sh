@@ -361,13 +361,27 @@ skipped_sequences or triton_scores" tests/test_selection_kernels.py
     [ -z "${OUT:-}" ] || tar czf "$OUT/perf_logs.tgz" -C "$out" .
 }
 
+# perf11 (2026-12-02, fourth session; `stage2 perf11` after the two FA4 stage1 calls): what perf9 b owed -- the
+# operator rows of bench_decode (interleaved, queued ratio), bench_varlen's decode-row packing, and the selection's
+# kernel table with the new defaults (§4 in tiles of 16).
+perf11() {
+    out=/tmp/perf_work; rm -rf "$out" && mkdir -p "$out"
+    step decode 120 python3 benchmarks/bench_decode.py --layers 4 --cache 1024 32768 --prefill 4096 8192 \
+        --steps 16 --warmup 2 --rounds 3 --repeats 6 --out "$out/decode.json"
+    tail -24 "$out/decode.log"
+    varlen_bench 100 --packings 32K+16-decode-rows 1x64K+7x4K
+    step profile_kernels 60 python3 benchmarks/profile_selection.py --seq 8192 131072 --rows 10
+    grep -E "_kernel|Self CUDA time total" "$out/profile_kernels.log" | cut -c1-60,120-175 | head -24
+    [ -z "${OUT:-}" ] || tar czf "$OUT/perf_logs.tgz" -C "$out" .
+}
+
 case "${1:-}" in
     stage1) copy_carried ;;
     stage2) shift; stage2; if [ "${1:-}" = perf ]; then perf; elif [ "${1:-}" = perf3 ]; then perf3
             elif [ "${1:-}" = perf5 ]; then perf5 "${2:-}"
             elif [ "${1:-}" = perf6 ]; then perf6 "${2:-}"; elif [ "${1:-}" = perf7 ]; then perf7 "${2:-}"
             elif [ "${1:-}" = perf8 ]; then perf8 "${2:-}"; elif [ "${1:-}" = perf9 ]; then perf9 "${2:-}"
-            elif [ "${1:-}" = perf10 ]; then perf10
+            elif [ "${1:-}" = perf10 ]; then perf10; elif [ "${1:-}" = perf11 ]; then perf11
             elif [ $# -gt 0 ]; then "$@"; fi ;;
     run) shift; set_env; "$@" ;;
     perf) set_env; perf ;;
