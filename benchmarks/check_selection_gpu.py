@@ -153,13 +153,7 @@ def main(argv=None) -> int:
     parser.add_argument("--no-timing", action="store_true", help="only the equality and sync checks")
     parser.add_argument("--estimate-rows", type=int, default=None,
                         help="query blocks per program of the §4 estimate (estimate_triton.ROWS_PER_PROGRAM)")
-    parser.add_argument("--diagonals", choices=["gather", "scratch", "onehot"], default=None,
-                        help="how the scores kernel sums a tile's diagonals (scores_triton.DIAGONALS)")
     args = parser.parse_args(argv)
-    if args.diagonals:
-        from flexprefill_hf.ops.selection import scores_triton
-
-        scores_triton.DIAGONALS = args.diagonals
     if args.estimate_rows is not None:
         from flexprefill_hf.ops.selection import estimate_triton
 
@@ -169,8 +163,7 @@ def main(argv=None) -> int:
         return 2
     config = FlexPrefillConfig(gamma=args.gamma, tau=args.tau, cuda_dense_below=0)
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, gamma {args.gamma}, tau {args.tau}"
-          f"{f', estimate rows {args.estimate_rows}' if args.estimate_rows is not None else ''}"
-          f"{f', {args.diagonals} diagonals' if args.diagonals else ''}")
+          f"{f', estimate rows {args.estimate_rows}' if args.estimate_rows is not None else ''}")
     results, failed = [], False
     for n in args.seq:
         for kind in ("structured", "random", "padded", "cache"):

@@ -346,7 +346,8 @@ perf9() {
 # perf10 (2026-12-02, fourth session; one call, no flash-attn-4 needed: `stage2 perf10` with nothing carried): the
 # scores kernel's "onehot" diagonal sums (two 0/1 matrix products) on the GPU -- its tests, the selection's time
 # 8K-128K by each diagonal method and with the §4 estimate in tiles (and §3's row skip, on since perf8), the
-# exactness check with onehot, and the kernel table.
+# exactness check with onehot, and the kernel table. (Ran at commit f669d7e; "onehot" and `--diagonals` were removed
+# after it, so this recipe needs that commit.)
 perf10() {
     out=/tmp/perf_work; rm -rf "$out" && mkdir -p "$out"
     step tests_scores 150 python3 -m pytest -q -rfEs --tb=short -p no:cacheprovider -k "representative_scores or \

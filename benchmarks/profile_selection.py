@@ -6,7 +6,7 @@ After ``pip install -e .``:
     python benchmarks/profile_selection.py                  # 8K and 128K, default (Triton) path
     python benchmarks/profile_selection.py --seq 32768 --torch   # the all-PyTorch path
     python benchmarks/profile_selection.py --time --seq 8192 32768 131072   # ms per call, no profiler
-    python benchmarks/profile_selection.py --time --diagonals onehot   # diagonals by two 0/1 matrix products
+    python benchmarks/profile_selection.py --time --scratch      # diagonals through the global scratch
     python benchmarks/profile_selection.py --time --seq 131072 --stages triton   # force one stage set
     python benchmarks/profile_selection.py --time --seq 131072 --stages triton --split-from 131072   # split search
     python benchmarks/profile_selection.py --time --seq 32768 131072 --estimate-rows 1   # §4 by rows (default: tiles of 16)
@@ -113,8 +113,8 @@ def main(argv=None):
     parser.add_argument("--time", action="store_true",
                         help="GPU: mean ms per eager call (CUDA events around --iters back-to-back calls), no profiler")
     parser.add_argument("--iters", type=int, default=50)
-    parser.add_argument("--diagonals", choices=["gather", "scratch", "onehot"], default=None,
-                        help="how the scores kernel sums a tile's diagonals (scores_triton.DIAGONALS)")
+    parser.add_argument("--scratch", action="store_true",
+                        help="sum diagonals through the scores kernel's global scratch (scores_triton._DIAGONAL_BY_GATHER)")
     parser.add_argument("--estimate-rows", type=int, default=None,
                         help="query blocks per program of the §4 estimate (estimate_triton.ROWS_PER_PROGRAM; 16/32: tiles)")
     parser.add_argument("--count-ops", action="store_true",
@@ -133,10 +133,10 @@ def main(argv=None):
         from flexprefill_hf.ops.selection import coverage_triton
 
         coverage_triton.SPLIT_FROM = args.split_from
-    if args.diagonals:
+    if args.scratch:
         from flexprefill_hf.ops.selection import scores_triton
 
-        scores_triton.DIAGONALS = args.diagonals
+        scores_triton._DIAGONAL_BY_GATHER = False
     if args.estimate_rows is not None:
         from flexprefill_hf.ops.selection import estimate_triton
 
@@ -159,7 +159,7 @@ def main(argv=None):
                   f"(32/8 heads, d 128, bf16, eager, {args.iters} calls{', all torch' if args.torch else ''}"
                   f"{', stages ' + args.stages if args.stages else ''}"
                   f"{f', split from {args.split_from}' if args.split_from is not None else ''}"
-                  f"{f', {args.diagonals} diagonals' if args.diagonals else ''}"
+                  f"{', scratch diagonals' if args.scratch else ''}"
                   f"{f', estimate rows {args.estimate_rows}' if args.estimate_rows is not None else ''})")
             continue
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:

@@ -38,9 +38,9 @@ def needs_float64_kernels(dtype):
     ],
 )
 @pytest.mark.parametrize("splits", [None, 5])
-@pytest.mark.parametrize("diagonals", scores_triton.DIAGONAL_METHODS)  # the three ways to sum diagonals
+@pytest.mark.parametrize("by_gather", [True, False], ids=["gather", "scratch"])  # the two ways to sum diagonals
 def test_representative_scores_match_torch(
-    batch, q_len, k_len, hq, hkv, d, block, starts, dtype, splits, diagonals, monkeypatch, poison_empty
+    batch, q_len, k_len, hq, hkv, d, block, starts, dtype, splits, by_gather, monkeypatch, poison_empty
 ):
     q, k, _ = random_qkv(batch, q_len, k_len, hq, hkv, d, dtype=dtype, scale=1.5, seed=q_len + d)
     q, k = q.to(DEVICE), k.to(DEVICE)
@@ -52,7 +52,7 @@ def test_representative_scores_match_torch(
     want_v, want_s = representative_scores(q, k, grid, scale, key_valid)
     # Several programs per head: their partial log-sum-exps are combined two rows at a time.
     monkeypatch.setattr(scores_triton, "_SPLIT_CHUNK", 2)
-    monkeypatch.setattr(scores_triton, "DIAGONALS", diagonals)
+    monkeypatch.setattr(scores_triton, "_DIAGONAL_BY_GATHER", by_gather)
     # Fresh memory is poisoned (NaN): the kernels must write every output and read no scratch they did not write.
     before = len(poison_empty.shapes)
     got_v, got_s = representative_scores_triton(q, k, grid, scale, key_start, splits=splits)
@@ -61,12 +61,6 @@ def test_representative_scores_match_torch(
     torch.testing.assert_close(got_v, want_v, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(got_s, want_s, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(got_v.sum(-1), torch.ones_like(got_v.sum(-1)), rtol=1e-4, atol=1e-4)
-
-
-def test_an_unknown_diagonal_method_is_refused():
-    q, k, _ = random_qkv(1, 64, 64, 2, 1, 16, dtype=torch.float16, seed=1)
-    with pytest.raises(ValueError, match=r"diagonals='rotate' is not supported; expected one of \('gather'"):
-        representative_scores_triton(q.to(DEVICE), k.to(DEVICE), BlockGrid(64, 64, 64), 0.25, None, diagonals="rotate")
 
 
 def test_skipped_sequences_get_zero_scores_and_the_rest_are_unchanged(poison_empty):

@@ -8,17 +8,10 @@ probabilities, so two passes over the keys reduce them on the fly and no r x n t
    and writes a partial (max, sum) per row.
 2. ``_representative_scores_kernel``: combines its head's partials into each row's log-sum-exp,
    recomputes the probabilities tile by tile, writes the column sums of each tile, and the tile's
-   diagonal sums (deterministic, no atomics), by one of three ways (``DIAGONALS``):
-   - "gather": the diagonals become columns by rotating row i of the tile left by i (``tl.gather``, on
-     chip); a column then holds one diagonal above the wrap and another below it, summed apart
-     (2*BLOCK partial sums per tile);
-   - "scratch": the older way, a scatter of the tile into a skewed per-program scratch in global memory
-     and a reload (2*BLOCK);
-   - "onehot": two small matrix products with 0/1 matrices, no data movement the compiler does not plan:
-     the tile as GxG sub-blocks of SxS (S = 16, G = BLOCK/S); the first product sums each sub-block's
-     2S-1 diagonals (contraction over its S*S entries), the second sums the sub-blocks that share a
-     block-diagonal. A tile diagonal d = S*D + e (|e| < S) is then the sum of two entries (D, e) and
-     (D+1, e-S) of a [16, 2S] table per tile (fp32 products, ``input_precision="ieee"``: no tf32).
+   diagonal sums as 2*BLOCK partial sums (deterministic, no atomics). The diagonals become columns
+   by rotating row i of the tile left by i (``tl.gather``, on chip); a column then holds one diagonal
+   above the wrap and another below it, summed apart. (``_DIAGONAL_BY_GATHER = False``: the older way,
+   a scatter of the tile into a skewed per-program scratch in global memory and a reload.)
 3. ``_slash_scores_kernel``: adds each tile's partial diagonal sums to its neighbour's and writes
    them by offset.
 
@@ -42,15 +35,9 @@ from ..runtime import LOG2E, cdiv, interpreting, next_power_of_2
 
 # Partial (max, sum) rows one program of the scores kernel loads at once.
 _SPLIT_CHUNK = 32
-# How the scores kernel sums a tile's diagonals (module docstring): "gather" (rotating each row with
-# ``tl.gather``, on chip), "scratch" (a skewed per-program scratch in global memory: a 128 x 256 fp32 store and
-# reload per tile) or "onehot" (two 0/1 matrix products).
-DIAGONALS = "gather"
-DIAGONAL_METHODS = ("gather", "scratch", "onehot")
-# "onehot": sub-block side, and rows of its per-tile table (block-diagonals D + G - 1 in [0, 2G - 1), padded to
-# the 16 rows a dot needs).
-_SUB = 16
-_TABLE_ROWS = 16
+# How the scores kernel sums a tile's diagonals: True, by rotating each row with ``tl.gather`` (on-chip);
+# False, through a skewed per-program scratch in global memory (a 128 x 256 fp32 store and reload per tile).
+_DIAGONAL_BY_GATHER = True
 
 
 @triton.jit
@@ -175,54 +162,15 @@ def _combine_partials(PartMax, PartSum, pid_bh, num_splits, BLOCK: tl.constexpr,
 
 
 @triton.jit
-def _onehot_matrices(BLOCK: tl.constexpr, SUB: tl.constexpr, TABLE_ROWS: tl.constexpr):
-    """The two 0/1 matrices of the "onehot" diagonal sums, fp32: [SUB*SUB, 2*SUB] maps entry (u, w) of a
-    sub-block to its diagonal w - u + SUB - 1; [TABLE_ROWS, G*G] maps sub-block (a, b) to its block-diagonal
-    b - a + G - 1 (G = BLOCK // SUB; rows past 2G - 2 stay 0)."""
-    G: tl.constexpr = BLOCK // SUB
-    entry = tl.arange(0, SUB * SUB)
-    diag = tl.arange(0, 2 * SUB)
-    within = ((entry % SUB) - (entry // SUB) + SUB - 1)[:, None] == diag[None, :]
-    pair = tl.arange(0, G * G)
-    row = tl.arange(0, TABLE_ROWS)
-    across = row[:, None] == ((pair % G) - (pair // G) + G - 1)[None, :]
-    return within.to(tl.float32), across.to(tl.float32)
-
-
-@triton.jit
-def _onehot_diagonal_table(p, within, across, BLOCK: tl.constexpr, SUB: tl.constexpr):
-    """[TABLE_ROWS, 2*SUB] table of a tile's diagonal sums: entry (D + G - 1, e + SUB - 1) sums the elements
-    (a*SUB + u, b*SUB + w) of p [BLOCK, BLOCK] with b - a = D and w - u = e."""
-    G: tl.constexpr = BLOCK // SUB
-    blocks = tl.reshape(tl.permute(tl.reshape(p, [G, SUB, G, SUB]), (0, 2, 1, 3)), [G * G, SUB * SUB])
-    per_block = tl.dot(blocks, within, input_precision="ieee")  # [G*G, 2*SUB]: each sub-block's diagonals
-    return tl.dot(across, per_block, input_precision="ieee")  # [TABLE_ROWS, 2*SUB]
-
-
-@triton.jit
-def _onehot_diagonal_sum(table, d, valid, SUB: tl.constexpr, TABLE_ROWS: tl.constexpr, G: tl.constexpr):
-    """Tile diagonal d (|d| < BLOCK, int64 vector) from the table at pointer ``table``: d = SUB*D + e with
-    0 <= e < SUB gives entries (D, e) and, for e >= 1, (D + 1, e - SUB)."""
-    big = (d + G * SUB) // SUB - G  # floor(d / SUB): the dividend made positive first
-    e = d - big * SUB
-    row = big + G - 1
-    first = tl.load(table + row * (2 * SUB) + e + SUB - 1, mask=valid & (row >= 0) & (row < TABLE_ROWS), other=0.0)
-    second = tl.load(table + (row + 1) * (2 * SUB) + e - 1,
-                     mask=valid & (e >= 1) & (row + 1 >= 0) & (row + 1 < TABLE_ROWS), other=0.0)
-    return first + second
-
-
-@triton.jit
 def _representative_scores_kernel(
     Q, K, KeyStart, QueryStart, KeyBase, Skip, PartMax, PartSum, Vertical, Diagonal, Scratch,
     stride_qb, stride_qm, stride_qh, stride_qd, stride_kb, stride_kn, stride_kh, stride_kd,
     num_heads, num_kv_groups, q_len, n, r, num_tiles, tiles_per_program, num_splits, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr, HAS_KEY_START: tl.constexpr,
     HAS_QUERY_START: tl.constexpr, UPCAST: tl.constexpr, PACKED_K: tl.constexpr, ROW_CHUNK: tl.constexpr,
-    SPLIT_CHUNK: tl.constexpr, DIAGONALS: tl.constexpr, HAS_SKIP: tl.constexpr, WIDTH: tl.constexpr,
-    SUB: tl.constexpr, TABLE_ROWS: tl.constexpr,
+    SPLIT_CHUNK: tl.constexpr, DIAGONAL_BY_GATHER: tl.constexpr, HAS_SKIP: tl.constexpr,
 ):
-    # WIDTH: floats of partial diagonal sums per tile (2*BLOCK; "onehot": its TABLE_ROWS x 2*SUB table).
+    WIDTH: tl.constexpr = 2 * BLOCK
     # torch.compile may hand float scalars over as fp64; keep the softmax state in fp32.
     qk_scale = tl.full([], qk_scale, tl.float32)
     pid_bh, off_b, off_h, off_kvh, key_lo, query_lo = _program_head(
@@ -241,19 +189,15 @@ def _representative_scores_kernel(
     real_rows = tl.maximum(n - tl.maximum(query_lo, n - r), 1)
     row_scale = tl.math.div_rn(tl.full([], 1.0, tl.float32), real_rows.to(tl.float32))
     offs_w = tl.arange(0, WIDTH)
-    if DIAGONALS == "gather":
+    if DIAGONAL_BY_GATHER:
         # Row i rotated left by i: column c then holds key c + i (diagonal c) where c + i < BLOCK, else key
         # c + i - BLOCK (diagonal c - BLOCK). The rotation runs in on-chip memory, never through global scratch.
         rotate = (offs_n[None, :] + offs_r[:, None]) % BLOCK  # [BR, BN]
         wraps = offs_n[None, :] + offs_r[:, None] >= BLOCK
-    elif DIAGONALS == "scratch":
+    else:
         scratch = Scratch + (pid_bh * tl.num_programs(1) + pid_s) * (BLOCK * WIDTH)
         # Element (i, j) of a tile lies on diagonal column j - i + BLOCK - 1 of the skewed scratch.
         skew = offs_r[:, None] * WIDTH + offs_n[None, :] - offs_r[:, None] + BLOCK - 1
-    else:
-        within, across = _onehot_matrices(BLOCK, SUB, TABLE_ROWS)
-        table_rows = tl.arange(0, TABLE_ROWS)
-        table_cols = tl.arange(0, 2 * SUB)
     t_end = tl.minimum((pid_s + 1) * tiles_per_program, num_tiles)
     # Tiles wholly before the first real key: every probability there is 0 (as the masked scores give), stored
     # without computing them.
@@ -268,12 +212,12 @@ def _representative_scores_kernel(
         p = tl.math.exp2(qk - lse2[:, None]) * row_scale  # [BR, BN]
         tl.store(Vertical + pid_bh * n + t * BLOCK + offs_n, tl.sum(p, 0), mask=t * BLOCK + offs_n < n)
         out = Diagonal + (pid_bh * num_tiles + t) * WIDTH
-        if DIAGONALS == "gather":
+        if DIAGONAL_BY_GATHER:
             rotated = tl.gather(p, rotate, 1)  # [BR, BN]
             # Layout: [0, BLOCK) the diagonals c - BLOCK (column 0 holds none: 0), [BLOCK, 2 BLOCK) the diagonals c.
             tl.store(out + offs_n, tl.sum(tl.where(wraps, rotated, 0.0), 0))
             tl.store(out + BLOCK + offs_n, tl.sum(tl.where(wraps, 0.0, rotated), 0))
-        elif DIAGONALS == "scratch":
+        else:
             tl.store(scratch + skew, p)
             tl.debug_barrier()
             diag = tl.zeros([WIDTH], dtype=tl.float32)
@@ -286,49 +230,40 @@ def _representative_scores_kernel(
             tl.debug_barrier()
             # Layout: column c holds the diagonal c - (BLOCK - 1).
             tl.store(out + offs_w, diag)
-        else:
-            table = _onehot_diagonal_table(p, within, across, BLOCK, SUB)
-            tl.store(out + table_rows[:, None] * (2 * SUB) + table_cols[None, :], table)
 
 
 @triton.jit
 def _slash_scores_kernel(Diagonal, Slash, n, r, num_tiles, BLOCK: tl.constexpr, BLOCK_O: tl.constexpr,
-                         DIAGONALS: tl.constexpr, WIDTH: tl.constexpr, SUB: tl.constexpr, TABLE_ROWS: tl.constexpr):
+                         DIAGONAL_BY_GATHER: tl.constexpr):
     """Slash score of offsets o: each offset meets two tiles' partial diagonal sums (tile t's diagonals
     d >= 0 and tile t + 1's d < 0, as laid out by the scores kernel)."""
+    WIDTH: tl.constexpr = 2 * BLOCK
     pid_bh = tl.program_id(0).to(tl.int64)
     offs_o = tl.program_id(1).to(tl.int64) * BLOCK_O + tl.arange(0, BLOCK_O)
     in_range = offs_o < n
     diagonal = Diagonal + pid_bh * num_tiles * WIDTH
-    if DIAGONALS == "scratch":
+    if DIAGONAL_BY_GATHER:
+        # Query row i, key t*BLOCK + c: offset o = n - r - t*BLOCK - (c - i), so v = n - r - o + BLOCK >= 0 gives
+        # tile v // BLOCK - 1 at diagonal v % BLOCK and tile v // BLOCK at diagonal v % BLOCK - BLOCK (column 0: none).
+        v = n - r + BLOCK - offs_o
+        t = v // BLOCK
+        c = v % BLOCK
+        first = tl.load(diagonal + (t - 1) * WIDTH + BLOCK + c, mask=in_range & (t >= 1) & (t - 1 < num_tiles), other=0.0)
+        second = tl.load(diagonal + t * WIDTH + c, mask=in_range & (t < num_tiles) & (c >= 1), other=0.0)
+    else:
         # Column u = t*BLOCK + c of the partial sums holds offset o = (n - r) + BLOCK - 1 - u.
         u = n - r + BLOCK - 1 - offs_o
         t = u // BLOCK
         c = u % BLOCK
         first = tl.load(diagonal + t * WIDTH + c, mask=in_range & (t < num_tiles), other=0.0)
         second = tl.load(diagonal + (t - 1) * WIDTH + BLOCK + c, mask=in_range & (t >= 1), other=0.0)
-    else:
-        # Query row i, key t*BLOCK + c: offset o = n - r - t*BLOCK - (c - i), so v = n - r - o + BLOCK >= 0 gives
-        # tile v // BLOCK - 1 at diagonal v % BLOCK and tile v // BLOCK at diagonal v % BLOCK - BLOCK (none at 0).
-        v = n - r + BLOCK - offs_o
-        t = v // BLOCK
-        c = v % BLOCK
-        first_valid = in_range & (t >= 1) & (t - 1 < num_tiles)
-        second_valid = in_range & (t < num_tiles) & (c >= 1)
-        if DIAGONALS == "gather":
-            first = tl.load(diagonal + (t - 1) * WIDTH + BLOCK + c, mask=first_valid, other=0.0)
-            second = tl.load(diagonal + t * WIDTH + c, mask=second_valid, other=0.0)
-        else:
-            G: tl.constexpr = BLOCK // SUB
-            first = _onehot_diagonal_sum(diagonal + (t - 1) * WIDTH, c, first_valid, SUB, TABLE_ROWS, G)
-            second = _onehot_diagonal_sum(diagonal + t * WIDTH, c - BLOCK, second_valid, SUB, TABLE_ROWS, G)
     tl.store(Slash + pid_bh * n + offs_o, first + second, mask=in_range)
 
 
 def representative_scores_triton(
     q: torch.Tensor, k: torch.Tensor, grid: BlockGrid, softmax_scale: float, key_start, splits: Optional[int] = None,
     *, query_start: Optional[torch.Tensor] = None, cu_seqlens_k: Optional[torch.Tensor] = None,
-    diagonals: Optional[str] = None, skip: Optional[torch.Tensor] = None,
+    diagonal_by_gather: Optional[bool] = None, skip: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Vertical and slash scores of the representative queries, fp32 [2, B, Hq, n] (a_v, a_s).
 
@@ -340,8 +275,7 @@ def representative_scores_triton(
     Same function as ``scores.representative_scores`` (up to fp32 rounding).
     splits: programs per head (each takes a range of key tiles); default: enough to fill the GPU, 1
     when interpreting.
-    diagonals: how the tiles' diagonals are summed, one of ``DIAGONAL_METHODS`` (module docstring); default
-    ``DIAGONALS``.
+    diagonal_by_gather: how the tiles' diagonals are summed (module docstring); default ``_DIAGONAL_BY_GATHER``.
     skip: optional bool [B], sequences whose scores nobody reads (they run dense): their rows are 0, computed
     from no key (the work of a selection then follows the sequences that need one).
     """
@@ -350,9 +284,6 @@ def representative_scores_triton(
     packed = cu_seqlens_k is not None
     if packed:
         assert key_start is not None and k.dim() == 3, "packed keys need key_start and k [total_k, Hkv, D]"
-    method = DIAGONALS if diagonals is None else diagonals
-    if method not in DIAGONAL_METHODS:
-        raise ValueError(f"diagonals={method!r} is not supported; expected one of {DIAGONAL_METHODS} or None")
     r = grid.num_representative
     block = grid.block_size
     num_tiles = cdiv(n, block)
@@ -391,22 +322,20 @@ def representative_scores_triton(
         )
 
         scores = torch.empty(2, batch, q_heads, n, dtype=torch.float32, device=device)
-        width = _TABLE_ROWS * 2 * _SUB if method == "onehot" else 2 * block
-        diagonal = torch.empty(batch * q_heads, num_tiles, width, dtype=torch.float32, device=device)
-        # The kernel reads back only the scratch entries it wrote (the other methods use none: any pointer will do).
-        scratch = diagonal if method != "scratch" else torch.empty(batch * q_heads * splits * block * 2 * block,
-                                                                   dtype=torch.float32, device=device)
-        diagonal_meta = dict(DIAGONALS=method, WIDTH=width, SUB=_SUB, TABLE_ROWS=_TABLE_ROWS)
+        diagonal = torch.empty(batch * q_heads, num_tiles, 2 * block, dtype=torch.float32, device=device)
+        by_gather = _DIAGONAL_BY_GATHER if diagonal_by_gather is None else diagonal_by_gather
+        # The kernel reads back only the scratch entries it wrote (none by gather: any pointer will do).
+        scratch = diagonal if by_gather else torch.empty(batch * q_heads * splits * block * 2 * block,
+                                                         dtype=torch.float32, device=device)
         _representative_scores_kernel[(batch * q_heads, splits)](
             q, k, starts, query_starts, k_base, skips, part_max, part_sum, scores[0], diagonal, scratch, *common,
             num_tiles, per_program, splits, qk_scale, ROW_CHUNK=min(block, 32),
-            SPLIT_CHUNK=min(_SPLIT_CHUNK, max(2, next_power_of_2(splits))), **diagonal_meta, **meta,
-            # "onehot" at block 128, d 128: 3 stages of key tiles plus the products' fp32 operands took 233472 B of
-            # shared memory on the H200 (limit 232448).
-            **(dict(num_stages=2) if method == "onehot" else {}),
+            SPLIT_CHUNK=min(_SPLIT_CHUNK, max(2, next_power_of_2(splits))), DIAGONAL_BY_GATHER=by_gather,
+            **meta,
         )
         block_o = 1024
         _slash_scores_kernel[(batch * q_heads, cdiv(n, block_o))](
-            diagonal, scores[1], n, r, num_tiles, BLOCK=block, BLOCK_O=block_o, **diagonal_meta, num_warps=4,
+            diagonal, scores[1], n, r, num_tiles, BLOCK=block, BLOCK_O=block_o, DIAGONAL_BY_GATHER=by_gather,
+            num_warps=4,
         )
     return scores

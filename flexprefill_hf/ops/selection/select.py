@@ -234,8 +234,9 @@ def _select(q_rep, q_means, k_means, k, cu_seqlens_k, grid, seqs, config, softma
 class _Stages:
     """The functions one call runs for the stages that have a Triton and a PyTorch version.
 
-    scores: "triton" or "torch" (``_representative_scores``); diagonals: how the Triton scores kernel
-    sums a tile's diagonals (``scores_triton.DIAGONAL_METHODS``; None: its module default ``DIAGONALS``);
+    scores: "triton" or "torch" (``_representative_scores``); diagonal_by_gather: how the Triton scores kernel
+    sums a tile's diagonals (``scores_triton.py``: True by ``tl.gather`` on chip, False through a global
+    scratch, None its module default ``_DIAGONAL_BY_GATHER``);
     compose: the §5 composition; mask: §4's γ-coverage rule (``coverage.coverage_mask`` or its threshold search
     ``coverage_triton.coverage_mask_triton``); vertical_slash: all of §3 in one launch
     (``coverage_triton.vertical_slash_blocks_triton``), or None (§3 from ``coverage_counts``, budget_blocks,
@@ -250,7 +251,7 @@ class _Stages:
     vertical_slash: Optional[Callable] = None
     pattern: Optional[Callable] = None
     estimate: Optional[Callable] = None
-    diagonals: Optional[str] = None
+    diagonal_by_gather: Optional[bool] = None
 
 
 def default_structure_backend(device_type: str, dtype: torch.dtype, k_len: int, compiling: bool = False) -> str:
@@ -300,7 +301,7 @@ def _backends(q: torch.Tensor, k_len: int, scores_backend: Optional[str], struct
         from .compose_triton import compose_structure_triton
 
         # The configuration measured at 128K on 2026-12-01: diagonals through the scratch.
-        return _Stages(scores_backend, compose_structure_triton, coverage_mask, diagonals="scratch")
+        return _Stages(scores_backend, compose_structure_triton, coverage_mask, diagonal_by_gather=False)
     if structure_backend == "torch":
         return _Stages(scores_backend, compose_structure_torch, coverage_mask)
     raise ValueError(
@@ -376,7 +377,7 @@ def _representative_scores(
         # packed batch's decode rows and short prompts cost no scores work. None when the host knows there are none.
         skip = None if seqs.short_all is False else seqs.short
         return representative_scores_triton(q, k, grid, softmax_scale, key_start, query_start=query_start,
-                                            cu_seqlens_k=cu_seqlens_k, diagonals=stages.diagonals,
+                                            cu_seqlens_k=cu_seqlens_k, diagonal_by_gather=stages.diagonal_by_gather,
                                             skip=skip)
     key_valid = seqs.key_valid
     if key_valid is None:
