@@ -376,6 +376,32 @@ perf11() {
     [ -z "${OUT:-}" ] || tar czf "$OUT/perf_logs.tgz" -C "$out" .
 }
 
+# perf12 (2026-12-02, fifth session; with flash-attn-4): a) the FA4/GPU/decode tests, bench_decode with 4 and 32
+# layers at caches of 1K/8K/32K (target 1 in full); b) bench_attention 8K-128K on structured, clustered and random
+# input at d 128 (FA4 columns) and clustered at d 64, the selection's kernel table by input shape, the summary.
+perf12() {
+    out=/tmp/perf_work
+    case "${1:-}" in
+        a) rm -rf "$out" && mkdir -p "$out"
+           step tests 200 python3 -m pytest -q -rfEs --tb=short -p no:cacheprovider -k "not compile" \
+               tests/test_fa4_adapter.py tests/test_gpu.py tests/test_decode_path.py
+           tail -3 "$out/tests.log"
+           step decode 230 python3 benchmarks/bench_decode.py --layers 4 32 --cache 1024 8192 32768 --prefill 4096 8192 \
+               --steps 16 --warmup 2 --rounds 3 --repeats 6 --out "$out/decode.json"
+           tail -30 "$out/decode.log"
+           [ -z "${OUT:-}" ] || tar czf "$OUT/perf_logs.tgz" -C "$out" . ;;
+        b) mkdir -p "$out"
+           step attention 300 python3 benchmarks/bench_attention.py --seq 8192 32768 131072 --inputs structured \
+               clustered random --gamma 0.9 --head-dim 128 --dtype bfloat16 --no-flash --out "$out/attention.json"
+           step attention_d64 120 python3 benchmarks/bench_attention.py --seq 32768 131072 --inputs clustered \
+               --gamma 0.9 --head-dim 64 --dtype bfloat16 --no-flash --out "$out/attention_d64.json"
+           step profile_shapes 60 python3 benchmarks/profile_selection.py --seq 131072 --rows 16 --shapes
+           grep -E "aten::sum|reduce_kernel" "$out/profile_shapes.log" | cut -c1-60,110-230 | head -6
+           summary --decode "$out/decode.json" ;;
+        *) echo "usage: perf12 a | perf12 b" >&2; return 2 ;;
+    esac
+}
+
 case "${1:-}" in
     stage1) copy_carried ;;
     stage2) shift; stage2; if [ "${1:-}" = perf ]; then perf; elif [ "${1:-}" = perf3 ]; then perf3
@@ -383,6 +409,7 @@ case "${1:-}" in
             elif [ "${1:-}" = perf6 ]; then perf6 "${2:-}"; elif [ "${1:-}" = perf7 ]; then perf7 "${2:-}"
             elif [ "${1:-}" = perf8 ]; then perf8 "${2:-}"; elif [ "${1:-}" = perf9 ]; then perf9 "${2:-}"
             elif [ "${1:-}" = perf10 ]; then perf10; elif [ "${1:-}" = perf11 ]; then perf11
+            elif [ "${1:-}" = perf12 ]; then perf12 "${2:-}"
             elif [ $# -gt 0 ]; then "$@"; fi ;;
     run) shift; set_env; "$@" ;;
     perf) set_env; perf ;;
@@ -392,6 +419,7 @@ case "${1:-}" in
     perf7) set_env; perf7 "${2:-}" ;;
     perf8) set_env; perf8 "${2:-}" ;;
     perf9) set_env; perf9 "${2:-}" ;;
+    perf12) set_env; perf12 "${2:-}" ;;
     *) echo "usage: $0 stage1 | stage2 [perf | perf3 | perf5..perf9 a|b | CMD...] | run CMD... | perf | perf3 | perf5..perf9 a|b" >&2
        exit 2 ;;
 esac

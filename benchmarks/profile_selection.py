@@ -10,6 +10,7 @@ After ``pip install -e .``:
     python benchmarks/profile_selection.py --time --seq 131072 --stages triton   # force one stage set
     python benchmarks/profile_selection.py --time --seq 131072 --stages triton --split-from 131072   # split search
     python benchmarks/profile_selection.py --time --seq 32768 131072 --estimate-rows 1   # §4 by rows (default: tiles of 16)
+    python benchmarks/profile_selection.py --time --estimate-ieee --k-columns   # the older §4 products and key loads
     TRITON_INTERPRET=1 python benchmarks/profile_selection.py --count-ops   # CPU: aten ops per call
 
 At 8K the CUDA selection is launch-bound (tens of small torch ops around four Triton kernels), so the
@@ -117,6 +118,12 @@ def main(argv=None):
                         help="sum diagonals through the scores kernel's global scratch (scores_triton._DIAGONAL_BY_GATHER)")
     parser.add_argument("--estimate-rows", type=int, default=None,
                         help="query blocks per program of the §4 estimate (estimate_triton.ROWS_PER_PROGRAM; 16/32: tiles)")
+    parser.add_argument("--estimate-ieee", action="store_true",
+                        help="the §4 tile kernel's products in IEEE fp32 FMAs (estimate_triton.TILE_DOT_PRECISION)")
+    parser.add_argument("--k-columns", action="store_true",
+                        help="the scores kernels read key tiles as their transpose (scores_triton._K_ROWS = False)")
+    parser.add_argument("--shapes", action="store_true",
+                        help="profiler table grouped by input shape (which of several calls of one op is the slow one)")
     parser.add_argument("--count-ops", action="store_true",
                         help="CPU: count the aten ops of one call (needs TRITON_INTERPRET=1; --seq default 2048)")
     args = parser.parse_args(argv)
@@ -141,6 +148,14 @@ def main(argv=None):
         from flexprefill_hf.ops.selection import estimate_triton
 
         estimate_triton.ROWS_PER_PROGRAM = args.estimate_rows
+    if args.estimate_ieee:
+        from flexprefill_hf.ops.selection import estimate_triton
+
+        estimate_triton.TILE_DOT_PRECISION = "ieee"
+    if args.k_columns:
+        from flexprefill_hf.ops.selection import scores_triton
+
+        scores_triton._K_ROWS = False
     config = FlexPrefillConfig(gamma=0.9, tau=0.1)
     for n in args.seq:
         q = torch.randn(1, n, 32, 128, device="cuda", dtype=torch.bfloat16)
@@ -160,14 +175,17 @@ def main(argv=None):
                   f"{', stages ' + args.stages if args.stages else ''}"
                   f"{f', split from {args.split_from}' if args.split_from is not None else ''}"
                   f"{', scratch diagonals' if args.scratch else ''}"
-                  f"{f', estimate rows {args.estimate_rows}' if args.estimate_rows is not None else ''})")
+                  f"{f', estimate rows {args.estimate_rows}' if args.estimate_rows is not None else ''}"
+                  f"{', estimate ieee' if args.estimate_ieee else ''}{', key tiles as columns' if args.k_columns else ''})")
             continue
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=args.shapes) as prof:
             for _ in range(5):
                 select_blocks(q, k, config, 1 / math.sqrt(128), **backends)
             torch.cuda.synchronize()
         print(f"=== n={n} (5 calls{', all torch' if args.torch else ''})")
-        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=60))
+        print(prof.key_averages(group_by_input_shape=args.shapes).table(
+            sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=60,
+            max_shapes_column_width=80))
         print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=12, max_name_column_width=60))
 
 

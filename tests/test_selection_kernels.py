@@ -38,9 +38,11 @@ def needs_float64_kernels(dtype):
     ],
 )
 @pytest.mark.parametrize("splits", [None, 5])
-@pytest.mark.parametrize("by_gather", [True, False], ids=["gather", "scratch"])  # the two ways to sum diagonals
+# The two ways to sum diagonals, and the two ways to read a key tile (as rows, or as its transpose).
+@pytest.mark.parametrize("by_gather, k_rows", [(True, True), (False, True), (True, False)],
+                         ids=["gather", "scratch", "gather-kt"])
 def test_representative_scores_match_torch(
-    batch, q_len, k_len, hq, hkv, d, block, starts, dtype, splits, by_gather, monkeypatch, poison_empty
+    batch, q_len, k_len, hq, hkv, d, block, starts, dtype, splits, by_gather, k_rows, monkeypatch, poison_empty
 ):
     q, k, _ = random_qkv(batch, q_len, k_len, hq, hkv, d, dtype=dtype, scale=1.5, seed=q_len + d)
     q, k = q.to(DEVICE), k.to(DEVICE)
@@ -53,6 +55,7 @@ def test_representative_scores_match_torch(
     # Several programs per head: their partial log-sum-exps are combined two rows at a time.
     monkeypatch.setattr(scores_triton, "_SPLIT_CHUNK", 2)
     monkeypatch.setattr(scores_triton, "_DIAGONAL_BY_GATHER", by_gather)
+    monkeypatch.setattr(scores_triton, "_K_ROWS", k_rows)
     # Fresh memory is poisoned (NaN): the kernels must write every output and read no scratch they did not write.
     before = len(poison_empty.shapes)
     got_v, got_s = representative_scores_triton(q, k, grid, scale, key_start, splits=splits)

@@ -10,9 +10,15 @@ The same function as the PyTorch version up to the rounding of exp and of the do
 
 ``ROWS_PER_PROGRAM`` > 1 (float32 only; the default, 16) runs ``_estimate_tile_kernel``: a tile of that many query
 blocks per program, so each K̄ chunk is read once per tile rather than once per row (at 128K, one program per row
-reads up to ~17 GB of K̄ from L2 per call), the logits by ``tl.dot`` in IEEE fp32. On the H200 the 128K selection
-took 6.45 ms with it against 6.80 ms by rows, the same selection (RESULTS.md, 2026-12-02 fourth session;
+reads up to ~17 GB of K̄ from L2 per call), the logits by ``tl.dot``. On the H200 the 128K selection took 6.45 ms
+with it against 6.80 ms by rows, the same selection (RESULTS.md, 2026-12-02 fourth session;
 ``benchmarks/profile_selection.py --time --estimate-rows 1`` times the row kernel).
+
+The tile kernel's products run as "tf32x3" (``TILE_DOT_PRECISION``): three TF32 tensor-core products whose sum
+carries about fp32's precision (max difference to the IEEE FMA products 1.2e-7 on probabilities at 128K), instead
+of fp32 FMAs: on the H200 the kernel went from 1.47 to 0.34 ms at 128K and the whole selection from 6.33 to 5.18 ms,
+with the same differing blocks against the all-PyTorch path on every check line as before (RESULTS.md, 2026-12-02
+fifth session). The interpreter (CI) computes any precision as a plain fp32 product.
 """
 
 from __future__ import annotations
@@ -33,6 +39,13 @@ from .pattern_triton import _div
 # Query blocks per program of the §4 estimate: 1 runs the row kernel; 16, 32 or 64 the tile kernel (float32).
 # 16: measured on the H200, 2026-12-02 fourth session.
 ROWS_PER_PROGRAM = 16
+# The tile kernel's K̄ chunk (key blocks per step, at most) and warps. Register use decides them (fp32 operands
+# by pointer loads: at 16 x 64 on 4 warps ptxas spills ~1.4 KB per thread).
+TILE_BLOCK_N = 64
+TILE_NUM_WARPS = 4
+# The tile kernel's fp32 products: "tf32x3" (tensor cores, ~fp32 precision; 4.4x faster at 128K on the H200) or
+# "ieee" (fp32 FMAs; ``profile_selection.py --estimate-ieee``).
+TILE_DOT_PRECISION = "tf32x3"
 
 
 @triton.jit
@@ -102,7 +115,7 @@ def _estimate_tile_kernel(
     stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
     num_heads, chunk_heads, head_start, num_kv_groups, num_query_blocks, first_query_block, num_pairs, scale_bits,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_QUERY_ROWS: tl.constexpr, HAS_QUERY_AWARE: tl.constexpr,
+    HAS_QUERY_ROWS: tl.constexpr, HAS_QUERY_AWARE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """``_estimate_kernel`` for BLOCK_M consecutive query blocks (rows t) per program, float32."""
     pid_m = tl.program_id(0).to(tl.int64)
@@ -133,7 +146,7 @@ def _estimate_tile_kernel(
         k = tl.load(k_base + j[:, None] * stride_kn + offs_d[None, :] * stride_kd,
                     mask=(j < tile_end)[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)  # [BN, BD]
         allowed = (j[None, :] < end[:, None]) & (j[None, :] >= sink)
-        logits = tl.where(allowed, tl.dot(q, tl.trans(k), input_precision="ieee") * scale, float("-inf"))
+        logits = tl.where(allowed, tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(logits, 1))
         m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)  # a chunk with nothing allowed: no NaN
         l_i = l_i * tl.exp(m_i - m_sub) + tl.sum(tl.exp(logits - m_sub[:, None]), 1)
@@ -145,7 +158,7 @@ def _estimate_tile_kernel(
         k = tl.load(k_base + j[:, None] * stride_kn + offs_d[None, :] * stride_kd,
                     mask=(j < tile_end)[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
         allowed = (j[None, :] < end[:, None]) & (j[None, :] >= sink)
-        logits = tl.where(allowed, tl.dot(q, tl.trans(k), input_precision="ieee") * scale, float("-inf"))
+        logits = tl.where(allowed, tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale, float("-inf"))
         p = _div(tl.exp(logits - m_sub[:, None]), denom[:, None], False)  # 0 where not allowed
         tl.store(row_out[:, None] + j[None, :], p, mask=in_rows[:, None] & (j[None, :] <= i[:, None]))
 
@@ -181,7 +194,7 @@ def block_estimate_triton(
         raise ValueError(f"rows_per_program={rows} is not supported; expected 1 or a power of two >= 16")
     if rows > 1 and k_means.dtype == torch.float32:
         # Tiles for tl.dot: at least 16 each way; a K̄ chunk of [BN, BD] and a [BM, BN] logit tile in registers.
-        block_n = max(16, min(next_power_of_2(grid.num_blocks), 64)) if block_n is None else max(16, block_n)
+        block_n = max(16, min(next_power_of_2(grid.num_blocks), TILE_BLOCK_N)) if block_n is None else max(16, block_n)
         with launch_device(k_means):
             _estimate_tile_kernel[(cdiv(nqb, rows), batch * chunk_heads)](
                 q_means, k_means, sink, sink if query_rows is None else query_rows,
@@ -189,7 +202,8 @@ def block_estimate_triton(
                 chunk_heads, head_start, q_heads // kv_heads, nqb, grid.first_query_block, pairs,
                 float_bits(softmax_scale, k_means.dtype), HEAD_DIM=head_dim, BLOCK_D=max(16, block_d),
                 BLOCK_M=rows, BLOCK_N=block_n, HAS_QUERY_ROWS=query_rows is not None,
-                HAS_QUERY_AWARE=query_aware is not None, num_warps=1 if interpreting() else 4,
+                HAS_QUERY_AWARE=query_aware is not None, DOT_PRECISION=TILE_DOT_PRECISION,
+                num_warps=1 if interpreting() else TILE_NUM_WARPS,
             )
         return out
     with launch_device(k_means):

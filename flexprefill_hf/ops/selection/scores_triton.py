@@ -17,6 +17,12 @@ probabilities, so two passes over the keys reduce them on the fly and no r x n t
 
 Three launches and no other device work: the selection's fixed cost on CUDA is mostly launches.
 
+Both passes read each key tile as rows [BN, D] (head dim contiguous, as K lies) and transpose it on chip
+(``_K_ROWS``; the LSE kernel then needs 128 registers a thread instead of 229 and took 0.41 instead of 0.58 ms at
+128K on the H200), and mask only the tiles that need it (``_visible_tiles``: the first real tile and the tiles past
+the first representative row). Where the time goes (H200, 128K, 32 heads, ablation in RESULTS.md 2026-12-02 fifth
+session): the probabilities and their column sums ~0.8 ms, the diagonals' ``tl.gather`` rotation ~1.2 ms more.
+
 Layouts as in ``scores.representative_scores`` (the PyTorch version, and the oracle of the tests):
 q [B, q_len, Hq, D], k [B, n, Hkv, D], any strides.
 """
@@ -35,6 +41,10 @@ from ..runtime import LOG2E, cdiv, interpreting, next_power_of_2
 
 # Partial (max, sum) rows one program of the scores kernel loads at once.
 _SPLIT_CHUNK = 32
+# How both kernels read a key tile: True, as rows [BN, D] (head dim contiguous, the way K lies in memory) transposed
+# on chip; False, the [D, BN] transpose by strided loads. Rows: measured faster on the H200 (RESULTS.md, 2026-12-02
+# fifth session).
+_K_ROWS = True
 # How the scores kernel sums a tile's diagonals: True, by rotating each row with ``tl.gather`` (on-chip);
 # False, through a skewed per-program scratch in global memory (a 128 x 256 fp32 store and reload per tile).
 _DIAGONAL_BY_GATHER = True
@@ -81,23 +91,63 @@ def _load_rep_queries(Q, off_b, off_h, stride_qb, stride_qm, stride_qh, stride_q
 @triton.jit
 def _tile_scores(q, K, off_b, off_kvh, stride_kb, stride_kn, stride_kh, stride_kd, n_start, n, key_lo, pos,
                  qk_scale, k_base, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
-                 UPCAST: tl.constexpr, PACKED_K: tl.constexpr):
+                 UPCAST: tl.constexpr, PACKED_K: tl.constexpr, MASKED: tl.constexpr = True,
+                 K_ROWS: tl.constexpr = True):
     """Scaled scores (log2 units) of the representative rows against keys n_start.. (masked to -inf).
     PACKED_K: key position t of the view is row k_base + t of the packed K, and positions before key_lo
-    (another sequence's rows, or before the tensor) are never read."""
+    (another sequence's rows, or before the tensor) are never read. MASKED=False: the caller knows every key
+    of the tile is real and visible to every row (``_visible_tiles``): no mask at all.
+    K_ROWS: load the keys as rows [BN, BD] (head dim contiguous, as K lies) and transpose on chip; False loads
+    the [BD, BN] transpose directly (the older way)."""
     offs_n = n_start + tl.arange(0, BLOCK)
     offs_d = tl.arange(0, BLOCK_D)
-    ptrs = (K + off_b * stride_kb + off_kvh * stride_kh + offs_d[:, None] * stride_kd
-            + (k_base + offs_n[None, :]) * stride_kn)
     load_n = offs_n < n
     if PACKED_K:
         load_n = load_n & (offs_n >= key_lo)
-    kt = tl.load(ptrs, mask=load_n[None, :] & (offs_d < HEAD_DIM)[:, None], other=0.0)  # [BD, BN]
+    base = K + off_b * stride_kb + off_kvh * stride_kh
+    if K_ROWS:
+        ptrs = base + (k_base + offs_n[:, None]) * stride_kn + offs_d[None, :] * stride_kd
+        if MASKED:
+            k = tl.load(ptrs, mask=load_n[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)  # [BN, BD]
+        else:
+            k = tl.load(ptrs, mask=(offs_d < HEAD_DIM)[None, :], other=0.0)
+        kt = tl.trans(k)
+    else:
+        ptrs = base + offs_d[:, None] * stride_kd + (k_base + offs_n[None, :]) * stride_kn
+        if MASKED:
+            kt = tl.load(ptrs, mask=load_n[None, :] & (offs_d < HEAD_DIM)[:, None], other=0.0)  # [BD, BN]
+        else:
+            kt = tl.load(ptrs, mask=(offs_d < HEAD_DIM)[:, None], other=0.0)
     if UPCAST:
         kt = kt.to(tl.float32)
     qk = tl.dot(q, kt) * qk_scale  # [BR, BN]
-    visible = (offs_n[None, :] <= pos[:, None]) & (offs_n[None, :] >= key_lo) & (offs_n[None, :] < n)
-    return tl.where(visible, qk, float("-inf"))
+    if MASKED:
+        visible = (offs_n[None, :] <= pos[:, None]) & (offs_n[None, :] >= key_lo) & (offs_n[None, :] < n)
+        qk = tl.where(visible, qk, float("-inf"))
+    return qk
+
+
+@triton.jit
+def _visible_tiles(t_lo, t_hi, n, r, key_lo, query_lo, BLOCK: tl.constexpr):
+    """The tiles [lo, hi) of [t_lo, t_hi) that need no mask: all BLOCK rows are real queries (r = BLOCK, none before
+    the first query) and every key of the tile is real and at or before the first row's position n - r."""
+    all_rows = (r == BLOCK) & (query_lo <= n - r)
+    lo = tl.minimum(tl.maximum(t_lo, (key_lo + BLOCK - 1) // BLOCK), t_hi)
+    hi = tl.where(all_rows, tl.maximum(tl.minimum(t_hi, (n - r + 1) // BLOCK), lo), lo)
+    return lo, hi
+
+
+@triton.jit
+def _online_row_sums(q, K, off_b, off_kvh, stride_kb, stride_kn, stride_kh, stride_kd, t, n, key_lo, pos, qk_scale,
+                     k_base, m_i, l_i, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
+                     UPCAST: tl.constexpr, PACKED_K: tl.constexpr, MASKED: tl.constexpr, K_ROWS: tl.constexpr):
+    """One tile of the online softmax: the rows' running (max, sum) after key tile t."""
+    qk = _tile_scores(q, K, off_b, off_kvh, stride_kb, stride_kn, stride_kh, stride_kd, t * BLOCK, n, key_lo,
+                      pos, qk_scale, k_base, BLOCK, BLOCK_D, HEAD_DIM, UPCAST, PACKED_K, MASKED, K_ROWS)
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+    l_i = l_i * tl.math.exp2(m_i - m_sub) + tl.sum(tl.math.exp2(qk - m_sub[:, None]), 1)
+    return m_new, l_i
 
 
 @triton.jit
@@ -107,6 +157,7 @@ def _representative_lse_kernel(
     num_heads, num_kv_groups, q_len, n, r, tiles_per_program, num_splits, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr, HAS_KEY_START: tl.constexpr,
     HAS_QUERY_START: tl.constexpr, UPCAST: tl.constexpr, PACKED_K: tl.constexpr, HAS_SKIP: tl.constexpr,
+    K_ROWS: tl.constexpr,
 ):
     # torch.compile may hand float scalars over as fp64; keep the softmax state in fp32.
     qk_scale = tl.full([], qk_scale, tl.float32)
@@ -124,13 +175,19 @@ def _representative_lse_kernel(
     l_i = tl.zeros([BLOCK], dtype=tl.float32)
     # Tiles wholly before the first real key (left padding; a short sequence in a packed batch's long view) add
     # nothing to the row sums: skipped, so the work follows the real keys, not the padded length.
-    for t in range(tl.maximum(pid_s * tiles_per_program, key_lo // BLOCK), (pid_s + 1) * tiles_per_program):
-        qk = _tile_scores(q, K, off_b, off_kvh, stride_kb, stride_kn, stride_kh, stride_kd, t * BLOCK, n, key_lo,
-                          pos, qk_scale, k_base, BLOCK, BLOCK_D, HEAD_DIM, UPCAST, PACKED_K)
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
-        l_i = l_i * tl.math.exp2(m_i - m_sub) + tl.sum(tl.math.exp2(qk - m_sub[:, None]), 1)
-        m_i = m_new
+    t_lo = tl.maximum(pid_s * tiles_per_program, key_lo // BLOCK)
+    t_hi = (pid_s + 1) * tiles_per_program
+    # Masks only where a tile needs one: before (left padding) and after (causal, the end) the wholly visible run.
+    free_lo, free_hi = _visible_tiles(t_lo, t_hi, n, r, key_lo, query_lo, BLOCK)
+    for t in range(t_lo, free_lo):
+        m_i, l_i = _online_row_sums(q, K, off_b, off_kvh, stride_kb, stride_kn, stride_kh, stride_kd, t, n, key_lo, pos,
+                                    qk_scale, k_base, m_i, l_i, BLOCK, BLOCK_D, HEAD_DIM, UPCAST, PACKED_K, True, K_ROWS)
+    for t in range(free_lo, free_hi):
+        m_i, l_i = _online_row_sums(q, K, off_b, off_kvh, stride_kb, stride_kn, stride_kh, stride_kd, t, n, key_lo, pos,
+                                    qk_scale, k_base, m_i, l_i, BLOCK, BLOCK_D, HEAD_DIM, UPCAST, PACKED_K, False, K_ROWS)
+    for t in range(free_hi, t_hi):
+        m_i, l_i = _online_row_sums(q, K, off_b, off_kvh, stride_kb, stride_kn, stride_kh, stride_kd, t, n, key_lo, pos,
+                                    qk_scale, k_base, m_i, l_i, BLOCK, BLOCK_D, HEAD_DIM, UPCAST, PACKED_K, True, K_ROWS)
     out = (pid_bh * num_splits + pid_s) * BLOCK + offs_r
     tl.store(PartMax + out, m_i)
     tl.store(PartSum + out, l_i)
@@ -162,13 +219,48 @@ def _combine_partials(PartMax, PartSum, pid_bh, num_splits, BLOCK: tl.constexpr,
 
 
 @triton.jit
+def _tile_sums(q, K, off_b, off_kvh, stride_kb, stride_kn, stride_kh, stride_kd, t, n, key_lo, pos, qk_scale, k_base,
+               lse2, row_scale, Vertical, Diagonal, scratch, skew, rotate, wraps, pid_bh, num_tiles,
+               BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr, UPCAST: tl.constexpr,
+               PACKED_K: tl.constexpr, ROW_CHUNK: tl.constexpr, DIAGONAL_BY_GATHER: tl.constexpr,
+               MASKED: tl.constexpr, K_ROWS: tl.constexpr):
+    """Key tile t of the scores kernel: its probabilities' column sums and partial diagonal sums, stored."""
+    WIDTH: tl.constexpr = 2 * BLOCK
+    offs_n = tl.arange(0, BLOCK)
+    offs_w = tl.arange(0, WIDTH)
+    qk = _tile_scores(q, K, off_b, off_kvh, stride_kb, stride_kn, stride_kh, stride_kd, t * BLOCK, n, key_lo,
+                      pos, qk_scale, k_base, BLOCK, BLOCK_D, HEAD_DIM, UPCAST, PACKED_K, MASKED, K_ROWS)
+    p = tl.math.exp2(qk - lse2[:, None]) * row_scale  # [BR, BN]
+    tl.store(Vertical + pid_bh * n + t * BLOCK + offs_n, tl.sum(p, 0), mask=t * BLOCK + offs_n < n)
+    out = Diagonal + (pid_bh * num_tiles + t) * WIDTH
+    if DIAGONAL_BY_GATHER:
+        rotated = tl.gather(p, rotate, 1)  # [BR, BN]
+        # Layout: [0, BLOCK) the diagonals c - BLOCK (column 0 holds none: 0), [BLOCK, 2 BLOCK) the diagonals c.
+        tl.store(out + offs_n, tl.sum(tl.where(wraps, rotated, 0.0), 0))
+        tl.store(out + BLOCK + offs_n, tl.sum(tl.where(wraps, 0.0, rotated), 0))
+    else:
+        tl.store(scratch + skew, p)
+        tl.debug_barrier()
+        diag = tl.zeros([WIDTH], dtype=tl.float32)
+        for c in tl.static_range(0, BLOCK, ROW_CHUNK):
+            rows = c + tl.arange(0, ROW_CHUNK)
+            # Row i holds columns BLOCK-1-i .. 2*BLOCK-2-i; the rest is never written (uninitialised).
+            shift = offs_w[None, :] + rows[:, None]
+            written = (shift >= BLOCK - 1) & (shift < WIDTH - 1)
+            diag += tl.sum(tl.load(scratch + rows[:, None] * WIDTH + offs_w[None, :], mask=written, other=0.0), 0)
+        tl.debug_barrier()
+        # Layout: column c holds the diagonal c - (BLOCK - 1).
+        tl.store(out + offs_w, diag)
+
+
+@triton.jit
 def _representative_scores_kernel(
     Q, K, KeyStart, QueryStart, KeyBase, Skip, PartMax, PartSum, Vertical, Diagonal, Scratch,
     stride_qb, stride_qm, stride_qh, stride_qd, stride_kb, stride_kn, stride_kh, stride_kd,
     num_heads, num_kv_groups, q_len, n, r, num_tiles, tiles_per_program, num_splits, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr, HAS_KEY_START: tl.constexpr,
     HAS_QUERY_START: tl.constexpr, UPCAST: tl.constexpr, PACKED_K: tl.constexpr, ROW_CHUNK: tl.constexpr,
-    SPLIT_CHUNK: tl.constexpr, DIAGONAL_BY_GATHER: tl.constexpr, HAS_SKIP: tl.constexpr,
+    SPLIT_CHUNK: tl.constexpr, DIAGONAL_BY_GATHER: tl.constexpr, HAS_SKIP: tl.constexpr, K_ROWS: tl.constexpr,
 ):
     WIDTH: tl.constexpr = 2 * BLOCK
     # torch.compile may hand float scalars over as fp64; keep the softmax state in fp32.
@@ -194,10 +286,12 @@ def _representative_scores_kernel(
         # c + i - BLOCK (diagonal c - BLOCK). The rotation runs in on-chip memory, never through global scratch.
         rotate = (offs_n[None, :] + offs_r[:, None]) % BLOCK  # [BR, BN]
         wraps = offs_n[None, :] + offs_r[:, None] >= BLOCK
+        scratch, skew = Scratch, 0  # unused
     else:
         scratch = Scratch + (pid_bh * tl.num_programs(1) + pid_s) * (BLOCK * WIDTH)
         # Element (i, j) of a tile lies on diagonal column j - i + BLOCK - 1 of the skewed scratch.
         skew = offs_r[:, None] * WIDTH + offs_n[None, :] - offs_r[:, None] + BLOCK - 1
+        rotate, wraps = 0, 0  # unused
     t_end = tl.minimum((pid_s + 1) * tiles_per_program, num_tiles)
     # Tiles wholly before the first real key: every probability there is 0 (as the masked scores give), stored
     # without computing them.
@@ -206,30 +300,20 @@ def _representative_scores_kernel(
         tl.store(Vertical + pid_bh * n + t * BLOCK + offs_n, tl.zeros([BLOCK], dtype=tl.float32),
                  mask=t * BLOCK + offs_n < n)
         tl.store(Diagonal + (pid_bh * num_tiles + t) * WIDTH + offs_w, tl.zeros([WIDTH], dtype=tl.float32))
-    for t in range(t_real, t_end):
-        qk = _tile_scores(q, K, off_b, off_kvh, stride_kb, stride_kn, stride_kh, stride_kd, t * BLOCK, n, key_lo,
-                          pos, qk_scale, k_base, BLOCK, BLOCK_D, HEAD_DIM, UPCAST, PACKED_K)
-        p = tl.math.exp2(qk - lse2[:, None]) * row_scale  # [BR, BN]
-        tl.store(Vertical + pid_bh * n + t * BLOCK + offs_n, tl.sum(p, 0), mask=t * BLOCK + offs_n < n)
-        out = Diagonal + (pid_bh * num_tiles + t) * WIDTH
-        if DIAGONAL_BY_GATHER:
-            rotated = tl.gather(p, rotate, 1)  # [BR, BN]
-            # Layout: [0, BLOCK) the diagonals c - BLOCK (column 0 holds none: 0), [BLOCK, 2 BLOCK) the diagonals c.
-            tl.store(out + offs_n, tl.sum(tl.where(wraps, rotated, 0.0), 0))
-            tl.store(out + BLOCK + offs_n, tl.sum(tl.where(wraps, 0.0, rotated), 0))
-        else:
-            tl.store(scratch + skew, p)
-            tl.debug_barrier()
-            diag = tl.zeros([WIDTH], dtype=tl.float32)
-            for c in tl.static_range(0, BLOCK, ROW_CHUNK):
-                rows = c + tl.arange(0, ROW_CHUNK)
-                # Row i holds columns BLOCK-1-i .. 2*BLOCK-2-i; the rest is never written (uninitialised).
-                shift = offs_w[None, :] + rows[:, None]
-                written = (shift >= BLOCK - 1) & (shift < WIDTH - 1)
-                diag += tl.sum(tl.load(scratch + rows[:, None] * WIDTH + offs_w[None, :], mask=written, other=0.0), 0)
-            tl.debug_barrier()
-            # Layout: column c holds the diagonal c - (BLOCK - 1).
-            tl.store(out + offs_w, diag)
+    # Masks only where a tile needs one: before (left padding) and after (causal, the end) the wholly visible run.
+    free_lo, free_hi = _visible_tiles(t_real, t_end, n, r, key_lo, query_lo, BLOCK)
+    for t in range(t_real, free_lo):
+        _tile_sums(q, K, off_b, off_kvh, stride_kb, stride_kn, stride_kh, stride_kd, t, n, key_lo, pos, qk_scale,
+                   k_base, lse2, row_scale, Vertical, Diagonal, scratch, skew, rotate, wraps, pid_bh, num_tiles,
+                   BLOCK, BLOCK_D, HEAD_DIM, UPCAST, PACKED_K, ROW_CHUNK, DIAGONAL_BY_GATHER, True, K_ROWS)
+    for t in range(free_lo, free_hi):
+        _tile_sums(q, K, off_b, off_kvh, stride_kb, stride_kn, stride_kh, stride_kd, t, n, key_lo, pos, qk_scale,
+                   k_base, lse2, row_scale, Vertical, Diagonal, scratch, skew, rotate, wraps, pid_bh, num_tiles,
+                   BLOCK, BLOCK_D, HEAD_DIM, UPCAST, PACKED_K, ROW_CHUNK, DIAGONAL_BY_GATHER, False, K_ROWS)
+    for t in range(free_hi, t_end):
+        _tile_sums(q, K, off_b, off_kvh, stride_kb, stride_kn, stride_kh, stride_kd, t, n, key_lo, pos, qk_scale,
+                   k_base, lse2, row_scale, Vertical, Diagonal, scratch, skew, rotate, wraps, pid_bh, num_tiles,
+                   BLOCK, BLOCK_D, HEAD_DIM, UPCAST, PACKED_K, ROW_CHUNK, DIAGONAL_BY_GATHER, True, K_ROWS)
 
 
 @triton.jit
@@ -306,7 +390,7 @@ def representative_scores_triton(
         HEAD_DIM=head_dim, BLOCK_D=next_power_of_2(head_dim), BLOCK=block,
         HAS_KEY_START=has_key_start, HAS_QUERY_START=query_start is not None,
         UPCAST=interpret and q.dtype == torch.bfloat16, PACKED_K=packed, HAS_SKIP=skip is not None,
-        num_warps=8 if block == 128 else 4,
+        K_ROWS=_K_ROWS, num_warps=8 if block == 128 else 4,
     )
     qk_scale = softmax_scale * LOG2E
     k_strides = (0, *k.stride()) if packed else k.stride()  # packed: one row of keys shared by every sequence
