@@ -18,9 +18,10 @@ probabilities, so two passes over the keys reduce them on the fly and no r x n t
 Three launches and no other device work: the selection's fixed cost on CUDA is mostly launches.
 
 Both passes read each key tile as rows [BN, D] (head dim contiguous, as K lies) and transpose it on chip
-(``_K_ROWS``; the LSE kernel then needs 128 registers a thread instead of 229 and took 0.41 instead of 0.58 ms at
-128K on the H200), and mask only the tiles that need it (``_visible_tiles``: the first real tile and the tiles past
-the first representative row). Where the time goes (H200, 128K, 32 heads, ablation in RESULTS.md 2026-12-02 fifth
+(``_K_ROWS``; ptxas then gives the LSE kernel 128 registers a thread instead of 229), and mask only the tiles that
+need it (``_visible_tiles``: the first real tile and the tiles past the first representative row). Together the two
+took the LSE kernel from 0.58 to 0.41 ms at 128K on the H200; the row reads alone account for ~0.04 ms of the whole
+selection (``profile_selection.py --k-columns``), the rest was not separated. Where the time goes (H200, 128K, 32 heads, ablation in RESULTS.md 2026-12-02 fifth
 session): the probabilities and their column sums ~0.8 ms, the diagonals' ``tl.gather`` rotation ~1.2 ms more.
 
 Layouts as in ``scores.representative_scores`` (the PyTorch version, and the oracle of the tests):
@@ -42,8 +43,8 @@ from ..runtime import LOG2E, cdiv, interpreting, next_power_of_2
 # Partial (max, sum) rows one program of the scores kernel loads at once.
 _SPLIT_CHUNK = 32
 # How both kernels read a key tile: True, as rows [BN, D] (head dim contiguous, the way K lies in memory) transposed
-# on chip; False, the [D, BN] transpose by strided loads. Rows: measured faster on the H200 (RESULTS.md, 2026-12-02
-# fifth session).
+# on chip; False, the [D, BN] transpose by strided loads. Rows: 5.18 vs 5.22 ms for the 128K selection on the H200
+# (RESULTS.md, 2026-12-02 fifth session); fewer registers.
 _K_ROWS = True
 # How the scores kernel sums a tile's diagonals: True, by rotating each row with ``tl.gather`` (on-chip);
 # False, through a skewed per-program scratch in global memory (a 128 x 256 fp32 store and reload per tile).
