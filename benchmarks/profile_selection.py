@@ -116,6 +116,8 @@ def main(argv=None):
     parser.add_argument("--iters", type=int, default=50)
     parser.add_argument("--scratch", action="store_true",
                         help="sum diagonals through the scores kernel's global scratch (scores_triton._DIAGONAL_BY_GATHER)")
+    parser.add_argument("--no-shared-skew", action="store_true",
+                        help="the Triton scores kernel even on Hopper (scores_triton._SHARED_SKEW = False; default there: Gluon)")
     parser.add_argument("--estimate-rows", type=int, default=None,
                         help="query blocks per program of the §4 estimate (estimate_triton.ROWS_PER_PROGRAM; 16/32: tiles)")
     parser.add_argument("--estimate-ieee", action="store_true",
@@ -144,6 +146,10 @@ def main(argv=None):
         from flexprefill_hf.ops.selection import scores_triton
 
         scores_triton._DIAGONAL_BY_GATHER = False
+    if args.no_shared_skew:
+        from flexprefill_hf.ops.selection import scores_triton
+
+        scores_triton._SHARED_SKEW = False
     if args.estimate_rows is not None:
         from flexprefill_hf.ops.selection import estimate_triton
 

@@ -35,15 +35,24 @@ def needs_float64_kernels(dtype):
         (1, 130, 700, 4, 4, 96, 128, None, torch.bfloat16),
         (1, 64, 1100, 2, 1, 32, 64, None, torch.float16),  # more than 1024 offsets: two slash programs
         (2, 40, 900, 2, 1, 32, 64, [0, 700], torch.float16),  # padding tiles skipped, whole programs of them
+        # Block 128, head dims 64/128: the cases the Gluon kernel takes on Hopper ("shared" below).
+        (2, 200, 2000, 4, 2, 64, 128, [0, 1300], torch.bfloat16),
+        (1, 90, 1337, 8, 2, 128, 128, None, torch.float16),  # fewer rows than the block
+        (1, 3000, 3000, 4, 1, 128, 128, None, torch.bfloat16),
     ],
 )
 @pytest.mark.parametrize("splits", [None, 5])
-# The two ways to sum diagonals, and the two ways to read a key tile (as rows, or as its transpose).
-@pytest.mark.parametrize("by_gather, k_rows", [(True, True), (False, True), (True, False)],
-                         ids=["gather", "scratch", "gather-kt"])
+# The ways to sum diagonals (Triton: gather, scratch; Gluon on Hopper: skewed through shared memory) and the two ways
+# to read a key tile (as rows, or as its transpose).
+@pytest.mark.parametrize("by_gather, k_rows, shared", [(True, True, False), (False, True, False), (True, False, False),
+                                                       (True, True, True)],
+                         ids=["gather", "scratch", "gather-kt", "shared"])
 def test_representative_scores_match_torch(
-    batch, q_len, k_len, hq, hkv, d, block, starts, dtype, splits, by_gather, k_rows, monkeypatch, poison_empty
+    batch, q_len, k_len, hq, hkv, d, block, starts, dtype, splits, by_gather, k_rows, shared, monkeypatch,
+    poison_empty
 ):
+    if shared:
+        _needs_gluon_scores(block, d, dtype)
     q, k, _ = random_qkv(batch, q_len, k_len, hq, hkv, d, dtype=dtype, scale=1.5, seed=q_len + d)
     q, k = q.to(DEVICE), k.to(DEVICE)
     key_start = None if starts is None else torch.tensor(starts, device=DEVICE)
@@ -58,12 +67,48 @@ def test_representative_scores_match_torch(
     monkeypatch.setattr(scores_triton, "_K_ROWS", k_rows)
     # Fresh memory is poisoned (NaN): the kernels must write every output and read no scratch they did not write.
     before = len(poison_empty.shapes)
-    got_v, got_s = representative_scores_triton(q, k, grid, scale, key_start, splits=splits)
+    got_v, got_s = representative_scores_triton(q, k, grid, scale, key_start, splits=splits, shared_skew=shared)
     assert (2, batch, hq, k_len) in poison_empty.shapes[before:]  # the output itself came poisoned
     # Same half-precision inputs, fp32 arithmetic in both: only the summation order differs.
     torch.testing.assert_close(got_v, want_v, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(got_s, want_s, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(got_v.sum(-1), torch.ones_like(got_v.sum(-1)), rtol=1e-4, atol=1e-4)
+
+
+def _needs_gluon_scores(block, d, dtype):
+    """Skip unless the Gluon scores kernel runs here (a Hopper GPU with Gluon; never in the interpreter)."""
+    from flexprefill_hf.ops.selection import scores_gluon
+
+    if DEVICE != "cuda":
+        pytest.skip("the Gluon scores kernel runs on the GPU only")
+    probe = torch.empty(1, 1, 1, d, dtype=dtype, device=DEVICE)
+    reason = scores_gluon.unsupported_reason(probe, probe, block)
+    if reason:
+        pytest.skip(f"Gluon scores kernel: {reason}")
+
+
+@pytest.mark.parametrize("what", ["query_start", "skip"])
+def test_gluon_scores_equal_triton_scores_with_a_cache_and_skips(what):
+    # The Gluon kernel against the Triton one on what the torch oracle test above does not reach: a cache in front
+    # of the queries (query_start) and skipped sequences. Same fp32 products; only the summation order differs.
+    _needs_gluon_scores(128, 128, torch.bfloat16)
+    q, k, _ = random_qkv(3, 150, 2600, 8, 2, 128, dtype=torch.bfloat16, scale=1.5, seed=31)
+    q, k = q.to(DEVICE), k.to(DEVICE)
+    grid = BlockGrid(150, 2600, 128)
+    key_start = torch.tensor([0, 333, 2100], device=DEVICE)
+    extra = dict(query_start=torch.tensor([2450, 2500, 2480], device=DEVICE)) if what == "query_start" else dict(
+        skip=torch.tensor([False, True, False], device=DEVICE))
+    want = representative_scores_triton(q, k, grid, 0.09, key_start, splits=4, shared_skew=False, **extra)
+    got = representative_scores_triton(q, k, grid, 0.09, key_start, splits=4, shared_skew=True, **extra)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    if what == "skip":
+        assert (got[:, 1] == 0).all()
+
+
+def test_shared_skew_refused_where_unsupported():
+    q = torch.zeros(1, 4, 2, 96, dtype=torch.float16)
+    with pytest.raises(ValueError, match="shared_skew"):
+        representative_scores_triton(q, q, BlockGrid(4, 4, 64), 0.1, None, shared_skew=True)
 
 
 def test_skipped_sequences_get_zero_scores_and_the_rest_are_unchanged(poison_empty):

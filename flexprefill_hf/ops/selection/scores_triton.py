@@ -49,6 +49,9 @@ _K_ROWS = True
 # How the scores kernel sums a tile's diagonals: True, by rotating each row with ``tl.gather`` (on-chip);
 # False, through a skewed per-program scratch in global memory (a 128 x 256 fp32 store and reload per tile).
 _DIAGONAL_BY_GATHER = True
+# Where ``scores_gluon.supported`` (Hopper, fp16/bf16, block 128, head dim 64/128): the Gluon version of the scores
+# kernel, which skews each tile through shared memory instead (H200 measurements: RESULTS.md, 2026-12-03).
+_SHARED_SKEW = True
 
 
 @triton.jit
@@ -345,10 +348,25 @@ def _slash_scores_kernel(Diagonal, Slash, n, r, num_tiles, BLOCK: tl.constexpr, 
     tl.store(Slash + pid_bh * n + offs_o, first + second, mask=in_range)
 
 
+def _use_shared_skew(q: torch.Tensor, k: torch.Tensor, block: int, shared_skew: Optional[bool]) -> bool:
+    """Whether this call runs the Gluon scores kernel (``representative_scores_triton``'s shared_skew)."""
+    if shared_skew is False or (shared_skew is None and not _SHARED_SKEW) or interpreting():
+        if shared_skew:
+            raise ValueError("shared_skew=True needs a GPU; the Triton interpreter cannot run Gluon kernels")
+        return False
+    from . import scores_gluon
+
+    ok = scores_gluon.supported(q, k, block)
+    if shared_skew and not ok:
+        raise ValueError(f"shared_skew=True is not supported here: {scores_gluon.unsupported_reason(q, k, block)}")
+    return ok
+
+
 def representative_scores_triton(
     q: torch.Tensor, k: torch.Tensor, grid: BlockGrid, softmax_scale: float, key_start, splits: Optional[int] = None,
     *, query_start: Optional[torch.Tensor] = None, cu_seqlens_k: Optional[torch.Tensor] = None,
     diagonal_by_gather: Optional[bool] = None, skip: Optional[torch.Tensor] = None,
+    shared_skew: Optional[bool] = None,
 ) -> torch.Tensor:
     """Vertical and slash scores of the representative queries, fp32 [2, B, Hq, n] (a_v, a_s).
 
@@ -360,7 +378,11 @@ def representative_scores_triton(
     Same function as ``scores.representative_scores`` (up to fp32 rounding).
     splits: programs per head (each takes a range of key tiles); default: enough to fill the GPU, 1
     when interpreting.
-    diagonal_by_gather: how the tiles' diagonals are summed (module docstring); default ``_DIAGONAL_BY_GATHER``.
+    diagonal_by_gather: how the Triton kernel sums the tiles' diagonals (module docstring); default
+    ``_DIAGONAL_BY_GATHER``.
+    shared_skew: run the Gluon scores kernel (``scores_gluon.py``, same outputs, the diagonals skewed through
+    shared memory) instead of the Triton one: None where ``scores_gluon.supported`` and ``_SHARED_SKEW``; True
+    requires it (ValueError where unsupported); False never.
     skip: optional bool [B], sequences whose scores nobody reads (they run dense): their rows are 0, computed
     from no key (the work of a selection then follows the sequences that need one).
     """
@@ -408,6 +430,17 @@ def representative_scores_triton(
 
         scores = torch.empty(2, batch, q_heads, n, dtype=torch.float32, device=device)
         diagonal = torch.empty(batch * q_heads, num_tiles, 2 * block, dtype=torch.float32, device=device)
+        split_chunk = min(_SPLIT_CHUNK, max(2, next_power_of_2(splits)))
+        if _use_shared_skew(q, k, block, shared_skew):
+            from . import scores_gluon
+
+            scores_gluon.launch_scores(q, k, starts, query_starts, k_base, skips, part_max, part_sum, scores[0],
+                                       diagonal, common, num_tiles, per_program, splits, qk_scale, meta, split_chunk)
+            # Same diagonal layout as the gather way's.
+            _slash_scores_kernel[(batch * q_heads, cdiv(n, 1024))](
+                diagonal, scores[1], n, r, num_tiles, BLOCK=block, BLOCK_O=1024, DIAGONAL_BY_GATHER=True, num_warps=4,
+            )
+            return scores
         by_gather = _DIAGONAL_BY_GATHER if diagonal_by_gather is None else diagonal_by_gather
         # The kernel reads back only the scratch entries it wrote (none by gather: any pointer will do).
         scratch = diagonal if by_gather else torch.empty(batch * q_heads * splits * block * 2 * block,
@@ -415,7 +448,7 @@ def representative_scores_triton(
         _representative_scores_kernel[(batch * q_heads, splits)](
             q, k, starts, query_starts, k_base, skips, part_max, part_sum, scores[0], diagonal, scratch, *common,
             num_tiles, per_program, splits, qk_scale, ROW_CHUNK=min(block, 32),
-            SPLIT_CHUNK=min(_SPLIT_CHUNK, max(2, next_power_of_2(splits))), DIAGONAL_BY_GATHER=by_gather,
+            SPLIT_CHUNK=split_chunk, DIAGONAL_BY_GATHER=by_gather,
             **meta,
         )
         block_o = 1024
