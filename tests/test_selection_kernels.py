@@ -106,7 +106,7 @@ def test_gluon_scores_equal_triton_scores_with_a_cache_and_skips(what):
 
 
 def test_shared_skew_refused_where_unsupported():
-    q = torch.zeros(1, 4, 2, 96, dtype=torch.float16)
+    q = torch.zeros(1, 4, 2, 96, dtype=torch.float16, device=DEVICE)  # head dim 96: no Gluon kernel anywhere
     with pytest.raises(ValueError, match="shared_skew"):
         representative_scores_triton(q, q, BlockGrid(4, 4, 64), 0.1, None, shared_skew=True)
 

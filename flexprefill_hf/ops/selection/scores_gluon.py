@@ -7,13 +7,17 @@ fp32 tile, ~1.2 of the pass's 2.0 ms at 128K on the H200). Here the rotation goe
 Gluon exposes and Triton does not:
 
 * the representative rows are taken in reverse order (row i' = BLOCK-1-i), so that key j of row i' lies on
-  diagonal i' + j (a slash line: the key's distance to the query is constant along it);
-* the probabilities are stored with a padded layout, one pad element after each row of BLOCK: element (i', j)
-  at address i'*(BLOCK+1) + j;
-* the same memory is read back as a plain row-major [BLOCK + 1, BLOCK] tile. Address i'*(BLOCK+1) + j is
-  row i' (+1 when i' + j >= BLOCK), column (i' + j) mod BLOCK: every column holds one diagonal above the wrap
-  and one below it (the pad elements fall on column r - 1 of row r and are masked), and a sum over rows gives
-  all 2*BLOCK - 1 diagonal sums with one store and two loads a thread and element.
+  diagonal m = i' + j (a slash line: the key's distance to the query, m - (BLOCK-1), is constant along it);
+* the probabilities are stored through a transposed view of a padded layout, one pad element after each key
+  column: element (i', j) at address j*(BLOCK+1) + i'. (Stored row-wise instead, triton 3.6 pairs a thread's
+  two adjacent wgmma columns into one 8-byte store across the pads, misaligned on odd rows.)
+* the same memory is read back as a plain row-major tile of BLOCK + 1 rows. Address j*(BLOCK+1) + i' is row j
+  (+1 where i' + j >= BLOCK), column (i' + j) mod BLOCK: each column holds diagonal c (rows r <= c) and
+  diagonal c + BLOCK (rows r > c + 1; the pad element sits at row c + 1, masked), so sums over rows give all
+  2*BLOCK - 1 diagonal sums for one shared-memory store and one load an element.
+
+The buffer is fp32 [2*BLOCK, BLOCK] (allocations are powers of two; the skew uses BLOCK + 1 rows of it), and Q's
+wgmma operand lives in its top quarter (``Q_IN_SMEM``).
 
 Gluon kernels run only on the GPU (no interpreter): the Triton kernel stays the oracle-tested path on CPU and the
 fallback everywhere this one is not supported (``supported``). Tested against the Triton and PyTorch versions in
@@ -25,6 +29,7 @@ from __future__ import annotations
 import functools
 
 import torch
+import triton
 
 _BLOCK = 128
 _NUM_WARPS = 8
@@ -35,19 +40,24 @@ ROWS_IN_THREAD = True
 Q_IN_SMEM = True
 
 
+try:  # Gluon ships with triton >= 3.5; this module is imported on the CUDA path only.
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia import hopper
+    from triton.experimental.gluon.language.nvidia.ampere import async_copy
+
+    # Gluon's API as of triton 3.6 (the version tested on the H200). Later versions renamed what this kernel uses
+    # (``_reinterpret``, ``thread_barrier``, ``async_copy_global_to_shared``: triton 3.9 has none of the three);
+    # there the Triton kernel runs.
+    _HAVE_GLUON = (hasattr(gl, "PaddedSharedLayout") and hasattr(gl, "thread_barrier")
+                   and hasattr(gl.shared_memory_descriptor, "_reinterpret") and not hasattr(async_copy, "async_load"))
+except ImportError:
+    _HAVE_GLUON = False
+
+
 @functools.lru_cache(maxsize=None)
-def _gluon():
-    """(gluon, gl, hopper, ampere async copy) modules, or None where this triton has no Gluon for Hopper."""
-    try:
-        from triton.experimental import gluon
-        from triton.experimental.gluon import language as gl
-        from triton.experimental.gluon.language.nvidia import hopper
-        from triton.experimental.gluon.language.nvidia.ampere import async_copy
-    except ImportError:
-        return None
-    if not hasattr(gl, "PaddedSharedLayout") or not hasattr(gl.shared_memory_descriptor, "_reinterpret"):
-        return None
-    return gluon, gl, hopper, async_copy
+def _capability(device_index: int):
+    return torch.cuda.get_device_capability(device_index)
 
 
 def unsupported_reason(q: torch.Tensor, k: torch.Tensor, block: int):
@@ -58,14 +68,14 @@ def unsupported_reason(q: torch.Tensor, k: torch.Tensor, block: int):
         return f"needs fp16/bf16 CUDA tensors (q {q.dtype} on {q.device.type}, k {k.dtype})"
     if block != _BLOCK or q.shape[-1] not in _HEAD_DIMS:
         return f"needs block {_BLOCK} and head dim in {_HEAD_DIMS} (block {block}, head dim {q.shape[-1]})"
-    major, minor = torch.cuda.get_device_capability(q.device)
+    major, minor = _capability(q.device.index if q.device.index is not None else torch.cuda.current_device())
     if major != 9:
         return f"needs a Hopper GPU (sm_90); this one is sm_{major}{minor}"
     for name, t in (("q", q), ("k", k)):
         if t.stride(-1) != 1 or any(s % 16 for s in t.stride()[:-1]) or t.data_ptr() % 16:
             return f"needs {name} with a contiguous, 16-byte aligned head dim (strides {tuple(t.stride())})"
     if _kernel() is None:
-        return "this triton has no Gluon with padded shared layouts"
+        return f"this triton ({triton.__version__}) lacks the Gluon API the kernel was written for (triton 3.6)"
     return None
 
 
@@ -74,13 +84,12 @@ def supported(q: torch.Tensor, k: torch.Tensor, block: int) -> bool:
     return unsupported_reason(q, k, block) is None
 
 
-@functools.lru_cache(maxsize=None)
 def _kernel():
-    """The compiled-on-demand Gluon kernel, built once (None without Gluon)."""
-    modules = _gluon()
-    if modules is None:
-        return None
-    gluon, gl, hopper, async_copy = modules
+    """The Gluon scores kernel, or None where this triton has no Gluon with padded shared layouts."""
+    return _scores_kernel if _HAVE_GLUON else None
+
+
+if _HAVE_GLUON:
 
     @gluon.jit
     def _combine_partials(PartMax, PartSum, pid_bh, num_splits, BLOCK: gl.constexpr, SPLIT_CHUNK: gl.constexpr,
@@ -121,7 +130,8 @@ def _kernel():
             load_n = load_n & (offs_n >= key_lo)
         ptrs = (K + off_b * stride_kb + off_kvh * stride_kh + (k_base + offs_n)[:, None] * stride_kn
                 + offs_d[None, :] * stride_kd)
-        async_copy.async_copy_global_to_shared(buffer, ptrs, mask=load_n[:, None] & (offs_d < HEAD_DIM)[None, :])
+        mask = load_n[:, None] & (offs_d < HEAD_DIM)[None, :]
+        async_copy.async_copy_global_to_shared(buffer, ptrs, mask=mask)
         async_copy.commit_group()
 
     @gluon.jit
@@ -275,7 +285,6 @@ def _kernel():
             _tile_sums(qk * qk_scale, t, n, key_lo, pos, lse_rows, row_scale, free_lo, free_hi, Vertical, Diagonal,
                        pid_bh, num_tiles, skew_store, skew_rows, skew_last, BLOCK, mma, skew_layout, small_layout)
 
-    return _scores_kernel
 
 
 def launch_scores(q, k, starts, query_starts, k_base, skips, part_max, part_sum, vertical, diagonal, common,

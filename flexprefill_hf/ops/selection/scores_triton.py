@@ -12,6 +12,7 @@ probabilities, so two passes over the keys reduce them on the fly and no r x n t
    by rotating row i of the tile left by i (``tl.gather``, on chip); a column then holds one diagonal
    above the wrap and another below it, summed apart. (``_DIAGONAL_BY_GATHER = False``: the older way,
    a scatter of the tile into a skewed per-program scratch in global memory and a reload.)
+   On Hopper ``scores_gluon.py`` replaces this kernel (same outputs; the rotation through shared memory).
 3. ``_slash_scores_kernel``: adds each tile's partial diagonal sums to its neighbour's and writes
    them by offset.
 
@@ -50,7 +51,8 @@ _K_ROWS = True
 # False, through a skewed per-program scratch in global memory (a 128 x 256 fp32 store and reload per tile).
 _DIAGONAL_BY_GATHER = True
 # Where ``scores_gluon.supported`` (Hopper, fp16/bf16, block 128, head dim 64/128): the Gluon version of the scores
-# kernel, which skews each tile through shared memory instead (H200 measurements: RESULTS.md, 2026-12-03).
+# kernel, which skews each tile through shared memory instead (H200: the pass 3.06 -> 1.79 ms at 128K; RESULTS.md,
+# 2026-12-02 sixth session).
 _SHARED_SKEW = True
 
 
@@ -394,6 +396,7 @@ def representative_scores_triton(
     r = grid.num_representative
     block = grid.block_size
     num_tiles = cdiv(n, block)
+    use_shared = _use_shared_skew(q, k, block, shared_skew)  # before any launch: a refusal leaves nothing half done
     interpret = interpreting()
     # Enough programs to fill the GPU: split each head's key tiles into ranges.
     if splits is None:
@@ -431,7 +434,7 @@ def representative_scores_triton(
         scores = torch.empty(2, batch, q_heads, n, dtype=torch.float32, device=device)
         diagonal = torch.empty(batch * q_heads, num_tiles, 2 * block, dtype=torch.float32, device=device)
         split_chunk = min(_SPLIT_CHUNK, max(2, next_power_of_2(splits)))
-        if _use_shared_skew(q, k, block, shared_skew):
+        if use_shared:
             from . import scores_gluon
 
             scores_gluon.launch_scores(q, k, starts, query_starts, k_base, skips, part_max, part_sum, scores[0],
