@@ -6,6 +6,7 @@ After ``pip install -e .``:
     python benchmarks/profile_selection.py                  # 8K and 128K, default (Triton) path
     python benchmarks/profile_selection.py --seq 32768 --torch   # the all-PyTorch path
     python benchmarks/profile_selection.py --time --seq 8192 32768 131072   # ms per call, no profiler
+    python benchmarks/profile_selection.py --host --seq 8192 16384   # host ms per call, graph replay, cProfile
     python benchmarks/profile_selection.py --time --scratch      # diagonals through the global scratch
     python benchmarks/profile_selection.py --time --seq 131072 --stages triton   # force one stage set
     python benchmarks/profile_selection.py --time --seq 131072 --stages triton --split-from 131072   # split search
@@ -102,6 +103,51 @@ def count_ops(seq: int = 2048, q_heads: int = 8, kv_heads: int = 2, head_dim: in
     return total, counter.launching
 
 
+def host_profile(q, k, config, backends, iters: int, rows: int) -> None:
+    """Host time of eager calls (perf_counter around calls that never wait for the GPU: the queue is far from
+    full when the call is host-bound), the GPU's own time (one call captured in a CUDA graph, replayed), then
+    cProfile's functions by own time: which Python, torch op or kernel launch the host time is spent in."""
+    import cProfile
+    import pstats
+    import time
+
+    scale = 1 / math.sqrt(q.shape[-1])
+    n = k.shape[1]
+    torch.cuda.synchronize()
+    begin = time.perf_counter()
+    for _ in range(iters):
+        select_blocks(q, k, config, scale, **backends)
+    host_ms = (time.perf_counter() - begin) * 1e3 / iters
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        select_blocks(q, k, config, scale, **backends)
+        with torch.cuda.graph(graph, stream=stream):
+            select_blocks(q, k, config, scale, **backends)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    print(f"n={n}: host {host_ms:.3f} ms per eager call, GPU {start.elapsed_time(end) / iters:.3f} ms per call "
+          f"replayed from a CUDA graph ({iters} calls)")
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(iters):
+        select_blocks(q, k, config, scale, **backends)
+    profiler.disable()
+    torch.cuda.synchronize()
+    stats = pstats.Stats(profiler)
+    stats.sort_stats("tottime").print_stats(rows)
+    stats.sort_stats("cumulative").print_stats(rows)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seq", type=int, nargs="+", default=[8192, 131072])
@@ -114,6 +160,11 @@ def main(argv=None):
     parser.add_argument("--time", action="store_true",
                         help="GPU: mean ms per eager call (CUDA events around --iters back-to-back calls), no profiler")
     parser.add_argument("--iters", type=int, default=50)
+    parser.add_argument("--no-graphs", action="store_true",
+                        help="eager launches even where the selection replays a CUDA graph (graphs.GRAPHS_BELOW = None)")
+    parser.add_argument("--host", action="store_true",
+                        help="GPU: host ms per call (no sync in the loop), GPU ms per call replayed from a CUDA graph, "
+                             "and a cProfile table of where the host time goes")
     parser.add_argument("--scratch", action="store_true",
                         help="sum diagonals through the scores kernel's global scratch (scores_triton._DIAGONAL_BY_GATHER)")
     parser.add_argument("--no-shared-skew", action="store_true",
@@ -146,6 +197,10 @@ def main(argv=None):
         from flexprefill_hf.ops.selection import scores_triton
 
         scores_triton._DIAGONAL_BY_GATHER = False
+    if args.no_graphs:
+        from flexprefill_hf.ops.selection import graphs
+
+        graphs.GRAPHS_BELOW = None
     if args.no_shared_skew:
         from flexprefill_hf.ops.selection import scores_triton
 
@@ -169,6 +224,9 @@ def main(argv=None):
         for _ in range(3):
             select_blocks(q, k, config, 1 / math.sqrt(128), **backends)
         torch.cuda.synchronize()
+        if args.host:
+            host_profile(q, k, config, backends, args.iters, args.rows)
+            continue
         if args.time:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
@@ -182,7 +240,8 @@ def main(argv=None):
                   f"{f', split from {args.split_from}' if args.split_from is not None else ''}"
                   f"{', scratch diagonals' if args.scratch else ''}"
                   f"{f', estimate rows {args.estimate_rows}' if args.estimate_rows is not None else ''}"
-                  f"{', estimate ieee' if args.estimate_ieee else ''}{', key tiles as columns' if args.k_columns else ''})")
+                  f"{', estimate ieee' if args.estimate_ieee else ''}{', key tiles as columns' if args.k_columns else ''}"
+                  f"{', no graphs' if args.no_graphs else ''})")
             continue
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=args.shapes) as prof:
             for _ in range(5):

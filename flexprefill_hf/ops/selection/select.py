@@ -40,6 +40,7 @@ from ...config import FlexPrefillConfig
 from ..block_structure import BlockStructure, causal_pair_count, causal_pair_index
 from ..grid import BlockGrid, causal_block_counts
 from ..runtime import KERNEL_DTYPES
+from . import graphs
 from .compose import MaskParts, compose_structure_torch
 from .coverage import budget_blocks, budget_limits, coverage_counts, coverage_mask, js_distance, top_blocks
 from .scores import block_counts, block_means, compute_dtype, pool_key_blocks, pool_offset_blocks, representative_scores
@@ -149,8 +150,8 @@ def select_blocks(
         counts = block_counts(seqs.key_valid, grid, dtype)  # [B, nb]
         k_means = block_means(k, seqs.key_valid, grid, dtype, counts).permute(0, 2, 1, 3)  # [B, Hkv, nb, D]
     q_means = _query_block_means(q, grid, seqs, dtype, counts)
-    return _select(q_rep, q_means, k_means, k, None, grid, seqs, config, softmax_scale, key_start, scores_backend,
-                   structure_backend)
+    return _select_or_replay(q_rep, q_means, k_means, k, None, grid, seqs, config, softmax_scale, key_start,
+                             query_start, scores_backend, structure_backend)
 
 
 def select_blocks_from_parts(
@@ -182,8 +183,32 @@ def select_blocks_from_parts(
     if (cu_seqlens_k is None) != (k_means is None):
         raise ValueError("cu_seqlens_k and k_means go together (packed keys); expected both or neither")
     seqs = _sequences(grid, q_rep.shape[0], key_start, query_start, config, q_rep.device)
-    return _select(q_rep, q_means, k_means, k, cu_seqlens_k, grid, seqs, config, softmax_scale, key_start,
-                   scores_backend, structure_backend)
+    return _select_or_replay(q_rep, q_means, k_means, k, cu_seqlens_k, grid, seqs, config, softmax_scale, key_start,
+                             query_start, scores_backend, structure_backend)
+
+
+def _select_or_replay(q_rep, q_means, k_means, k, cu_seqlens_k, grid, seqs, config, softmax_scale, key_start,
+                      query_start, scores_backend, structure_backend) -> BlockSelection:
+    """:func:`_select`, from a CUDA graph where ``graphs.wanted`` says the launches cost more than the work
+    (``graphs.py``: the same kernels, on copies of the inputs). The graph's body recomputes ``seqs`` from its
+    copies of key_start and query_start (a few small ops; the eager ``seqs`` served the means above)."""
+    inputs = (q_rep, q_means, k_means, k, cu_seqlens_k, key_start, query_start)
+    if not graphs.wanted(k.device, grid.k_len) or any(t is not None and t.device != k.device for t in inputs):
+        return _select(q_rep, q_means, k_means, k, cu_seqlens_k, grid, seqs, config, softmax_scale, key_start,
+                       scores_backend, structure_backend)
+    batch = q_rep.shape[0]
+
+    def body(q_rep, q_means, k_means, k, cu_seqlens_k, key_start, query_start):
+        seqs = _sequences(grid, batch, key_start, query_start, config, k.device)
+        chosen = _select(q_rep, q_means, k_means, k, cu_seqlens_k, grid, seqs, config, softmax_scale, key_start,
+                         scores_backend, structure_backend)
+        return (chosen.structure.indices, chosen.structure.counts, chosen.query_aware, chosen.js_distance,
+                chosen.causal_blocks)
+
+    key = ("select_blocks", grid.q_len, grid.k_len, grid.block_size, config, softmax_scale, scores_backend,
+           structure_backend)
+    indices, counts, query_aware, distance, causal = graphs.replay(key, body, inputs)
+    return BlockSelection(BlockStructure(indices=indices, counts=counts, grid=grid), query_aware, distance, causal)
 
 
 def _select(q_rep, q_means, k_means, k, cu_seqlens_k, grid, seqs, config, softmax_scale, key_start, scores_backend,
