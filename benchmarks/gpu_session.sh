@@ -402,6 +402,29 @@ perf12() {
     esac
 }
 
+perf13() {  # 2026-12-03: the graphed selection and the accumulated threshold sums, then the routing lengths
+    out=/tmp/perf_work
+    case "${1:-}" in
+        a) rm -rf "$out" && mkdir -p "$out"
+           step tests 240 python3 -m pytest -q -rfEs --tb=short -p no:cacheprovider tests/test_selection_graphs.py \
+               tests/test_selection_kernels.py -k "graph or coverage or split or vertical or gluon or shared"
+           tail -3 "$out/tests.log"
+           step check_coverage 90 python3 benchmarks/check_coverage_gpu.py
+           tail -16 "$out/check_coverage.log"
+           profile_selection 150 "--seq 8192 16384 32768 131072" "--no-accumulate --seq 8192 32768 131072" \
+               "--split-warps 4 --seq 131072"
+           step check_selection 90 python3 benchmarks/check_selection_gpu.py --seq 8192 32768 131072
+           tail -14 "$out/check_selection.log" ;;
+        b) mkdir -p "$out"
+           step attention 330 python3 benchmarks/bench_attention.py --seq 8192 12288 16384 20480 24576 32768 \
+               --inputs structured clustered random --gamma 0.9 --head-dim 128 --dtype bfloat16 --no-flash \
+               --out "$out/attention.json"
+           grep -E "^\| [0-9]" "$out/attention.log" | cut -d"|" -f2,3,6,7,8,9,10,11,12,13,22,23 ;;
+        *) echo "usage: perf13 a | perf13 b" >&2; return 2 ;;
+    esac
+    [ -z "${OUT:-}" ] || tar czf "$OUT/perf_logs.tgz" -C "$out" .
+}
+
 case "${1:-}" in
     stage1) copy_carried ;;
     stage2) shift; stage2; if [ "${1:-}" = perf ]; then perf; elif [ "${1:-}" = perf3 ]; then perf3
@@ -409,7 +432,7 @@ case "${1:-}" in
             elif [ "${1:-}" = perf6 ]; then perf6 "${2:-}"; elif [ "${1:-}" = perf7 ]; then perf7 "${2:-}"
             elif [ "${1:-}" = perf8 ]; then perf8 "${2:-}"; elif [ "${1:-}" = perf9 ]; then perf9 "${2:-}"
             elif [ "${1:-}" = perf10 ]; then perf10; elif [ "${1:-}" = perf11 ]; then perf11
-            elif [ "${1:-}" = perf12 ]; then perf12 "${2:-}"
+            elif [ "${1:-}" = perf12 ]; then perf12 "${2:-}"; elif [ "${1:-}" = perf13 ]; then perf13 "${2:-}"
             elif [ $# -gt 0 ]; then "$@"; fi ;;
     run) shift; set_env; "$@" ;;
     perf) set_env; perf ;;
@@ -420,6 +443,7 @@ case "${1:-}" in
     perf8) set_env; perf8 "${2:-}" ;;
     perf9) set_env; perf9 "${2:-}" ;;
     perf12) set_env; perf12 "${2:-}" ;;
+    perf13) set_env; perf13 "${2:-}" ;;
     *) echo "usage: $0 stage1 | stage2 [perf | perf3 | perf5..perf9 a|b | CMD...] | run CMD... | perf | perf3 | perf5..perf9 a|b" >&2
        exit 2 ;;
 esac
