@@ -402,7 +402,7 @@ perf12() {
     esac
 }
 
-perf13() {  # 2026-12-03: the graphed selection and the accumulated threshold sums, then the routing lengths
+perf13() {  # 2026-12-03: the graphed selection's tests and timings, then the routing lengths (cuda_dense_below)
     out=/tmp/perf_work
     case "${1:-}" in
         a) rm -rf "$out" && mkdir -p "$out"
@@ -411,8 +411,8 @@ perf13() {  # 2026-12-03: the graphed selection and the accumulated threshold su
            tail -3 "$out/tests.log"
            step check_coverage 90 python3 benchmarks/check_coverage_gpu.py
            tail -16 "$out/check_coverage.log"
-           profile_selection 150 "--seq 8192 16384 32768 131072" "--no-accumulate --seq 8192 32768 131072" \
-               "--split-warps 4 --seq 131072"
+           # (run on 2026-12-03 with two more lines, the accumulated threshold sums since removed: RESULTS.md)
+           profile_selection 150 "--seq 8192 16384 32768 131072" "--no-graphs --seq 8192 16384"
            step check_selection 90 python3 benchmarks/check_selection_gpu.py --seq 8192 32768 131072
            tail -14 "$out/check_selection.log" ;;
         b) mkdir -p "$out"

@@ -2,6 +2,7 @@
 
     python benchmarks/plot_results.py benchmarks/logs/2026-12-02_h200_attention.json \
         benchmarks/logs/2026-12-02b_h200_attention.json benchmarks/logs/2026-12-02c_h200_attention.json \
+        benchmarks/logs/2026-12-02e_h200_attention.json benchmarks/logs/2026-12-03_h200_perf13b_attention.json \
         --inputs structured --out benchmarks/latency.png      # what README.md shows (later files win per N)
 """
 

@@ -160,10 +160,6 @@ def main(argv=None):
     parser.add_argument("--time", action="store_true",
                         help="GPU: mean ms per eager call (CUDA events around --iters back-to-back calls), no profiler")
     parser.add_argument("--iters", type=int, default=50)
-    parser.add_argument("--no-accumulate", action="store_true",
-                        help="threshold searches reduce their probe sums every step (coverage_triton.ACCUMULATE = False)")
-    parser.add_argument("--split-warps", type=int, default=None,
-                        help="warps of a split search pass (coverage_triton.SPLIT_PASS_WARPS)")
     parser.add_argument("--no-graphs", action="store_true",
                         help="eager launches even where the selection replays a CUDA graph (graphs.GRAPHS_BELOW = None)")
     parser.add_argument("--host", action="store_true",
@@ -201,12 +197,6 @@ def main(argv=None):
         from flexprefill_hf.ops.selection import scores_triton
 
         scores_triton._DIAGONAL_BY_GATHER = False
-    if args.no_accumulate or args.split_warps is not None:
-        from flexprefill_hf.ops.selection import coverage_triton
-
-        coverage_triton.ACCUMULATE = not args.no_accumulate
-        if args.split_warps is not None:
-            coverage_triton.SPLIT_PASS_WARPS = args.split_warps
     if args.no_graphs:
         from flexprefill_hf.ops.selection import graphs
 
@@ -251,8 +241,7 @@ def main(argv=None):
                   f"{', scratch diagonals' if args.scratch else ''}"
                   f"{f', estimate rows {args.estimate_rows}' if args.estimate_rows is not None else ''}"
                   f"{', estimate ieee' if args.estimate_ieee else ''}{', key tiles as columns' if args.k_columns else ''}"
-                  f"{', no graphs' if args.no_graphs else ''}{', per-step sums' if args.no_accumulate else ''}"
-                  f"{f', split warps {args.split_warps}' if args.split_warps is not None else ''})")
+                  f"{', no graphs' if args.no_graphs else ''})")
             continue
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=args.shapes) as prof:
             for _ in range(5):

@@ -33,7 +33,7 @@ class FlexPrefillConfig:
     min_budget: int = 1024
     max_budget: Optional[int] = None
     dense_threshold: Optional[int] = None
-    cuda_dense_below: int = 24576
+    cuda_dense_below: int = 20480
 
     def __post_init__(self) -> None:
         _check_number("gamma", self.gamma)

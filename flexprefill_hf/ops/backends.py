@@ -53,11 +53,11 @@ from .block_structure import BlockStructure
 from .runtime import KERNEL_DTYPES, compute_capability, cuda_capability
 
 SPARSE_BACKENDS = ("fa4", "triton", "torch")
-# Fewer keys than this run our Triton kernel even where flash-attn-4 takes the case: on the H200 at 8K it took
-# 0.37-0.39 ms against FA4's 0.56-1.19 ms on the same blocks (25 % kept; three runs, RESULTS.md 2026-12-01 to
-# 2026-12-02 second session: FA4's per-call cost of list building and launches), from 16K on FA4 took
-# 0.73-0.84x the Triton time.
-FA4_SPARSE_FROM = 16384
+# Fewer keys than this run our Triton kernel even where flash-attn-4 takes the case. On the H200 (bf16, d 128, 32 q /
+# 8 kv heads, γ 0.9; RESULTS.md 2026-12-03), ms Triton / FA4 on the same blocks: 8K 0.37 / 0.65 structured, 0.39 /
+# 1.00 clustered, 1.01 / 1.03 random (FA4's per-call cost of list building and launches); 12K 1.09 / 0.99, 1.08 /
+# 0.94, 2.13 / 1.71; 16K 1.10 / 1.08, 1.20 / 0.96, 3.69 / 2.81. (Until 2026-12-02: 16384, from 8K and 16K runs.)
+FA4_SPARSE_FROM = 12288
 DENSE_BACKENDS = ("masked", "sdpa", "fa4", "sdpa_cudnn", "sdpa_lower_right")
 
 Availability = Union[bool, Callable[[], bool]]

@@ -6,6 +6,8 @@ versions sit side by side: ``scores.py`` / ``scores_triton.py`` (the representat
 coverage and budget rules shared by §3 and §4 are in ``coverage.py``; ``coverage_triton.py`` finds
 the same boundaries by threshold searches (no sort), ``pattern_triton.py`` is §2 and
 ``estimate_triton.py`` §4's block estimate, each in one launch (PyTorch versions in ``select.py``).
+``graphs.py`` replays the whole selection from a CUDA graph at short lengths, where its launches cost more
+host time than its GPU work.
 """
 
 from .select import BlockSelection, select_blocks

@@ -58,11 +58,6 @@ from ..runtime import cdiv, next_power_of_2
 # Thresholds evaluated per pass over a row (3 bits of the key per pass): more probes cost fp64 work per entry,
 # fewer cost passes over the row.
 _PROBES = 8
-# The probes' sums reduced once per program, not once per step (``_probe_sums``), and the warps of a split pass.
-# Being measured (2026-12-03): the per-step reduction is a cross-warp float64 reduction and a barrier per
-# 1024 entries.
-ACCUMULATE = True
-SPLIT_PASS_WARPS = 8
 
 
 @triton.jit
@@ -101,7 +96,7 @@ def _search_step(lo, hi, probe, pred):
 
 @triton.jit
 def _boundary(x_row, length, limit, key_hi, BLOCK: tl.constexpr, PROBES: tl.constexpr, KEY_PASSES: tl.constexpr,
-              RANK_PASSES: tl.constexpr, FP64: tl.constexpr, TOP_K: tl.constexpr, ACCUMULATE: tl.constexpr):
+              RANK_PASSES: tl.constexpr, FP64: tl.constexpr, TOP_K: tl.constexpr):
     """Where a row's rule stops, without ordering the row: (t*, w, tie_kept, kept). The entries kept are
     those >= t* (``kept`` of them) and the first ``tie_kept`` entries equal to w = max{x < t*} by index.
 
@@ -124,7 +119,7 @@ def _boundary(x_row, length, limit, key_hi, BLOCK: tl.constexpr, PROBES: tl.cons
                 at_least += tl.sum((x[:, None] >= t[None, :]).to(tl.int64), 0)
             pred = at_least <= limit  # the last entry >= t sits at position at_least - 1
         else:
-            total, least = _probe_sums(x_row, 0, length, t, BLOCK, PROBES, ACCUMULATE)
+            total, least = _probe_sums(x_row, 0, length, t, BLOCK, PROBES)
             pred = (least == float("inf")) | (_before(total, least, FP64) < limit)
         lo, hi = _search_step(lo, hi, probe, pred)
     t_star = _key_value(hi, FP64)
@@ -140,23 +135,10 @@ def _boundary(x_row, length, limit, key_hi, BLOCK: tl.constexpr, PROBES: tl.cons
 
 
 @triton.jit
-def _probe_sums(x_row, begin, end, t, BLOCK: tl.constexpr, PROBES: tl.constexpr, ACCUMULATE: tl.constexpr):
+def _probe_sums(x_row, begin, end, t, BLOCK: tl.constexpr, PROBES: tl.constexpr):
     """Over entries [begin, end) of a row, for each probe t[k]: the float64 sum of the entries >= t[k] and the
-    least of them (+inf if none).
-
-    ACCUMULATE: each thread keeps its [BLOCK, K] partial sums and minima over the steps and the tile is reduced
-    once at the end (one cross-warp reduction and barrier per call, not per step). The float64 sums are exact
-    under the module docstring's condition, so their order does not change them."""
+    least of them (+inf if none)."""
     offs = tl.arange(0, BLOCK)
-    if ACCUMULATE:
-        partial = tl.zeros([BLOCK, PROBES], dtype=tl.float64)
-        lowest = tl.full([BLOCK, PROBES], float("inf"), dtype=t.dtype)
-        for start in range(begin, end, BLOCK):
-            x = tl.load(x_row + start + offs, mask=start + offs < end, other=-1.0)  # -1: below every probe
-            ge = x[:, None] >= t[None, :]  # [BLOCK, K]
-            partial += tl.where(ge, x[:, None].to(tl.float64), 0.0)
-            lowest = tl.minimum(lowest, tl.where(ge, x[:, None], float("inf")))
-        return tl.sum(partial, 0), tl.min(lowest, 0)
     total = tl.zeros([PROBES], dtype=tl.float64)
     least = tl.full([PROBES], float("inf"), dtype=t.dtype)
     for start in range(begin, end, BLOCK):
@@ -232,14 +214,14 @@ def _from_bits(bits, FP64: tl.constexpr):
 def _coverage_kernel(
     X, Out, Needed, length, gamma_bits, key_hi,
     BLOCK: tl.constexpr, PROBES: tl.constexpr, KEY_PASSES: tl.constexpr, RANK_PASSES: tl.constexpr,
-    FP64: tl.constexpr, MASK: tl.constexpr, HAS_NEEDED: tl.constexpr, ACCUMULATE: tl.constexpr,
+    FP64: tl.constexpr, MASK: tl.constexpr, HAS_NEEDED: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     x_row = X + row * length
     if HAS_NEEDED:  # a row nobody reads: no pass over it, nothing written (an empty row to every loop)
         length = tl.where(tl.load(Needed + row) != 0, length, 0)
     t_star, w, tie_kept, kept = _boundary(x_row, length, _from_bits(gamma_bits, FP64), key_hi, BLOCK, PROBES,
-                                          KEY_PASSES, RANK_PASSES, FP64, False, ACCUMULATE)
+                                          KEY_PASSES, RANK_PASSES, FP64, False)
     if MASK:
         _store_kept(x_row, Out + row * length, 0, length, tl.zeros([], dtype=tl.int64), t_star, w, tie_kept, BLOCK)
     else:
@@ -252,7 +234,7 @@ def _vertical_slash_kernel(
     block_size, min_blocks, most_blocks, query_aware_blocks,
     BLOCK: tl.constexpr, BLOCK_NB: tl.constexpr, PROBES: tl.constexpr, KEY_PASSES: tl.constexpr,
     RANK_PASSES: tl.constexpr, FP64: tl.constexpr, ALL_TOKENS: tl.constexpr, TOKENS_GIVEN: tl.constexpr,
-    HAS_SHORT: tl.constexpr, ACCUMULATE: tl.constexpr,
+    HAS_SHORT: tl.constexpr,
 ):
     # Row (kind, b, h): kind 0 vertical (key blocks), 1 slash (offset blocks).
     row = tl.program_id(0).to(tl.int64)
@@ -270,14 +252,14 @@ def _vertical_slash_kernel(
         if HAS_SHORT:
             needed = needed & (tl.load(Short + bh // num_heads) == 0)
         t_star, w, tie_kept, kept = _boundary(Scores + row * n, tl.where(needed, n, 0), _from_bits(gamma_bits, FP64),
-                                              key_hi, BLOCK, PROBES, KEY_PASSES, RANK_PASSES, FP64, False, ACCUMULATE)
+                                              key_hi, BLOCK, PROBES, KEY_PASSES, RANK_PASSES, FP64, False)
         tokens = kept + tie_kept
     # Budget: tokens -> blocks, floor(tokens / B) + 1 clamped (one clamp: max wins when min > max).
     budget = tl.minimum(tl.maximum(tokens // block_size + 1, min_blocks), most_blocks)
     budget = tl.where(query_aware, query_aware_blocks, budget)
     x_row = BlockScores + row * num_blocks
     t_star, w, tie_kept, kept = _boundary(x_row, num_blocks, budget, key_hi, BLOCK_NB, PROBES, KEY_PASSES,
-                                          RANK_PASSES, FP64, True, ACCUMULATE)
+                                          RANK_PASSES, FP64, True)
     _store_kept(x_row, Out + row * num_blocks, 0, num_blocks, tl.zeros([], dtype=tl.int64), t_star, w, tie_kept,
                 BLOCK_NB)
 
@@ -332,7 +314,7 @@ def _segment_range(Needed, row, seg, length, SEGMENT: tl.constexpr, HAS_NEEDED: 
 def _split_pass_kernel(
     X, PartTotal, PartLeast, LoHi, Needed, length, num_segments, gamma_bits, key_hi, index,
     SEGMENT: tl.constexpr, BLOCK: tl.constexpr, PROBES: tl.constexpr, S_BLOCK: tl.constexpr, FP64: tl.constexpr,
-    HAS_NEEDED: tl.constexpr, FIRST: tl.constexpr, ACCUMULATE: tl.constexpr,
+    HAS_NEEDED: tl.constexpr, FIRST: tl.constexpr,
 ):
     """Pass ``index`` of the key search: the state after the previous pass, then this segment's partial sum and
     least entry >= each probe."""
@@ -350,7 +332,7 @@ def _split_pass_kernel(
     tl.store(state + 1, hi, mask=seg == 0)
     t = _key_value(_probes(lo, hi, PROBES), FP64)  # [K]
     begin, end = _segment_range(Needed, row, seg, length, SEGMENT, HAS_NEEDED)
-    total, least = _probe_sums(X + row * length, begin, end, t, BLOCK, PROBES, ACCUMULATE)
+    total, least = _probe_sums(X + row * length, begin, end, t, BLOCK, PROBES)
     offs_k = tl.arange(0, PROBES)
     at = (index % 2).to(tl.int64) * num_rows * num_segments * PROBES + (row * num_segments + seg) * PROBES + offs_k
     tl.store(PartTotal + at, total)
@@ -448,8 +430,7 @@ def _launch_split(scores: torch.Tensor, out: torch.Tensor, gamma: float, mask: b
     with launch_device(scores):
         for index in range(passes):
             _split_pass_kernel[grid](scores, part_total, part_least, lo_hi, needed, length, num_segments,
-                                     keys["gamma_bits"], keys["key_hi"], index, FIRST=index == 0,
-                                     ACCUMULATE=ACCUMULATE, num_warps=SPLIT_PASS_WARPS, **meta)
+                                     keys["gamma_bits"], keys["key_hi"], index, FIRST=index == 0, **meta)
         _split_boundary_kernel[grid](scores, part_total, part_least, lo_hi, needed, larger, kept, below, ties, length,
                                      num_segments, keys["gamma_bits"], passes - 1, **meta)
         _split_output_kernel[grid if mask else (rows, 1)](
@@ -535,7 +516,7 @@ def _launch(scores: torch.Tensor, gamma: float, mask: bool, rows_needed: Optiona
         _coverage_kernel[(rows,)](
             scores, out, scores if rows_needed is None else rows_needed, length,
             **_keys(scores.dtype, gamma), BLOCK=block, PROBES=_PROBES, RANK_PASSES=_passes(length + 2), MASK=mask,
-            HAS_NEEDED=rows_needed is not None, ACCUMULATE=ACCUMULATE, num_warps=8 if block >= 512 else 4,
+            HAS_NEEDED=rows_needed is not None, num_warps=8 if block >= 512 else 4,
         )
     return out
 
@@ -613,6 +594,6 @@ def vertical_slash_blocks_triton(
             num_blocks, **_keys(scores.dtype, min(gamma, 1.0)), block_size=block_size, min_blocks=min_blocks,
             most_blocks=most_blocks, query_aware_blocks=query_aware_blocks, BLOCK=_block(n),
             BLOCK_NB=_block(num_blocks), PROBES=_PROBES, RANK_PASSES=_passes(n + 2), ALL_TOKENS=gamma >= 1.0,
-            TOKENS_GIVEN=tokens is not None, HAS_SHORT=short is not None, ACCUMULATE=ACCUMULATE, num_warps=8,
+            TOKENS_GIVEN=tokens is not None, HAS_SHORT=short is not None, num_warps=8,
         )
     return out
