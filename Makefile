@@ -31,14 +31,17 @@ $(COMPAT_VENV)/.installed: setup.cfg pyproject.toml
 	$(COMPAT_PY) -m pip install -q -e ".[test]" "transformers==4.53.3"
 	touch $@
 
-# pytest prints one line per test file as it goes (no -q), and the ten slowest tests at the end.
-# The main run took 9-16 minutes on 2 cores over the 2026-12-02 sessions (README, Tests).
+# pytest prints its progress as it goes (no -q), and the ten slowest tests at the end.
+# The main run took 9-16 minutes on 2 cores over the 2026-12-02 sessions, 19.5 on 2026-12-03 (a slower machine);
+# on two workers (pytest-xdist, a file per worker at a time: module fixtures such as the embedded model load
+# once) 14.5 minutes on that machine (README, Tests).
 PYTEST_ARGS ?= --durations=10
+MAIN_PYTEST_ARGS ?= -n 2 --dist loadfile
 
 test: test-main test-compat
 
 test-main: $(VENV)/.installed
-	TRITON_INTERPRET=1 $(PY) -m pytest $(PYTEST_ARGS) tests
+	TRITON_INTERPRET=1 $(PY) -m pytest $(PYTEST_ARGS) $(MAIN_PYTEST_ARGS) tests
 
 test-compat: $(COMPAT_VENV)/.installed
 	TRITON_INTERPRET=1 $(COMPAT_PY) -m pytest $(PYTEST_ARGS) tests/test_hf_architectures.py tests/test_hf_routing.py tests/test_hf_presets.py

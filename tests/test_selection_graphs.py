@@ -136,3 +136,27 @@ def test_a_callers_capture_takes_the_eager_selection(fresh_graphs):
 
 def test_no_graphs_on_cpu():
     assert not graphs.wanted(torch.device("cpu"), 4096)
+
+
+@cuda
+def test_graphed_packed_selection_is_the_eager_one(fresh_graphs):
+    """select_blocks_varlen (packed keys read in place, cu_seqlens in the graph's inputs): calls 1-3 on fresh values
+    of the same packing equal the eager selection exactly."""
+    from flexprefill_hf.ops.varlen import select_blocks_varlen
+
+    k_lens, q_lens = [3000, 1200, 2048], [3000, 700, 1]  # a prompt, a prefill on a cache, a decode row
+    cu_k = torch.tensor([0, *torch.tensor(k_lens).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
+    cu_q = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
+    for call in range(3):
+        g = seeded(10 + call)
+        q = torch.randn(sum(q_lens), 8, 128, generator=g).to("cuda", torch.bfloat16)
+        k = torch.randn(sum(k_lens), 2, 128, generator=g).to("cuda", torch.bfloat16)
+        args = (q, k, cu_q, cu_k, max(q_lens), max(k_lens), CONFIG, SCALE)
+        got = select_blocks_varlen(*args)
+        saved, graphs.GRAPHS_BELOW = graphs.GRAPHS_BELOW, None
+        try:
+            want = select_blocks_varlen(*args)
+        finally:
+            graphs.GRAPHS_BELOW = saved
+        _assert_same(got, want)
+        assert len(graphs.cached_keys()) == (0 if call == 0 else 1)
