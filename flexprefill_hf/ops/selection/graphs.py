@@ -2,7 +2,8 @@
 
 At 8K keys (32 query heads) one eager selection issues ~20 launches and ~30 other torch ops: 0.7 ms of host
 time for 0.29 ms of GPU work on the H200 (benchmarks/RESULTS.md, 2026-12-03). Below ``GRAPHS_BELOW`` keys a
-CUDA call therefore runs the selection from a graph captured on its first call with that key: the inputs are
+CUDA call therefore runs the selection from a graph captured on its second call with that key (the first runs
+eagerly: a shape seen once costs no capture), replayed on later ones: the inputs are
 copied into the graph's own buffers, the graph replays the same kernels in the same order (so the same
 selection, bit for bit, as the eager call), and the outputs are copied out of the graph's memory, so that the
 next replay (the next layer) cannot overwrite what a caller still holds.
@@ -117,23 +118,23 @@ def _capture(body, inputs, stream: torch.cuda.Stream) -> Optional[_Captured]:
     side = torch.cuda.Stream(stream.device)
     side.wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.stream(side):
-        body(*statics)  # errors of the call itself surface here, as they would eagerly
-    # capture_begin/end, not torch.cuda.graph: that one synchronises the device and empties the allocator's
-    # cache on entry (a host sync on the prefill path, and cudaMallocs after it). "thread_local": other threads'
-    # CUDA calls are not affected by this capture.
-    try:
+    try:  # whatever happens, the caller's stream waits for the side stream's work on the copies
         with torch.cuda.stream(side):
-            graph.capture_begin(capture_error_mode="thread_local")
+            body(*statics)  # errors of the call itself surface here, as they would eagerly
+            # capture_begin/end, not torch.cuda.graph: that one synchronises the device and empties the allocator's
+            # cache on entry (a host sync on the prefill path, and cudaMallocs after it). "thread_local": other
+            # threads' CUDA calls are not affected by this capture.
             try:
-                outputs = body(*statics)
-            finally:
-                graph.capture_end()
-    except Exception as error:  # an op that cannot be captured: this key runs eagerly from now on
-        warnings.warn(f"flexprefill_hf: the selection could not be captured in a CUDA graph ({error!r}); "
-                      "calls with this shape run eagerly (the same result, more host time)", RuntimeWarning,
-                      stacklevel=3)
-        return None
+                graph.capture_begin(capture_error_mode="thread_local")
+                try:
+                    outputs = body(*statics)
+                finally:
+                    graph.capture_end()
+            except Exception as error:  # an op that cannot be captured: this key runs eagerly from now on
+                warnings.warn(f"flexprefill_hf: the selection could not be captured in a CUDA graph ({error!r}); "
+                              "calls with this shape run eagerly (the same result, more host time)", RuntimeWarning,
+                              stacklevel=3)
+                return None
     finally:
         stream.wait_stream(side)
     return _Captured(graph, statics, tuple(outputs))
